@@ -1,0 +1,322 @@
+//! The MoCo configuration with the official presets.
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::SgdConfig;
+use crate::schedule::{LrSchedule, MomentumSchedule};
+use crate::{Error, Result};
+
+/// Which contrastive objective a training step optimizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// InfoNCE against the queue, one direction (MoCo v1/v2).
+    Queue,
+    /// InfoNCE against the queue, both views as queries (official CIFAR demo `--symmetric`).
+    SymmetricQueue,
+    /// In-batch InfoNCE with no queue, symmetric, scaled by 2T (MoCo v3).
+    InBatch,
+}
+
+/// The augmentation recipe a preset trains with (built by `moco-data`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AugmentationPreset {
+    /// MoCo v1: random resized crop (0.2-1), grayscale 0.2, color jitter 0.4, flip.
+    V1,
+    /// MoCo v2 (`--aug-plus`): crop, color jitter 0.8 x (0.4, 0.4, 0.4, 0.1), grayscale 0.2, blur 0.5, flip.
+    V2,
+    /// The official CIFAR demo: 32x32 crop, jitter, grayscale, flip.
+    Cifar,
+    /// MoCo v3: asymmetric blur and solarize.
+    V3,
+}
+
+/// Every setting of a MoCo pretraining run. Presets: [`MocoConfig::v1`], [`MocoConfig::v2`],
+/// [`MocoConfig::cifar`]; `Default` is v1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MocoConfig {
+    /// Preset this configuration started from (informational).
+    pub preset: String,
+    /// Feature dimension C of the keys and queries.
+    pub dim: usize,
+    /// MLP projection head (MoCo v2) instead of a linear one.
+    pub mlp: bool,
+    /// Queue size K (number of negatives).
+    pub queue_size: usize,
+    /// Key encoder momentum m.
+    pub momentum: f64,
+    /// How m evolves over the run.
+    pub momentum_schedule: MomentumSchedule,
+    /// Softmax temperature T.
+    pub temperature: f64,
+    /// The objective.
+    pub loss: LossKind,
+    /// Shuffle the key batch around the key encoder (shuffle-BN).
+    pub shuffle_bn: bool,
+    /// BatchNorm splits emulating several GPUs on one device (official demo `--bn-splits`; 1 = off).
+    pub bn_splits: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub sgd_momentum: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Learning-rate schedule.
+    pub lr_schedule: LrSchedule,
+    /// Number of epochs.
+    pub epochs: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Augmentation recipe.
+    pub augmentation: AugmentationPreset,
+    /// Seed of every random choice (initialisation, queue, shuffles, augmentations).
+    pub seed: u64,
+}
+
+impl Default for MocoConfig {
+    fn default() -> Self {
+        Self::v1()
+    }
+}
+
+impl MocoConfig {
+    /// MoCo v1 (`main_moco.py` defaults): C 128, K 65536, m 0.999, T 0.07, lr 0.03, wd 1e-4,
+    /// batch 256, 200 epochs, lr x0.1 at 120 and 160.
+    pub fn v1() -> Self {
+        Self {
+            preset: "v1".into(),
+            dim: 128,
+            mlp: false,
+            queue_size: 65536,
+            momentum: 0.999,
+            momentum_schedule: MomentumSchedule::Constant,
+            temperature: 0.07,
+            loss: LossKind::Queue,
+            shuffle_bn: true,
+            bn_splits: 1,
+            lr: 0.03,
+            sgd_momentum: 0.9,
+            weight_decay: 1e-4,
+            nesterov: false,
+            lr_schedule: LrSchedule::step(vec![120, 160]),
+            epochs: 200,
+            batch_size: 256,
+            augmentation: AugmentationPreset::V1,
+            seed: 0,
+        }
+    }
+
+    /// MoCo v2 (`--mlp --moco-t 0.2 --aug-plus --cos`), otherwise as v1.
+    pub fn v2() -> Self {
+        Self {
+            preset: "v2".into(),
+            mlp: true,
+            temperature: 0.2,
+            lr_schedule: LrSchedule::cosine(),
+            augmentation: AugmentationPreset::V2,
+            ..Self::v1()
+        }
+    }
+
+    /// The official CIFAR-10 demo: K 4096, m 0.99, T 0.1, lr 0.06, wd 5e-4, batch 512, cosine,
+    /// 200 epochs, BatchNorm split in 8, linear head.
+    pub fn cifar() -> Self {
+        Self {
+            preset: "cifar".into(),
+            queue_size: 4096,
+            momentum: 0.99,
+            temperature: 0.1,
+            lr: 0.06,
+            weight_decay: 5e-4,
+            batch_size: 512,
+            bn_splits: 8,
+            lr_schedule: LrSchedule::cosine(),
+            augmentation: AugmentationPreset::Cifar,
+            ..Self::v1()
+        }
+    }
+
+    /// A preset by name: `v1`, `v2` or `cifar`.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "v1" => Ok(Self::v1()),
+            "v2" => Ok(Self::v2()),
+            "cifar" => Ok(Self::cifar()),
+            other => Err(Error::config(
+                "preset",
+                format!("unknown preset `{other}` (expected one of: v1, v2, cifar)"),
+            )),
+        }
+    }
+
+    /// The optimizer settings at the base learning rate.
+    pub fn sgd(&self) -> SgdConfig {
+        SgdConfig {
+            lr: self.lr,
+            momentum: self.sgd_momentum,
+            dampening: 0.0,
+            weight_decay: self.weight_decay,
+            nesterov: self.nesterov,
+        }
+    }
+
+    /// Checks every setting; the error names the first one out of range.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(key, format!("must be positive, got {v}")))
+            }
+        };
+        positive("temperature", self.temperature)?;
+        positive("lr", self.lr)?;
+        if self.dim == 0 {
+            return Err(Error::config("dim", "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::config("batch_size", "must be at least 1"));
+        }
+        if self.epochs == 0 {
+            return Err(Error::config("epochs", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(Error::config(
+                "momentum",
+                format!("must be in [0, 1], got {}", self.momentum),
+            ));
+        }
+        if self.bn_splits == 0 || self.batch_size % self.bn_splits != 0 {
+            return Err(Error::config(
+                "bn_splits",
+                format!(
+                    "must divide the batch size {} (got {})",
+                    self.batch_size, self.bn_splits
+                ),
+            ));
+        }
+        // Keys enqueued per step: the batch, or both views' keys for the symmetric loss.
+        let per_step = match self.loss {
+            LossKind::SymmetricQueue => 2 * self.batch_size,
+            _ => self.batch_size,
+        };
+        if self.loss != LossKind::InBatch && self.queue_size < per_step {
+            return Err(Error::QueueTooSmall {
+                queue_size: self.queue_size,
+                batch: per_step,
+            });
+        }
+        self.lr_schedule.validate(self.epochs)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::LrDecay;
+
+    #[test]
+    fn presets_carry_the_official_values() {
+        let v1 = MocoConfig::v1();
+        assert_eq!(
+            (v1.dim, v1.queue_size, v1.batch_size, v1.epochs),
+            (128, 65536, 256, 200)
+        );
+        assert_eq!(
+            (v1.momentum, v1.temperature, v1.lr, v1.weight_decay),
+            (0.999, 0.07, 0.03, 1e-4)
+        );
+        assert_eq!(
+            v1.lr_schedule.decay,
+            LrDecay::Step {
+                milestones: vec![120, 160],
+                gamma: 0.1
+            }
+        );
+        let v2 = MocoConfig::v2();
+        assert!(v2.mlp && v2.temperature == 0.2 && v2.augmentation == AugmentationPreset::V2);
+        assert_eq!(
+            v2.lr_schedule.decay,
+            LrDecay::Cosine {
+                per_iteration: false
+            }
+        );
+        let c = MocoConfig::cifar();
+        assert_eq!(
+            (
+                c.queue_size,
+                c.momentum,
+                c.temperature,
+                c.lr,
+                c.weight_decay,
+                c.batch_size
+            ),
+            (4096, 0.99, 0.1, 0.06, 5e-4, 512)
+        );
+        for p in ["v1", "v2", "cifar"] {
+            MocoConfig::preset(p).unwrap().validate().unwrap();
+        }
+        assert!(MocoConfig::preset("v9")
+            .unwrap_err()
+            .to_string()
+            .contains("v9"));
+    }
+
+    #[test]
+    fn json_round_trip_and_partial_files() {
+        let c = MocoConfig::cifar();
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<MocoConfig>(&s).unwrap(), c);
+        // Missing fields take the defaults (v1).
+        let partial: MocoConfig = serde_json::from_str(r#"{"queue_size": 1024}"#).unwrap();
+        assert_eq!(partial.queue_size, 1024);
+        assert_eq!(partial.dim, 128);
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let small = MocoConfig {
+            queue_size: 100,
+            ..MocoConfig::v1()
+        };
+        assert!(matches!(
+            small.validate(),
+            Err(Error::QueueTooSmall {
+                queue_size: 100,
+                batch: 256
+            })
+        ));
+        let sym = MocoConfig {
+            queue_size: 300,
+            loss: LossKind::SymmetricQueue,
+            ..MocoConfig::v1()
+        };
+        assert!(matches!(
+            sym.validate(),
+            Err(Error::QueueTooSmall { batch: 512, .. })
+        ));
+        let t = MocoConfig {
+            temperature: -1.0,
+            ..MocoConfig::v1()
+        };
+        assert!(t
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`temperature`"));
+        let s = MocoConfig {
+            bn_splits: 3,
+            ..MocoConfig::v1()
+        };
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`bn_splits`"));
+    }
+}

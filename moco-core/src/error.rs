@@ -1,0 +1,74 @@
+//! The error type of `moco-core`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `moco-core`.
+///
+/// Variants name the file, tensor key or setting at fault so that a CLI can print them as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// The queue cannot hold one batch of keys.
+    #[error(
+        "queue size K={queue_size} is smaller than the {batch} keys enqueued at once; \
+         K must be at least the batch size (each key would overwrite another key of the same batch)"
+    )]
+    QueueTooSmall { queue_size: usize, batch: usize },
+
+    /// A tensor handed to a function has the wrong shape, dtype or device.
+    #[error("{what}: expected {expected}, got {got}")]
+    BadTensor {
+        what: String,
+        expected: String,
+        got: String,
+    },
+
+    /// The key encoder asked for a variable that the query encoder does not have.
+    #[error(
+        "the key encoder asks for variable `{name}`, which the query encoder does not have \
+         (build the query encoder first, with the same architecture)"
+    )]
+    UnknownKeyVariable { name: String },
+
+    /// A configuration value is out of its range.
+    #[error("invalid setting `{key}`: {msg}")]
+    Config { key: String, msg: String },
+
+    /// The loss became NaN or infinite; training stops there.
+    #[error("the loss is {value} at step {step}: training stopped (lower the learning rate, check the data)")]
+    NonFiniteLoss { step: u64, value: f32 },
+
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A safetensors file is malformed or lacks a tensor.
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+}
+
+impl Error {
+    pub(crate) fn config(key: &str, msg: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    pub(crate) fn file(path: &std::path::Path, msg: impl Into<String>) -> Self {
+        Error::File {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

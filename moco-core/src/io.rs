@@ -1,0 +1,102 @@
+//! Safetensors files written atomically and read with errors that name the file and the key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Named tensors plus the string metadata of a safetensors file.
+#[derive(Debug, Default)]
+pub struct TensorFile {
+    /// Tensors by name.
+    pub tensors: HashMap<String, Tensor>,
+    /// The `__metadata__` table (empty when the file has none).
+    pub metadata: HashMap<String, String>,
+    /// Where the file was read from, for error messages.
+    pub path: PathBuf,
+}
+
+impl TensorFile {
+    /// Removes and returns tensor `key`, or an error naming the key and the file.
+    pub fn take(&mut self, key: &str) -> Result<Tensor> {
+        self.tensors
+            .remove(key)
+            .ok_or_else(|| Error::file(&self.path, format!("no tensor named `{key}` in this file")))
+    }
+
+    /// Metadata value `key`, or an error naming the key and the file.
+    pub fn meta(&self, key: &str) -> Result<&str> {
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| Error::file(&self.path, format!("no metadata key `{key}` in this file")))
+    }
+}
+
+/// Writes `tensors` (and `metadata`) to `path` atomically: the bytes go to a temporary file in the
+/// same folder, which is flushed to disk and then renamed over `path`. A reader (or a process
+/// killed half-way) sees either the old file or the new one, never a truncated mix.
+pub fn save_atomic(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata)
+        .map_err(|e| Error::file(path, format!("cannot serialize tensors: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename (see [`save_atomic`]).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "not a file path"))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Reads every tensor of a safetensors file onto `device`.
+pub fn load(path: &Path, device: &Device) -> Result<TensorFile> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = view
+            .load(device)
+            .map_err(|e| Error::file(path, format!("cannot load tensor `{name}`: {e}")))?;
+        tensors.insert(name, t);
+    }
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    Ok(TensorFile {
+        tensors,
+        metadata: header.metadata().clone().unwrap_or_default(),
+        path: path.to_path_buf(),
+    })
+}

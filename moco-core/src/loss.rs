@@ -1,0 +1,208 @@
+//! Contrastive losses: InfoNCE against a queue (MoCo v1/v2), its symmetric form (the official
+//! CIFAR demo), and in-batch InfoNCE with no queue (MoCo v3, the paper's end-to-end mechanism).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::queue::bad;
+use crate::{Error, Result};
+
+/// A contrastive loss and what the official code logs next to it.
+#[derive(Debug, Clone)]
+pub struct ContrastiveOutput {
+    /// Scalar loss (mean over the batch).
+    pub loss: Tensor,
+    /// The logits the cross-entropy was taken over, already divided by the temperature:
+    /// N x (1+K) with the positive in column 0 for the queue losses, N x N with the positive on
+    /// the diagonal for the in-batch loss.
+    pub logits: Tensor,
+    /// Top-1 accuracy (percent) of picking the positive among the logits.
+    pub acc1: f32,
+    /// Top-5 accuracy (percent).
+    pub acc5: f32,
+}
+
+/// `x / max(||x||_2, 1e-12)` along `dim`, as `torch.nn.functional.normalize`.
+pub fn l2_normalize(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(dim)?.sqrt()?.maximum(1e-12)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+fn check_temperature(t: f64) -> Result<()> {
+    if !(t.is_finite() && t > 0.0) {
+        return Err(Error::config(
+            "temperature",
+            format!("must be a positive number, got {t}"),
+        ));
+    }
+    Ok(())
+}
+
+/// InfoNCE with a queue of negatives (Eq. 1 of the MoCo paper).
+///
+/// - `q`: N x C queries, `k`: N x C positive keys (both L2-normalised; `k` is detached here),
+/// - `queue`: C x K negatives,
+/// - logits `[q.k+, q.queue] / t`: N x (1+K), the positive in column 0, so the loss is plain
+///   cross-entropy with all-zero labels.
+pub fn info_nce(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    temperature: f64,
+) -> Result<ContrastiveOutput> {
+    check_temperature(temperature)?;
+    let (n, c) = q.dims2().map_err(|_| bad("queries", "N x C", q))?;
+    if k.dims() != [n, c] {
+        return Err(bad("keys", &format!("{n} x {c} (as the queries)"), k));
+    }
+    let (qc, _) = queue
+        .dims2()
+        .map_err(|_| bad("queue", &format!("{c} x K"), queue))?;
+    if qc != c {
+        return Err(bad("queue", &format!("{c} x K"), queue));
+    }
+    let k = k.detach();
+    // l_pos: N x 1, the dot product of each query with its own key.
+    let l_pos = (q * &k)?.sum_keepdim(1)?;
+    // l_neg: N x K, each query against every queued key.
+    let l_neg = q.matmul(&queue.detach())?;
+    // logits: N x (1+K)
+    let logits = (Tensor::cat(&[&l_pos, &l_neg], 1)? / temperature)?;
+    let labels = Tensor::zeros(n, DType::U32, q.device())?;
+    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+    let (acc1, acc5) = positive_accuracy(&logits, None)?;
+    Ok(ContrastiveOutput {
+        loss,
+        logits,
+        acc1,
+        acc5,
+    })
+}
+
+/// The symmetric loss of the official CIFAR demo: both views serve as queries,
+/// `loss = info_nce(q1, k2) + info_nce(q2, k1)`. The caller enqueues `cat([k1, k2])` only after
+/// both losses are computed, so no key is its own negative. The reported accuracies are the
+/// mean of the two directions; `logits` are those of the first direction.
+pub fn symmetric_info_nce(
+    q1: &Tensor,
+    k2: &Tensor,
+    q2: &Tensor,
+    k1: &Tensor,
+    queue: &Tensor,
+    temperature: f64,
+) -> Result<ContrastiveOutput> {
+    let a = info_nce(q1, k2, queue, temperature)?;
+    let b = info_nce(q2, k1, queue, temperature)?;
+    Ok(ContrastiveOutput {
+        loss: (&a.loss + &b.loss)?,
+        logits: a.logits,
+        acc1: 0.5 * (a.acc1 + b.acc1),
+        acc5: 0.5 * (a.acc5 + b.acc5),
+    })
+}
+
+/// In-batch InfoNCE with no queue (MoCo v3's `contrastive_loss`): logits `q k^T / t` (N x N),
+/// the positive of row i in column i, cross-entropy times `scale`. MoCo v3 uses
+/// `scale = 2 t`; pass 1.0 for the plain loss.
+pub fn in_batch_info_nce(
+    q: &Tensor,
+    k: &Tensor,
+    temperature: f64,
+    scale: f64,
+) -> Result<ContrastiveOutput> {
+    check_temperature(temperature)?;
+    let (n, c) = q.dims2().map_err(|_| bad("queries", "N x C", q))?;
+    if k.dims() != [n, c] {
+        return Err(bad("keys", &format!("{n} x {c} (as the queries)"), k));
+    }
+    // logits: N x N
+    let logits = (q.matmul(&k.detach().t()?)? / temperature)?;
+    let labels = Tensor::arange(0u32, n as u32, q.device())?;
+    let loss = (candle_nn::loss::cross_entropy(&logits, &labels)? * scale)?;
+    let (acc1, acc5) = positive_accuracy(&logits, Some(&labels))?;
+    Ok(ContrastiveOutput {
+        loss,
+        logits,
+        acc1,
+        acc5,
+    })
+}
+
+/// Top-1 and top-5 accuracy (percent) of the positive logit: column 0 when `labels` is `None`,
+/// else column `labels[i]` for row i. A row counts as correct at k when fewer than k logits are
+/// strictly greater than its positive (ties favour the positive).
+pub fn positive_accuracy(logits: &Tensor, labels: Option<&Tensor>) -> Result<(f32, f32)> {
+    let logits = logits.detach();
+    let n = logits.dim(0)?;
+    let pos = match labels {
+        None => logits.narrow(1, 0, 1)?,
+        Some(l) => logits.gather(&l.unsqueeze(1)?, 1)?,
+    };
+    // rank: N, the number of logits above the positive.
+    let rank = logits
+        .broadcast_gt(&pos)?
+        .to_dtype(DType::F32)?
+        .sum(D::Minus1)?
+        .to_vec1::<f32>()?;
+    let pct = |k: f32| 100.0 * rank.iter().filter(|&&r| r < k).count() as f32 / n as f32;
+    Ok((pct(1.0), pct(5.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn aligned_embeddings_give_ln_k_plus_one() {
+        // Every query, key and queued key is the same unit vector: all 1+K logits are equal,
+        // so the softmax is uniform and the loss is ln(K+1) whatever the temperature.
+        let dev = Device::Cpu;
+        let (n, c, k) = (4, 3, 63);
+        let v = l2_normalize(&Tensor::ones((n, c), DType::F32, &dev).unwrap(), 1).unwrap();
+        let queue = l2_normalize(&Tensor::ones((c, k), DType::F32, &dev).unwrap(), 0).unwrap();
+        for t in [0.07, 0.2, 1.0] {
+            let out = info_nce(&v, &v, &queue, t).unwrap();
+            let loss = out.loss.to_scalar::<f32>().unwrap();
+            assert!((loss - (64f32).ln()).abs() < 1e-5, "T={t}: {loss}");
+            assert_eq!(out.logits.dims(), [n, 1 + k]);
+            // Ties favour the positive.
+            assert_eq!((out.acc1, out.acc5), (100.0, 100.0));
+        }
+        let out = in_batch_info_nce(&v, &v, 0.5, 1.0).unwrap();
+        let loss = out.loss.to_scalar::<f32>().unwrap();
+        assert!((loss - (n as f32).ln()).abs() < 1e-5, "{loss}");
+    }
+
+    #[test]
+    fn accuracy_counts_logits_above_the_positive() {
+        let dev = Device::Cpu;
+        // Row 0: positive is the max (rank 0). Row 1: 2 above (top-5 only). Row 2: 6 above (neither).
+        let logits = Tensor::new(
+            &[
+                [9f32, 1., 1., 1., 1., 1., 1., 1.],
+                [5., 6., 7., 1., 1., 1., 1., 1.],
+                [0., 1., 1., 1., 1., 1., 1., -1.],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let (a1, a5) = positive_accuracy(&logits, None).unwrap();
+        assert!((a1 - 100.0 / 3.0).abs() < 1e-4 && (a5 - 200.0 / 3.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn bad_temperature_and_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let q = Tensor::ones((2, 3), DType::F32, &dev).unwrap();
+        let queue = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
+        assert!(info_nce(&q, &q, &queue, 0.0)
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
+        let bad_queue = Tensor::ones((4, 5), DType::F32, &dev).unwrap();
+        assert!(info_nce(&q, &q, &bad_queue, 0.1)
+            .unwrap_err()
+            .to_string()
+            .contains("queue"));
+    }
+}
