@@ -1,0 +1,1 @@
+//! Import of official MoCo checkpoints.
