@@ -1,0 +1,138 @@
+//! Import of official MoCo checkpoints written by `tests/reference/official_checkpoint.py`
+//! (torch.save in the zip and the legacy serializations, main_moco.py's layout).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ModuleT;
+use moco_models::checkpoint::import_official;
+use moco_models::{encoder_from_tensors, Backbone, Depth, HeadKind};
+
+fn reference(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/reference")
+        .join(name)
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn check_features(tag: &str, file: &str) {
+    let gold = moco_core::io::load(&reference("checkpoint_features.safetensors"), &Device::Cpu)
+        .unwrap()
+        .tensors;
+    let ckpt = import_official(&reference(file)).unwrap();
+    let (enc, _, unused) =
+        encoder_from_tensors(ckpt.spec, &ckpt.encoder_q, &Device::Cpu, &reference(file)).unwrap();
+    assert!(unused.is_empty(), "{unused:?}");
+    let x = &gold[&format!("{tag}.x")];
+    let feats = enc.features(x, false).unwrap();
+    let embed = enc.forward_t(x, false).unwrap();
+    assert!(
+        max_abs(&feats, &gold[&format!("{tag}.features")]) < 1e-5,
+        "{file}: features"
+    );
+    assert!(
+        max_abs(&embed, &gold[&format!("{tag}.embed")]) < 1e-5,
+        "{file}: head output"
+    );
+    // The key encoder loads into the same architecture; the queue and its pointer come along.
+    encoder_from_tensors(ckpt.spec, &ckpt.encoder_k, &Device::Cpu, &reference(file)).unwrap();
+    assert_eq!(ckpt.queue_ptr, Some(24));
+}
+
+#[test]
+fn zip_checkpoint_of_a_small_resnet18_with_mlp_head() {
+    let ckpt = import_official(&reference("checkpoint_small_zip.pth.tar")).unwrap();
+    let r = ckpt.spec.resnet;
+    assert_eq!(
+        (r.depth, r.small, r.in_channels, r.width),
+        (Depth::R18, true, 1, 4)
+    );
+    assert_eq!(ckpt.spec.head, HeadKind::Mlp { dim: 16 });
+    assert_eq!(ckpt.queue.as_ref().unwrap().dims(), [16, 64]);
+    check_features("small", "checkpoint_small_zip.pth.tar");
+}
+
+#[test]
+fn legacy_checkpoint_reads_the_same_tensors_as_zip() {
+    check_features("small", "checkpoint_small_legacy.pth.tar");
+    let a = import_official(&reference("checkpoint_small_zip.pth.tar")).unwrap();
+    let b = import_official(&reference("checkpoint_small_legacy.pth.tar")).unwrap();
+    assert_eq!(a.spec, b.spec);
+    assert_eq!(a.encoder_q.len(), b.encoder_q.len());
+    for (k, t) in &a.encoder_q {
+        let u = &b.encoder_q[k];
+        assert_eq!(
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            u.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            "{k}"
+        );
+    }
+    assert_eq!(
+        max_abs(a.queue.as_ref().unwrap(), b.queue.as_ref().unwrap()),
+        0.0
+    );
+}
+
+#[test]
+fn zip_checkpoint_of_a_resnet50_with_linear_head() {
+    let ckpt = import_official(&reference("checkpoint_r50_zip.pth.tar")).unwrap();
+    let r = ckpt.spec.resnet;
+    assert_eq!(
+        (r.depth, r.small, r.in_channels, r.width),
+        (Depth::R50, false, 3, 2)
+    );
+    assert_eq!(ckpt.spec.head, HeadKind::Linear { dim: 8 });
+    check_features("r50", "checkpoint_r50_zip.pth.tar");
+}
+
+#[test]
+fn corrupt_and_foreign_files_give_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // A truncated legacy checkpoint.
+    let bytes = std::fs::read(reference("checkpoint_small_legacy.pth.tar")).unwrap();
+    let cut = dir.path().join("cut.pth.tar");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = import_official(&cut).unwrap_err().to_string();
+    assert!(
+        err.contains("cut.pth.tar") && err.contains("truncated"),
+        "{err}"
+    );
+    // Not a checkpoint at all.
+    let junk = dir.path().join("junk.pth.tar");
+    std::fs::write(&junk, b"hello, this is not a checkpoint").unwrap();
+    let err = import_official(&junk).unwrap_err().to_string();
+    assert!(
+        err.contains("junk.pth.tar") && err.contains("not a PyTorch checkpoint"),
+        "{err}"
+    );
+    // A missing file.
+    let err = import_official(&dir.path().join("missing.pth.tar"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.pth.tar"), "{err}");
+}
