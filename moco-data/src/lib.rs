@@ -1,6 +1,45 @@
 //! # moco-data
 //!
-//! Datasets (idx/MNIST-style, CIFAR binary, STL-10, ImageFolder) and MoCo's augmentation pipeline.
+//! Images and the transforms MoCo's evaluation and training use, with torchvision's semantics
+//! on PIL images:
 //!
-//! **Not implemented yet**: this crate only holds its place in the workspace layout. See the
-//! project README for what exists today.
+//! - [`image`]: an 8-bit [`Image`] type, decoding as `Image.convert("RGB")`, Pillow's bilinear
+//!   (antialiased) resampling bit for bit, crop, flip;
+//! - [`transforms`]: the evaluation transform (`Resize`, `CenterCrop`, `ToTensor`, `Normalize`).
+//!
+//! Datasets and the training augmentations are not implemented yet (see the README).
+
+mod error;
+pub mod image;
+pub mod transforms;
+
+pub use error::{Error, Result};
+pub use image::Image;
+pub use transforms::EvalTransform;
+
+use std::path::{Path, PathBuf};
+
+/// The image files of a folder (not recursive), sorted by file name. Files are recognised by
+/// extension: jpg, jpeg, png, bmp, gif, webp, tif, tiff (case-insensitive).
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list folder: {e}")))?;
+    let mut files = vec![];
+    for entry in entries {
+        let path = entry.map_err(|e| Error::file(dir, e.to_string()))?.path();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        if path.is_file()
+            && matches!(
+                ext.as_deref(),
+                Some("jpg" | "jpeg" | "png" | "bmp" | "gif" | "webp" | "tif" | "tiff")
+            )
+        {
+            files.push(path);
+        }
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}

@@ -1,0 +1,347 @@
+//! 8-bit images and the pixel operations torchvision runs on PIL images: decoding as
+//! `Image.convert("RGB")`, PIL's bilinear (antialiased) resampling, cropping, flipping, and the
+//! conversion to a normalised float tensor.
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// An 8-bit image, height x width x channels, row-major (PIL's layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// `height * width * channels` bytes.
+    pub data: Vec<u8>,
+}
+
+impl Image {
+    /// An image from raw bytes; errors when the length does not match.
+    pub fn new(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Result<Self> {
+        if data.len() != width * height * channels || width == 0 || height == 0 {
+            return Err(Error::config(
+                "image",
+                format!(
+                    "{width}x{height}x{channels} image needs {} bytes, got {}",
+                    width * height * channels,
+                    data.len()
+                ),
+            ));
+        }
+        Ok(Self {
+            width,
+            height,
+            channels,
+            data,
+        })
+    }
+
+    /// Decodes an image file (JPEG, PNG, BMP, GIF, WebP, TIFF) into RGB as PIL's
+    /// `Image.open(path).convert("RGB")` does: grayscale replicated, alpha dropped, palettes
+    /// expanded. The error names the file.
+    pub fn open_rgb(path: &Path) -> Result<Self> {
+        let img = image::ImageReader::open(path)
+            .map_err(|e| Error::file(path, format!("cannot open: {e}")))?
+            .with_guessed_format()
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?
+            .decode()
+            .map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
+        let rgb = img.to_rgb8();
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        Self::new(w, h, 3, rgb.into_raw())
+    }
+
+    /// Decodes image bytes (see [`open_rgb`](Self::open_rgb)); `name` is used in errors.
+    pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Self> {
+        let img = image::load_from_memory(bytes)
+            .map_err(|e| Error::file(name, format!("cannot decode image: {e}")))?;
+        let rgb = img.to_rgb8();
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        Self::new(w, h, 3, rgb.into_raw())
+    }
+
+    #[inline]
+    fn px(&self, x: usize, y: usize, c: usize) -> u8 {
+        self.data[(y * self.width + x) * self.channels + c]
+    }
+
+    /// The region `[left, left + width) x [top, top + height)`; parts outside the image are
+    /// filled with 0 (torchvision pads when a crop is larger than the image).
+    pub fn crop(&self, left: i64, top: i64, width: usize, height: usize) -> Image {
+        let c = self.channels;
+        let mut data = vec![0u8; width * height * c];
+        for y in 0..height {
+            let sy = top + y as i64;
+            if sy < 0 || sy >= self.height as i64 {
+                continue;
+            }
+            for x in 0..width {
+                let sx = left + x as i64;
+                if sx < 0 || sx >= self.width as i64 {
+                    continue;
+                }
+                let src = (sy as usize * self.width + sx as usize) * c;
+                data[(y * width + x) * c..(y * width + x + 1) * c]
+                    .copy_from_slice(&self.data[src..src + c]);
+            }
+        }
+        Image {
+            width,
+            height,
+            channels: c,
+            data,
+        }
+    }
+
+    /// Mirror left-right.
+    pub fn hflip(&self) -> Image {
+        let c = self.channels;
+        let mut data = Vec::with_capacity(self.data.len());
+        for y in 0..self.height {
+            for x in (0..self.width).rev() {
+                let s = (y * self.width + x) * c;
+                data.extend_from_slice(&self.data[s..s + c]);
+            }
+        }
+        Image { data, ..*self }
+    }
+
+    /// Resizes to `width x height` with PIL's `Image.resize(..., BILINEAR)` (see [`resample`]).
+    pub fn resize(&self, width: usize, height: usize) -> Image {
+        resample(
+            self,
+            (0.0, 0.0, self.width as f64, self.height as f64),
+            width,
+            height,
+        )
+    }
+
+    /// CHW float values `(pixel / 255 - mean[c]) / std[c]` (`ToTensor` then `Normalize`),
+    /// appended to `out`.
+    pub fn to_chw_normalized(&self, mean: &[f32], std: &[f32], out: &mut Vec<f32>) {
+        let c = self.channels;
+        let plane = self.width * self.height;
+        out.reserve(plane * c);
+        for ch in 0..c {
+            let (m, s) = (mean[ch % mean.len()], std[ch % std.len()]);
+            // Written as torchvision computes it: x = p / 255, then (x - m) / s.
+            out.extend(
+                self.data
+                    .iter()
+                    .skip(ch)
+                    .step_by(c)
+                    .take(plane)
+                    .map(|&p| (p as f32 / 255.0 - m) / s),
+            );
+        }
+    }
+}
+
+// Pillow's fixed-point precision for 8-bit resampling (Resample.c: PRECISION_BITS = 32 - 8 - 2).
+const PRECISION_BITS: u32 = 22;
+
+/// Pillow's bilinear filter coefficients for one axis (Resample.c `precompute_coeffs`):
+/// for each output index, the first input index and the fixed-point weights.
+fn coefficients(in_size: usize, in0: f64, in1: f64, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = (in1 - in0) / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 1.0 * filterscale; // bilinear support is 1
+    let mut out = Vec::with_capacity(out_size);
+    for xx in 0..out_size {
+        let center = in0 + (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax.saturating_sub(xmin);
+        let mut k: Vec<f64> = (0..n)
+            .map(|x| {
+                let t = ((x + xmin) as f64 - center + 0.5) * ss;
+                let t = t.abs();
+                if t < 1.0 {
+                    1.0 - t
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let ww: f64 = k.iter().sum();
+        if ww != 0.0 {
+            k.iter_mut().for_each(|w| *w /= ww);
+        }
+        let one = (1u64 << PRECISION_BITS) as f64;
+        let ki = k
+            .iter()
+            .map(|&w| {
+                if w < 0.0 {
+                    (-0.5 + w * one) as i32
+                } else {
+                    (0.5 + w * one) as i32
+                }
+            })
+            .collect();
+        out.push((xmin, ki));
+    }
+    out
+}
+
+#[inline]
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// PIL's `Image.resize((width, height), BILINEAR, box)`: a separable triangle filter whose
+/// support grows with the downscale factor (antialiasing), weights in 22-bit fixed point,
+/// horizontal pass first with 8-bit rounding between the passes, exactly as Pillow's
+/// `ImagingResample` does for 8-bit images.
+pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: usize) -> Image {
+    let c = img.channels;
+    let (x0, y0, x1, y1) = bbox;
+    let need_h = width != img.width || x0 != 0.0 || x1 != width as f64;
+    let need_v = height != img.height || y0 != 0.0 || y1 != height as f64;
+    let vk = coefficients(img.height, y0, y1, height);
+    // Rows the vertical pass reads.
+    let (ybox_first, ybox_last) = if need_v {
+        let first = vk.first().map(|k| k.0).unwrap_or(0);
+        let last = vk.last().map(|k| k.0 + k.1.len()).unwrap_or(img.height);
+        (first, last)
+    } else {
+        (0, img.height)
+    };
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let tmp = if need_h {
+        let hk = coefficients(img.width, x0, x1, width);
+        let rows = if need_v {
+            ybox_last - ybox_first
+        } else {
+            img.height
+        };
+        let y_off = if need_v { ybox_first } else { 0 };
+        let mut data = vec![0u8; rows * width * c];
+        for y in 0..rows {
+            for (xx, (xmin, k)) in hk.iter().enumerate() {
+                for ch in 0..c {
+                    let mut ss = half;
+                    for (i, &w) in k.iter().enumerate() {
+                        ss += img.px(xmin + i, y + y_off, ch) as i64 * w as i64;
+                    }
+                    data[(y * width + xx) * c + ch] = clip8(ss);
+                }
+            }
+        }
+        Image {
+            width,
+            height: rows,
+            channels: c,
+            data,
+        }
+    } else {
+        img.clone()
+    };
+    if !need_v {
+        return tmp;
+    }
+    let shift = if need_h { ybox_first } else { 0 };
+    let mut data = vec![0u8; width * height * c];
+    for (yy, (ymin, k)) in vk.iter().enumerate() {
+        for x in 0..tmp.width {
+            for ch in 0..c {
+                let mut ss = half;
+                for (i, &w) in k.iter().enumerate() {
+                    ss += tmp.px(x, ymin + i - shift, ch) as i64 * w as i64;
+                }
+                data[(yy * tmp.width + x) * c + ch] = clip8(ss);
+            }
+        }
+    }
+    Image {
+        width: tmp.width,
+        height,
+        channels: c,
+        data,
+    }
+}
+
+/// torchvision `Resize(size)` with an int: the shorter side becomes `size`, the longer one
+/// `int(size * long / short)` (truncated), aspect kept.
+pub fn resize_shorter(img: &Image, size: usize) -> Image {
+    let (w, h) = (img.width, img.height);
+    let (ow, oh) = if w <= h {
+        (size, (size as f64 * h as f64 / w as f64) as usize)
+    } else {
+        ((size as f64 * w as f64 / h as f64) as usize, size)
+    };
+    if (ow, oh) == (w, h) {
+        return img.clone();
+    }
+    img.resize(ow, oh)
+}
+
+/// Python 3's `round()` (half to even), which torchvision's CenterCrop uses.
+fn round_half_even(x: f64) -> i64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
+        (r - x.signum()) as i64
+    } else {
+        r as i64
+    }
+}
+
+/// torchvision `CenterCrop((height, width))`: zero-pads when the crop is larger, then crops at
+/// `top = round((h - th) / 2)`, `left = round((w - tw) / 2)`.
+pub fn center_crop(img: &Image, height: usize, width: usize) -> Image {
+    let (w, h) = (img.width as i64, img.height as i64);
+    let (tw, th) = (width as i64, height as i64);
+    // torchvision pads (left, top, right, bottom) = ((tw - w) // 2, (th - h) // 2, (tw - w + 1) // 2, (th - h + 1) // 2)
+    let pad_l = if tw > w { (tw - w) / 2 } else { 0 };
+    let pad_t = if th > h { (th - h) / 2 } else { 0 };
+    let pw = w + if tw > w { tw - w } else { 0 };
+    let ph = h + if th > h { th - h } else { 0 };
+    let top = round_half_even((ph - th) as f64 / 2.0);
+    let left = round_half_even((pw - tw) as f64 / 2.0);
+    img.crop(left - pad_l, top - pad_t, width, height)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_round_is_half_to_even() {
+        assert_eq!(round_half_even(0.5), 0);
+        assert_eq!(round_half_even(1.5), 2);
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(3.0), 3);
+        assert_eq!(round_half_even(3.7), 4);
+    }
+
+    #[test]
+    fn same_size_resize_is_identity_and_constant_stays_constant() {
+        let img = Image::new(5, 4, 3, (0..60).map(|i| (i * 4) as u8).collect()).unwrap();
+        assert_eq!(img.resize(5, 4), img);
+        let flat = Image::new(9, 7, 1, vec![77; 63]).unwrap();
+        let r = flat.resize(4, 3);
+        assert!(r.data.iter().all(|&p| p == 77), "{:?}", r.data);
+    }
+
+    #[test]
+    fn crop_pads_with_zeros_outside() {
+        let img = Image::new(2, 2, 1, vec![1, 2, 3, 4]).unwrap();
+        assert_eq!(
+            center_crop(&img, 4, 4).data,
+            [0, 0, 0, 0, 0, 1, 2, 0, 0, 3, 4, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(img.hflip().data, [2, 1, 4, 3]);
+    }
+
+    #[test]
+    fn bad_bytes_name_the_source() {
+        let err = Image::decode_rgb(b"nope", Path::new("x.jpg"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.jpg"), "{err}");
+    }
+}
