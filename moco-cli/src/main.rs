@@ -1,5 +1,11 @@
 //! `moco`: Momentum Contrast on Candle from the command line.
 
+mod convert;
+mod device;
+mod extract;
+
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use moco_core::MocoConfig;
@@ -20,6 +26,40 @@ enum Command {
         #[arg(long, default_value = "v2")]
         preset: String,
     },
+    /// Convert an official MoCo checkpoint (checkpoint_*.pth.tar, zip or legacy torch.save) into a
+    /// safetensors encoder with torchvision names.
+    Convert {
+        /// The checkpoint written by facebookresearch/moco's main_moco.py.
+        #[arg(long)]
+        input: PathBuf,
+        /// The safetensors file to write (query encoder: backbone and head).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Pooled backbone features of every image in a folder (sorted by file name).
+    Extract {
+        /// Encoder weights (safetensors from `moco convert` or a pretraining run).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Architecture, when the weights file does not record it (resnet50, resnet18-small, ...).
+        #[arg(long)]
+        arch: Option<String>,
+        /// Folder of images.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors: `features` (N x feature_dim) and the file names in metadata `files`.
+        #[arg(long)]
+        out: PathBuf,
+        /// Crop size of the evaluation transform (the shorter side is first resized to size*256/224).
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// cpu, cuda, cuda:N or metal.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -28,6 +68,24 @@ fn main() -> Result<()> {
             let config = MocoConfig::preset(&preset).context("--preset")?;
             println!("{}", serde_json::to_string_pretty(&config)?);
         }
+        Command::Convert { input, out } => convert::run(&input, &out)?,
+        Command::Extract {
+            weights,
+            arch,
+            input,
+            out,
+            image_size,
+            batch_size,
+            device,
+        } => extract::run(extract::Options {
+            weights: &weights,
+            arch: arch.as_deref(),
+            input: &input,
+            out: &out,
+            image_size,
+            batch_size,
+            device: device::parse(&device)?,
+        })?,
     }
     Ok(())
 }

@@ -235,3 +235,170 @@ pub fn load_encoder(
     let (enc, vars, _) = encoder_from_tensors(spec, &file.tensors, device, path)?;
     Ok((enc, vars))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(spec: EncoderSpec) -> (Encoder, VarMap) {
+        let vars = VarMap::new();
+        let enc = encoder(
+            spec,
+            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        (enc, vars)
+    }
+
+    #[test]
+    fn every_arch_name_parses_and_prints_back() {
+        for name in ARCH_NAMES {
+            assert_eq!(ResNetConfig::from_arch(name).unwrap().arch(), name);
+        }
+        let err = ResNetConfig::from_arch("resnet101-small")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("resnet101-small") && err.contains("resnet50-small"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn feature_dims_and_output_shapes() {
+        let spec = EncoderSpec {
+            resnet: ResNetConfig {
+                width: 8,
+                in_channels: 1,
+                ..ResNetConfig::from_arch("resnet50-small").unwrap()
+            },
+            head: HeadKind::Mlp { dim: 5 },
+        };
+        let (enc, vars) = build(spec);
+        assert_eq!(enc.feature_dim(), 8 * 8 * 4);
+        let x = Tensor::randn(0f32, 1., (2, 1, 28, 28), &Device::Cpu).unwrap();
+        assert_eq!(enc.features(&x, false).unwrap().dims(), [2, 256]);
+        assert_eq!(enc.forward_t(&x, false).unwrap().dims(), [2, 5]);
+        let names: Vec<String> = vars.data().lock().unwrap().keys().cloned().collect();
+        for n in [
+            "conv1.weight",
+            "layer1.0.conv3.weight",
+            "layer4.0.downsample.1.running_var",
+            "fc.0.weight",
+            "fc.2.bias",
+        ] {
+            assert!(names.iter().any(|k| k == n), "missing {n}");
+        }
+        // A wrong channel count is an error naming the expected shape.
+        let bad = Tensor::zeros((2, 3, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        let err = enc.forward_t(&bad, false).unwrap_err().to_string();
+        assert!(err.contains("(N, 1, H, W)"), "{err}");
+    }
+
+    #[test]
+    fn weights_round_trip_through_safetensors() {
+        let spec = EncoderSpec {
+            resnet: ResNetConfig {
+                width: 4,
+                ..ResNetConfig::from_arch("resnet18-small").unwrap()
+            },
+            head: HeadKind::Linear { dim: 3 },
+        };
+        let (enc, vars) = build(spec);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let tensors: BTreeMap<String, Tensor> = vars
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+            .collect();
+        save_weights(&path, &spec, &tensors).unwrap();
+        let (back, _) = load_encoder(&path, None, &Device::Cpu).unwrap();
+        assert_eq!(back.spec(), &spec);
+        let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let (a, b) = (
+            enc.forward_t(&x, false).unwrap(),
+            back.forward_t(&x, false).unwrap(),
+        );
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+        // Loading into another architecture names the first missing tensor.
+        let other = EncoderSpec {
+            head: HeadKind::Mlp { dim: 3 },
+            ..spec
+        };
+        let err = match load_encoder(&path, Some(other), &Device::Cpu) {
+            Ok(_) => panic!("loading into another head must fail"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("w.safetensors") && err.contains("missing tensor `fc.0.bias`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn head_detection_rejects_unknown_layouts() {
+        let (_, vars) = build(EncoderSpec {
+            resnet: ResNetConfig {
+                width: 4,
+                ..ResNetConfig::from_arch("resnet18-small").unwrap()
+            },
+            head: HeadKind::V3 { hidden: 8, dim: 4 },
+        });
+        let t: HashMap<String, Tensor> = vars
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+            .collect();
+        let err = checkpoint::detect_spec(&t).unwrap_err();
+        assert!(err.contains("unrecognised head"), "{err}");
+        let mut no_stem = t.clone();
+        no_stem.remove("conv1.weight");
+        assert!(checkpoint::detect_spec(&no_stem)
+            .unwrap_err()
+            .contains("conv1.weight"));
+    }
+
+    #[test]
+    fn split_batch_norm_equals_plain_batch_norm_in_eval_and_differs_in_train() {
+        let base = ResNetConfig {
+            width: 4,
+            ..ResNetConfig::from_arch("resnet18-small").unwrap()
+        };
+        let (plain, pv) = build(EncoderSpec {
+            resnet: base,
+            head: HeadKind::None,
+        });
+        let split_spec = EncoderSpec {
+            resnet: ResNetConfig {
+                bn_splits: 2,
+                ..base
+            },
+            head: HeadKind::None,
+        };
+        let tensors: HashMap<String, Tensor> = pv
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_detached_tensor().copy().unwrap()))
+            .collect();
+        let (split, _, _) =
+            encoder_from_tensors(split_spec, &tensors, &Device::Cpu, Path::new("mem")).unwrap();
+        let x = Tensor::randn(0f32, 1., (4, 3, 16, 16), &Device::Cpu).unwrap();
+        let (a, b) = (
+            plain.features(&x, false).unwrap(),
+            split.features(&x, false).unwrap(),
+        );
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+        let (a, b) = (
+            plain.features(&x, true).unwrap(),
+            split.features(&x, true).unwrap(),
+        );
+        assert_ne!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
+}

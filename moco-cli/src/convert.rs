@@ -1,0 +1,44 @@
+//! `moco convert`: an official MoCo checkpoint to a safetensors encoder with torchvision names.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use moco_models::checkpoint::import_official;
+
+/// Converts `input` (`checkpoint_*.pth.tar`) into `out`: the query encoder (backbone and head),
+/// with `arch`, `head`, `dim` (and the full spec) in the metadata.
+pub fn run(input: &Path, out: &Path) -> Result<()> {
+    let ckpt = import_official(input).context("--input")?;
+    // Build the encoder from the tensors: every variable must be there with its shape.
+    let (_, vars, unused) =
+        moco_models::encoder_from_tensors(ckpt.spec, &ckpt.encoder_q, &Device::Cpu, input)?;
+    if let Some(first) = unused.first() {
+        anyhow::bail!(
+            "{}: tensor `encoder_q.{first}` is not part of {} ({} unused)",
+            input.display(),
+            ckpt.spec.resnet.arch(),
+            unused.len()
+        );
+    }
+    let tensors: BTreeMap<_, _> = vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned lock"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+        .collect();
+    moco_models::save_weights(out, &ckpt.spec, &tensors).context("--out")?;
+    let meta = ckpt.spec.metadata();
+    println!(
+        "{} -> {}: {} with {} head (dim {}), {} tensors",
+        input.display(),
+        out.display(),
+        meta["arch"],
+        meta["head"],
+        meta["dim"],
+        tensors.len()
+    );
+    Ok(())
+}

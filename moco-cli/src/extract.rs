@@ -1,0 +1,112 @@
+//! `moco extract`: pooled backbone features of every image in a folder.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use moco_data::{image_files, EvalTransform, Image};
+use moco_models::Backbone;
+use rayon::prelude::*;
+
+/// Options of `moco extract`.
+#[derive(Debug)]
+pub struct Options<'a> {
+    pub weights: &'a Path,
+    pub arch: Option<&'a str>,
+    pub input: &'a Path,
+    pub out: &'a Path,
+    pub image_size: usize,
+    pub batch_size: usize,
+    pub device: Device,
+}
+
+/// Loads the encoder, runs the evaluation transform and the frozen backbone over the images.
+pub fn run(o: Options) -> Result<()> {
+    let file = moco_core::io::load(o.weights, &Device::Cpu).context("--weights")?;
+    let spec = match (
+        o.arch,
+        moco_models::spec_from_metadata(o.weights, &file.metadata),
+    ) {
+        (None, Ok(spec)) => spec,
+        (Some(arch), meta) => {
+            // The explicit architecture wins; the head and shapes still come from the file.
+            let mut detected = moco_models::checkpoint::detect_spec(&file.tensors)
+                .map_err(|m| anyhow::anyhow!("{}: {m}", o.weights.display()))?;
+            let want = moco_models::ResNetConfig::from_arch(arch).context("--arch")?;
+            if (want.depth, want.small) != (detected.resnet.depth, detected.resnet.small) {
+                bail!(
+                    "--arch {arch}, but {} holds a {}",
+                    o.weights.display(),
+                    detected.resnet.arch()
+                );
+            }
+            if let Ok(m) = meta {
+                detected.head = m.head;
+            }
+            detected
+        }
+        (None, Err(_)) => moco_models::checkpoint::detect_spec(&file.tensors).map_err(|m| {
+            anyhow::anyhow!(
+                "{}: no architecture in the metadata, and none detected: {m}; pass --arch",
+                o.weights.display()
+            )
+        })?,
+    };
+    if spec.resnet.in_channels != 3 {
+        bail!(
+            "{}: the model takes {} input channel(s); `moco extract` feeds RGB images",
+            o.weights.display(),
+            spec.resnet.in_channels
+        );
+    }
+    let tensors: HashMap<String, Tensor> = file.tensors;
+    let (enc, _, _) = moco_models::encoder_from_tensors(spec, &tensors, &o.device, o.weights)?;
+    let files = image_files(o.input).context("--input")?;
+    if files.is_empty() {
+        bail!(
+            "--input {}: no image files (jpg, png, bmp, gif, webp, tif) in this folder",
+            o.input.display()
+        );
+    }
+    if o.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let transform = EvalTransform::imagenet(o.image_size);
+    let mut feats = vec![];
+    for chunk in files.chunks(o.batch_size) {
+        let images: Vec<Image> = chunk
+            .par_iter()
+            .map(|p| Image::open_rgb(p))
+            .collect::<moco_data::Result<_>>()?;
+        let x = transform.batch(&images, &o.device)?;
+        // features: B x feature_dim, eval mode (BatchNorm uses running statistics)
+        feats.push(enc.features(&x, false)?.detach().to_device(&Device::Cpu)?);
+    }
+    let features = Tensor::cat(&feats, 0)?;
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    if let Some(bad) = names.iter().find(|n| n.contains(',')) {
+        bail!("--input: file name `{bad}` contains a comma, which the `files` metadata list cannot hold");
+    }
+    let mut meta = HashMap::new();
+    meta.insert("files".to_string(), names.join(","));
+    meta.insert("arch".to_string(), spec.resnet.arch());
+    meta.insert("image_size".to_string(), o.image_size.to_string());
+    let mut out = BTreeMap::new();
+    out.insert("features".to_string(), features.clone());
+    moco_core::io::save_atomic(o.out, &out, Some(meta)).context("--out")?;
+    println!(
+        "{} images -> {} ({:?})",
+        names.len(),
+        o.out.display(),
+        features.dims()
+    );
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! `moco convert` and `moco extract` on official-layout checkpoints and real photos, against
+//! torch/torchvision (`tests/reference/official_checkpoint.py`, `transforms_golden.py`).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use candle_core::{Device, Tensor};
+use moco_tests::{moco, reference};
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    let out = moco().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "moco {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn both_serializations_convert_to_the_same_encoder_with_torchvision_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let gold = moco_core::io::load(&reference("checkpoint_features.safetensors"), &Device::Cpu)
+        .unwrap()
+        .tensors;
+    let mut outputs = vec![];
+    for (i, src) in [
+        "checkpoint_small_zip.pth.tar",
+        "checkpoint_small_legacy.pth.tar",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("m{i}.safetensors"));
+        let o = run(&[
+            "convert",
+            "--input",
+            reference(src).to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("resnet18-small with mlp head (dim 16)")
+        );
+        let file = moco_core::io::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(file.meta("arch").unwrap(), "resnet18-small");
+        assert_eq!(file.meta("head").unwrap(), "mlp");
+        assert_eq!(file.meta("dim").unwrap(), "16");
+        assert!(
+            file.tensors.contains_key("layer1.0.conv1.weight")
+                && file.tensors.contains_key("fc.2.weight")
+        );
+        // Same features as the torchvision model the checkpoint came from.
+        let (enc, _) = moco_models::load_encoder(&out, None, &Device::Cpu).unwrap();
+        let x = &gold["small.x"];
+        let f = moco_models::Backbone::features(&enc, x, false).unwrap();
+        assert!(max_abs(&f, &gold["small.features"]) < 1e-5);
+        outputs.push(f);
+    }
+    assert_eq!(
+        max_abs(&outputs[0], &outputs[1]),
+        0.0,
+        "zip and legacy give the same encoder"
+    );
+}
+
+#[test]
+fn extract_matches_torchvision_on_real_photos() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("r50.safetensors");
+    run(&[
+        "convert",
+        "--input",
+        reference("checkpoint_r50_zip.pth.tar").to_str().unwrap(),
+        "--out",
+        weights.to_str().unwrap(),
+    ]);
+    // The reference covers the PNG photos (JPEG decoders differ by a few levels).
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for name in ["coffee.png", "astronaut_rgba.png", "chelsea_gray.png"] {
+        std::fs::copy(reference("images").join(name), images.join(name)).unwrap();
+    }
+    let feats = dir.path().join("features.safetensors");
+    run(&[
+        "extract",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--input",
+        images.to_str().unwrap(),
+        "--out",
+        feats.to_str().unwrap(),
+        "--image-size",
+        "64",
+        "--batch-size",
+        "2",
+    ]);
+    let mut file = moco_core::io::load(&feats, &Device::Cpu).unwrap();
+    assert_eq!(
+        file.meta("files").unwrap(),
+        "astronaut_rgba.png,chelsea_gray.png,coffee.png"
+    );
+    let got = file.take("features").unwrap();
+    let gold = moco_core::io::load(&reference("transforms_golden.safetensors"), &Device::Cpu)
+        .unwrap()
+        .tensors;
+    let want = &gold["extract.features"];
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let err = max_abs(&got, want);
+    assert!(
+        err <= 1e-4 * scale,
+        "features: max error {err} (scale {scale})"
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pth.tar");
+    std::fs::write(&junk, b"junk").unwrap();
+    let o = moco()
+        .args([
+            "convert",
+            "--input",
+            junk.to_str().unwrap(),
+            "--out",
+            "x.safetensors",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--input") && err.contains("junk.pth.tar"),
+        "{err}"
+    );
+
+    let o = moco()
+        .args([
+            "extract",
+            "--weights",
+            "nope.safetensors",
+            "--input",
+            ".",
+            "--out",
+            "f.safetensors",
+            "--device",
+            "cuda",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--device cuda") && err.contains("--features cuda"),
+        "{err}"
+    );
+}
