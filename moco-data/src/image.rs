@@ -280,16 +280,6 @@ pub fn resize_shorter(img: &Image, size: usize) -> Image {
     img.resize(ow, oh)
 }
 
-/// Python 3's `round()` (half to even), which torchvision's CenterCrop uses.
-fn round_half_even(x: f64) -> i64 {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
-        (r - x.signum()) as i64
-    } else {
-        r as i64
-    }
-}
-
 /// torchvision `CenterCrop((height, width))`: zero-pads when the crop is larger, then crops at
 /// `top = round((h - th) / 2)`, `left = round((w - tw) / 2)`.
 pub fn center_crop(img: &Image, height: usize, width: usize) -> Image {
@@ -300,8 +290,8 @@ pub fn center_crop(img: &Image, height: usize, width: usize) -> Image {
     let pad_t = if th > h { (th - h) / 2 } else { 0 };
     let pw = w + if tw > w { tw - w } else { 0 };
     let ph = h + if th > h { th - h } else { 0 };
-    let top = round_half_even((ph - th) as f64 / 2.0);
-    let left = round_half_even((pw - tw) as f64 / 2.0);
+    let top = crate::augment::round_half_even((ph - th) as f64 / 2.0);
+    let left = crate::augment::round_half_even((pw - tw) as f64 / 2.0);
     img.crop(left - pad_l, top - pad_t, width, height)
 }
 
@@ -311,6 +301,7 @@ mod tests {
 
     #[test]
     fn python_round_is_half_to_even() {
+        use crate::augment::round_half_even;
         assert_eq!(round_half_even(0.5), 0);
         assert_eq!(round_half_even(1.5), 2);
         assert_eq!(round_half_even(2.5), 2);

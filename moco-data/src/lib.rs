@@ -5,12 +5,18 @@
 //!
 //! - [`image`]: an 8-bit [`Image`] type, decoding as `Image.convert("RGB")`, Pillow's bilinear
 //!   (antialiased) resampling bit for bit, crop, flip;
-//! - [`transforms`]: the evaluation transform (`Resize`, `CenterCrop`, `ToTensor`, `Normalize`).
-//!
-//! Datasets and the training augmentations are not implemented yet (see the README).
+//! - [`transforms`]: the evaluation transform (`Resize`, `CenterCrop`, `ToTensor`, `Normalize`);
+//! - [`augment`]: MoCo's training augmentations and presets (`v1`, `v2`, `cifar`, `v3`), matching
+//!   torchvision + PIL down to Pillow's integer arithmetic;
+//! - [`datasets`]: idx (MNIST, Fashion-MNIST), CIFAR-10/100, STL-10, ImageFolder, subsets, and a
+//!   Fashion-MNIST subset embedded in the library;
+//! - [`loader`]: multi-threaded batches with prefetching, deterministic for a seed.
 
+pub mod augment;
+pub mod datasets;
 mod error;
 pub mod image;
+pub mod loader;
 pub mod transforms;
 
 pub use error::{Error, Result};
@@ -42,4 +48,16 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     Ok(files)
+}
+
+/// Whether a path has an image extension we decode.
+pub fn is_image_file(path: &Path) -> bool {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    matches!(
+        ext.as_deref(),
+        Some("jpg" | "jpeg" | "png" | "bmp" | "gif" | "webp" | "tif" | "tiff")
+    )
 }

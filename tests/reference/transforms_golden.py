@@ -9,6 +9,13 @@ Writes tests/reference/transforms_golden.safetensors with, per image `NAME`:
 - `NAME.resize_S`: Resize(S) (shorter side, PIL bilinear with antialiasing), uint8 HWC;
 - `NAME.crop_S`: CenterCrop(S) of the decoded image, uint8 HWC;
 - `NAME.eval_S`: Resize(S*256//224), CenterCrop(S), ToTensor, Normalize(ImageNet), float CHW;
+`NAME.aug.input` and `NAME.aug.OP`: each augmentation with fixed parameters (uint8 HWC), on 64x48
+regions of the photos and on a 28x28 grayscale Fashion-MNIST image (`fmnist`, PIL mode L): resized crop, brightness, contrast,
+saturation and hue at several factors, grayscale, the official MoCo GaussianBlur (PIL radius =
+sigma) at several sigmas, horizontal flip, solarize;
+`rrc.W_H_S0`: statistics of 20000 draws of RandomResizedCrop.get_params on a WxH image with
+scale (S0, 1): mean and standard deviation of the area fraction, of log(w/h), of the crop's
+horizontal centre (as a fraction of the width), and the fraction of full-image crops;
 and `extract.features`: pooled features of the query encoder of checkpoint_r50_zip.pth.tar
 (eval mode) on the eval transform (S = 64) of every PNG in images/, sorted by file name.
 """
@@ -53,6 +60,53 @@ for name in sorted(os.listdir(IMAGES)):
     for s in (32, 64):
         t = T.Compose([T.Resize(s * 256 // 224), T.CenterCrop(s), T.ToTensor(), norm])
         out[f"{tag}.eval_{s}"] = t(img)
+
+# Augmentations with fixed parameters.
+import gzip
+
+import torchvision.transforms.functional as F
+from PIL import ImageFilter, ImageOps
+
+fm = gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").read()[16 : 16 + 784]
+# 64x48 regions of the photos (the size does not matter for exactness; it keeps the file small).
+subjects = {
+    os.path.splitext(n)[0]: Image.open(os.path.join(IMAGES, n)).convert("RGB").crop((10, 6, 74, 54))
+    for n in sorted(os.listdir(IMAGES))
+    if n.endswith(".png")
+}
+subjects["fmnist"] = Image.frombytes("L", (28, 28), fm)
+for tag, img in subjects.items():
+    out[f"{tag}.aug.input"] = to_u8(img)
+    w, h = img.size
+    ops = {
+        "crop": F.resized_crop(img, h // 5, w // 7, h // 2, (2 * w) // 3, [24, 24], antialias=True),
+        "crop_up": F.resized_crop(img, 1, 2, 9, 13, [20, 20], antialias=True),
+        "gray": F.to_grayscale(img, num_output_channels=len(img.getbands())),
+        "flip": F.hflip(img),
+        "solarize": ImageOps.solarize(img, 128),
+    }
+    for f in (0.0, 0.6, 1.0, 1.37):
+        ops[f"brightness_{f}"] = F.adjust_brightness(img, f)
+        ops[f"contrast_{f}"] = F.adjust_contrast(img, f)
+        ops[f"saturation_{f}"] = F.adjust_saturation(img, f)
+    for f in (-0.4, -0.1, 0.07, 0.33):
+        ops[f"hue_{f}"] = F.adjust_hue(img, f)
+    for sg in (0.1, 0.5, 1.3, 2.0):
+        ops[f"blur_{sg}"] = img.filter(ImageFilter.GaussianBlur(radius=sg))
+    for k, v in ops.items():
+        out[f"{tag}.aug.{k}"] = to_u8(v)
+
+# Random crop parameters, summarised.
+torch.manual_seed(0)
+for (w, h, s0) in [(100, 80, 0.2), (32, 32, 0.08), (28, 28, 0.2)]:
+    dummy = Image.new("L", (w, h))
+    rows = [T.RandomResizedCrop.get_params(dummy, [s0, 1.0], [3 / 4, 4 / 3]) for _ in range(20000)]
+    t = torch.tensor(rows, dtype=torch.float64)  # i, j, h, w
+    area = t[:, 2] * t[:, 3] / (w * h)
+    logar = torch.log(t[:, 3] / t[:, 2])
+    cx = (t[:, 1] + t[:, 3] / 2) / w
+    full = ((t[:, 2] == h) & (t[:, 3] == w)).double()
+    out[f"rrc.{w}_{h}_{s0}"] = torch.stack([area.mean(), area.std(), logar.mean(), logar.std(), cx.mean(), cx.std(), full.mean()])
 
 # Features for `moco extract`: rebuild the checkpoint's query encoder in torchvision.
 

@@ -1,0 +1,790 @@
+//! MoCo's augmentations with torchvision's semantics on PIL images, down to Pillow's integer
+//! arithmetic: RandomResizedCrop, ColorJitter (brightness, contrast, saturation, hue in a random
+//! order), RandomGrayscale, the official MoCo GaussianBlur (PIL's box-blur approximation, radius
+//! = sigma), horizontal flip, Solarize; ToTensor and Normalize; the presets `v1`, `v2`, `cifar`
+//! and `v3`, and the two-crop transform.
+//!
+//! Randomness comes from the `StdRng` handed to [`Pipeline::apply`]; the loader seeds one per
+//! sample from (seed, epoch, index), so results do not depend on the number of threads.
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::image::{resample, Image};
+
+/// Python 3's `round()` (half to even), used by torchvision's crop parameters.
+pub(crate) fn round_half_even(x: f64) -> i64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
+        (r - x.signum()) as i64
+    } else {
+        r as i64
+    }
+}
+
+/// `PIL.Image.convert("L")` luma of one RGB pixel (ITU-R 601-2 in 16-bit fixed point).
+#[inline]
+pub fn luma(r: u8, g: u8, b: u8) -> u8 {
+    ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+/// `convert("L")`: a one-channel image (a copy when already grayscale).
+pub fn to_luma(img: &Image) -> Image {
+    if img.channels == 1 {
+        return img.clone();
+    }
+    let data = img
+        .data
+        .chunks_exact(3)
+        .map(|p| luma(p[0], p[1], p[2]))
+        .collect();
+    Image {
+        data,
+        channels: 1,
+        ..*img
+    }
+}
+
+/// torchvision `to_grayscale(img, num_output_channels=channels)`.
+pub fn grayscale(img: &Image) -> Image {
+    let l = to_luma(img);
+    if img.channels == 1 {
+        return l;
+    }
+    let data = l.data.iter().flat_map(|&v| [v, v, v]).collect();
+    Image {
+        data,
+        channels: 3,
+        ..*img
+    }
+}
+
+/// `Image.blend(degenerate, img, alpha)` (Pillow Blend.c): float32 arithmetic, truncation to
+/// uint8, clipping only when extrapolating (alpha outside [0, 1]).
+fn blend(degenerate: &[u8], img: &Image, alpha: f64) -> Image {
+    let a = alpha as f32;
+    if a == 0.0 {
+        return Image {
+            data: degenerate.to_vec(),
+            ..img.clone()
+        };
+    }
+    if a == 1.0 {
+        return img.clone();
+    }
+    let interp = (0.0..=1.0).contains(&a);
+    let data = degenerate
+        .iter()
+        .zip(&img.data)
+        .map(|(&d, &p)| {
+            let t = d as i32 as f32 + a * (p as i32 - d as i32) as f32;
+            if interp {
+                t as u8
+            } else if t <= 0.0 {
+                0
+            } else if t >= 255.0 {
+                255
+            } else {
+                t as u8
+            }
+        })
+        .collect();
+    Image {
+        data,
+        ..img.clone()
+    }
+}
+
+/// `ImageEnhance.Brightness(img).enhance(f)`: blend with black.
+pub fn adjust_brightness(img: &Image, f: f64) -> Image {
+    blend(&vec![0; img.data.len()], img, f)
+}
+
+/// `ImageEnhance.Contrast(img).enhance(f)`: blend with a flat image at the rounded mean luma.
+pub fn adjust_contrast(img: &Image, f: f64) -> Image {
+    let l = to_luma(img);
+    let sum: u64 = l.data.iter().map(|&v| v as u64).sum();
+    let mean = (sum as f64 / l.data.len() as f64 + 0.5) as u8;
+    blend(&vec![mean; img.data.len()], img, f)
+}
+
+/// `ImageEnhance.Color(img).enhance(f)`: blend with the grayscale image (no-op on grayscale).
+pub fn adjust_saturation(img: &Image, f: f64) -> Image {
+    if img.channels == 1 {
+        return img.clone();
+    }
+    blend(&grayscale(img).data, img, f)
+}
+
+// Pillow Convert.c rgb2hsv_row, with its mix of float and double arithmetic.
+fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    if minc == maxc {
+        return (0, 0, maxc);
+    }
+    let cr = (maxc - minc) as f32;
+    let s = cr / maxc as f32;
+    let rc = (maxc - r) as f32 / cr;
+    let gc = (maxc - g) as f32 / cr;
+    let bc = (maxc - b) as f32 / cr;
+    let h: f32 = if r == maxc {
+        bc - gc
+    } else if g == maxc {
+        (2.0 + rc as f64 - bc as f64) as f32
+    } else {
+        (4.0 + gc as f64 - rc as f64) as f32
+    };
+    let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32;
+    let clip = |v: i32| v.clamp(0, 255) as u8;
+    (
+        clip((h as f64 * 255.0) as i32),
+        clip((s as f64 * 255.0) as i32),
+        maxc,
+    )
+}
+
+// Pillow Convert.c hsv2rgb.
+fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
+    if s == 0 {
+        return (v, v, v);
+    }
+    let hd = h as f32 as f64 * 6.0 / 255.0;
+    let i = hd.floor() as i32;
+    let f = (hd - i as f32 as f64) as f32;
+    let fs = (s as f32 as f64 / 255.0) as f32;
+    let vf = v as f32 as f64;
+    let p = (vf * (1.0 - fs as f64)).round() as i32;
+    let q = (vf * (1.0 - (fs * f) as f64)).round() as i32;
+    let t = (vf * (1.0 - fs as f64 * (1.0 - f as f64))).round() as i32;
+    let clip = |x: i32| x.clamp(0, 255) as u8;
+    let (p, q, t) = (clip(p), clip(q), clip(t));
+    match i % 6 {
+        0 => (v, t, p),
+        1 => (q, v, p),
+        2 => (p, v, t),
+        3 => (p, q, v),
+        4 => (t, p, v),
+        _ => (v, p, q),
+    }
+}
+
+/// torchvision `adjust_hue` on a PIL image: to HSV, shift H by `int32(f * 255)` wrapping modulo
+/// 256, back to RGB. No-op on grayscale images.
+pub fn adjust_hue(img: &Image, f: f64) -> Image {
+    if img.channels == 1 {
+        return img.clone();
+    }
+    let shift = (f * 255.0) as i32 as u8;
+    let mut data = Vec::with_capacity(img.data.len());
+    for p in img.data.chunks_exact(3) {
+        let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
+        let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
+        data.extend_from_slice(&[r, g, b]);
+    }
+    Image {
+        data,
+        ..img.clone()
+    }
+}
+
+/// `ImageOps.solarize(img, threshold)`: values >= threshold are inverted.
+pub fn solarize(img: &Image, threshold: u8) -> Image {
+    let data = img
+        .data
+        .iter()
+        .map(|&v| if v >= threshold { 255 - v } else { v })
+        .collect();
+    Image {
+        data,
+        ..img.clone()
+    }
+}
+
+// Pillow BoxBlur.c `_gaussian_blur_radius` (float arithmetic, sqrt and floor in double).
+fn box_radius(sigma: f32, passes: i32) -> f32 {
+    let sigma2 = sigma * sigma / passes as f32;
+    let big_l = ((12.0 * sigma2 as f64 + 1.0).sqrt()) as f32;
+    let l = ((big_l as f64 - 1.0) / 2.0).floor() as f32;
+    let mut a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2);
+    a /= 6.0 * (sigma2 - (l + 1.0) * (l + 1.0));
+    l + a
+}
+
+// Pillow BoxBlur.c ImagingLineBoxBlur8 on one line of `n` values spaced `stride` apart.
+fn box_blur_line(line: &[u8], out: &mut [u8], radius: usize, ww: u32, fw: u32) {
+    let n = line.len();
+    let last = n - 1;
+    let edge_a = (radius + 1).min(n);
+    let edge_b = n.saturating_sub(radius + 1);
+    let px = |i: usize| line[i] as u32;
+    // u32 with wrapping, as the C code's UINT32 arithmetic.
+    let mut acc: u32 = px(0).wrapping_mul(radius as u32 + 1);
+    for x in 0..edge_a.saturating_sub(1) {
+        acc = acc.wrapping_add(px(x));
+    }
+    acc = acc.wrapping_add(px(last).wrapping_mul((radius as i64 - edge_a as i64 + 1) as u32));
+    let save = |bulk: u32| (bulk.wrapping_add(1 << 23) >> 24) as u8;
+    let mv = |acc: u32, sub: usize, add: usize| acc.wrapping_add(px(add)).wrapping_sub(px(sub));
+    let far = |acc: u32, l: usize, r: usize| {
+        acc.wrapping_mul(ww)
+            .wrapping_add((px(l) + px(r)).wrapping_mul(fw))
+    };
+    if edge_a <= edge_b {
+        for x in 0..edge_a {
+            acc = mv(acc, 0, x + radius);
+            out[x] = save(far(acc, 0, x + radius + 1));
+        }
+        for x in edge_a..edge_b {
+            acc = mv(acc, x - radius - 1, x + radius);
+            out[x] = save(far(acc, x - radius - 1, x + radius + 1));
+        }
+        for x in edge_b..=last {
+            acc = mv(acc, x - radius - 1, last);
+            out[x] = save(far(acc, x - radius - 1, last));
+        }
+    } else {
+        for x in 0..edge_b {
+            acc = mv(acc, 0, x + radius);
+            out[x] = save(far(acc, 0, x + radius + 1));
+        }
+        for x in edge_b..edge_a {
+            acc = mv(acc, 0, last);
+            out[x] = save(far(acc, 0, last));
+        }
+        for x in edge_a..=last {
+            acc = mv(acc, x - radius - 1, last);
+            out[x] = save(far(acc, x - radius - 1, last));
+        }
+    }
+}
+
+// One horizontal box-blur pass over every row and channel (Pillow ImagingHorizontalBoxBlur).
+fn box_blur_rows(data: &mut [u8], width: usize, height: usize, c: usize, r: f32) {
+    let radius = r as usize;
+    let ww = (16_777_216.0f32 / (r * 2.0 + 1.0)) as u32;
+    let fw = (16_777_216u32.wrapping_sub((radius as u32 * 2 + 1).wrapping_mul(ww))) / 2;
+    let mut line = vec![0u8; width];
+    let mut out = vec![0u8; width];
+    for y in 0..height {
+        for ch in 0..c {
+            for x in 0..width {
+                line[x] = data[(y * width + x) * c + ch];
+            }
+            box_blur_line(&line, &mut out, radius, ww, fw);
+            for x in 0..width {
+                data[(y * width + x) * c + ch] = out[x];
+            }
+        }
+    }
+}
+
+fn transpose(img: &Image) -> Image {
+    let c = img.channels;
+    let mut data = vec![0u8; img.data.len()];
+    for y in 0..img.height {
+        for x in 0..img.width {
+            let s = (y * img.width + x) * c;
+            let d = (x * img.height + y) * c;
+            data[d..d + c].copy_from_slice(&img.data[s..s + c]);
+        }
+    }
+    Image {
+        width: img.height,
+        height: img.width,
+        channels: c,
+        data,
+    }
+}
+
+/// `img.filter(ImageFilter.GaussianBlur(radius=sigma))`: Pillow's three passes of an extended
+/// box blur per axis (BoxBlur.c), bit for bit.
+pub fn gaussian_blur(img: &Image, sigma: f64) -> Image {
+    let sigma = sigma as f32;
+    if sigma == 0.0 {
+        return img.clone();
+    }
+    let r = box_radius(sigma, 3);
+    let mut out = img.clone();
+    if r != 0.0 {
+        for _ in 0..3 {
+            box_blur_rows(&mut out.data, out.width, out.height, out.channels, r);
+        }
+        let mut t = transpose(&out);
+        for _ in 0..3 {
+            box_blur_rows(&mut t.data, t.width, t.height, t.channels, r);
+        }
+        out = transpose(&t);
+    }
+    out
+}
+
+/// torchvision `RandomResizedCrop.get_params`: (top, left, height, width).
+pub fn resized_crop_params(
+    width: usize,
+    height: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut StdRng,
+) -> (usize, usize, usize, usize) {
+    let area = (width * height) as f64;
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..=scale.1);
+        let aspect = rng.random_range(lr0..=lr1).exp();
+        let w = round_half_even((target * aspect).sqrt());
+        let h = round_half_even((target / aspect).sqrt());
+        if 0 < w && w as usize <= width && 0 < h && h as usize <= height {
+            let (w, h) = (w as usize, h as usize);
+            let i = rng.random_range(0..=height - h);
+            let j = rng.random_range(0..=width - w);
+            return (i, j, h, w);
+        }
+    }
+    // Fallback: central crop at the nearest allowed ratio.
+    let in_ratio = width as f64 / height as f64;
+    let (lo, hi) = (ratio.0.min(ratio.1), ratio.0.max(ratio.1));
+    let (w, h) = if in_ratio < lo {
+        (width, round_half_even(width as f64 / lo) as usize)
+    } else if in_ratio > hi {
+        (round_half_even(height as f64 * hi) as usize, height)
+    } else {
+        (width, height)
+    };
+    ((height - h) / 2, (width - w) / 2, h, w)
+}
+
+/// torchvision `resized_crop` on PIL: crop (top, left, height, width), then resize to size x size.
+pub fn resized_crop(
+    img: &Image,
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+    size: usize,
+) -> Image {
+    let crop = img.crop(left as i64, top as i64, width, height);
+    resample(&crop, (0.0, 0.0, width as f64, height as f64), size, size)
+}
+
+/// One augmentation step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// `RandomResizedCrop(size, scale, ratio)`, bilinear with antialiasing.
+    RandomResizedCrop {
+        size: usize,
+        scale: (f64, f64),
+        ratio: (f64, f64),
+    },
+    /// `ColorJitter(brightness, contrast, saturation, hue)` in a random order.
+    ColorJitter {
+        brightness: f64,
+        contrast: f64,
+        saturation: f64,
+        hue: f64,
+    },
+    /// `RandomGrayscale(p)`.
+    RandomGrayscale { p: f64 },
+    /// The official MoCo `GaussianBlur`: sigma ~ U[lo, hi], PIL radius = sigma.
+    GaussianBlur { sigma: (f64, f64) },
+    /// `RandomHorizontalFlip(p)`.
+    HorizontalFlip { p: f64 },
+    /// MoCo v3's `Solarize`: `ImageOps.solarize` at 128.
+    Solarize,
+    /// `RandomApply(ops, p)`.
+    RandomApply { p: f64, ops: Vec<Op> },
+}
+
+impl Op {
+    /// Applies the step, drawing its random parameters from `rng`.
+    pub fn apply(&self, img: Image, rng: &mut StdRng) -> Image {
+        match self {
+            Op::RandomResizedCrop { size, scale, ratio } => {
+                let (i, j, h, w) = resized_crop_params(img.width, img.height, *scale, *ratio, rng);
+                resized_crop(&img, i, j, h, w, *size)
+            }
+            Op::ColorJitter {
+                brightness,
+                contrast,
+                saturation,
+                hue,
+            } => {
+                let mut order = [0usize, 1, 2, 3];
+                order.shuffle(rng);
+                let factor = |rng: &mut StdRng, v: f64| {
+                    if v > 0.0 {
+                        Some(rng.random_range((1.0 - v).max(0.0)..=1.0 + v))
+                    } else {
+                        None
+                    }
+                };
+                let b = factor(rng, *brightness);
+                let c = factor(rng, *contrast);
+                let s = factor(rng, *saturation);
+                let h = if *hue > 0.0 {
+                    Some(rng.random_range(-hue..=*hue))
+                } else {
+                    None
+                };
+                let mut img = img;
+                for k in order {
+                    img = match (k, b, c, s, h) {
+                        (0, Some(f), ..) => adjust_brightness(&img, f),
+                        (1, _, Some(f), ..) => adjust_contrast(&img, f),
+                        (2, _, _, Some(f), _) => adjust_saturation(&img, f),
+                        (3, _, _, _, Some(f)) => adjust_hue(&img, f),
+                        _ => img,
+                    };
+                }
+                img
+            }
+            Op::RandomGrayscale { p } => {
+                if rng.random::<f64>() < *p {
+                    grayscale(&img)
+                } else {
+                    img
+                }
+            }
+            Op::GaussianBlur { sigma } => {
+                let s = rng.random_range(sigma.0..=sigma.1);
+                gaussian_blur(&img, s)
+            }
+            Op::HorizontalFlip { p } => {
+                if rng.random::<f64>() < *p {
+                    img.hflip()
+                } else {
+                    img
+                }
+            }
+            Op::Solarize => solarize(&img, 128),
+            Op::RandomApply { p, ops } => {
+                if rng.random::<f64>() < *p {
+                    ops.iter().fold(img, |im, op| op.apply(im, rng))
+                } else {
+                    img
+                }
+            }
+        }
+    }
+}
+
+/// Per-channel statistics used by `Normalize`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Normalize {
+    /// Means.
+    pub mean: Vec<f32>,
+    /// Standard deviations.
+    pub std: Vec<f32>,
+}
+
+impl Normalize {
+    /// ImageNet's statistics (the official MoCo scripts).
+    pub fn imagenet() -> Self {
+        Self {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+        }
+    }
+    /// The official CIFAR demo's statistics.
+    pub fn cifar() -> Self {
+        Self {
+            mean: vec![0.4914, 0.4822, 0.4465],
+            std: vec![0.2023, 0.1994, 0.2010],
+        }
+    }
+    /// Fashion-MNIST's training-set statistics (grayscale).
+    pub fn fashion_mnist() -> Self {
+        Self {
+            mean: vec![0.2860],
+            std: vec![0.3530],
+        }
+    }
+    /// MNIST's training-set statistics (grayscale).
+    pub fn mnist() -> Self {
+        Self {
+            mean: vec![0.1307],
+            std: vec![0.3081],
+        }
+    }
+}
+
+/// A sequence of steps followed by `ToTensor` and `Normalize`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pipeline {
+    /// The steps, in order.
+    pub ops: Vec<Op>,
+    /// The final normalisation.
+    pub normalize: Normalize,
+    /// Output side length (every preset ends at size x size).
+    pub size: usize,
+}
+
+impl Pipeline {
+    /// Runs the steps on `img` and appends the normalised CHW floats to `out`.
+    pub fn apply(&self, img: Image, rng: &mut StdRng, out: &mut Vec<f32>) {
+        let img = self.ops.iter().fold(img, |im, op| op.apply(im, rng));
+        img.to_chw_normalized(&self.normalize.mean, &self.normalize.std, out);
+    }
+}
+
+fn jitter(b: f64, c: f64, s: f64, h: f64) -> Op {
+    Op::ColorJitter {
+        brightness: b,
+        contrast: c,
+        saturation: s,
+        hue: h,
+    }
+}
+
+const RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
+
+/// MoCo v1 (`main_moco.py` without `--aug-plus`): RandomResizedCrop(scale 0.2-1), grayscale 0.2,
+/// jitter 0.4 (hue 0.4), flip.
+pub fn v1(size: usize, normalize: Normalize) -> Pipeline {
+    let ops = vec![
+        Op::RandomResizedCrop {
+            size,
+            scale: (0.2, 1.0),
+            ratio: RATIO,
+        },
+        Op::RandomGrayscale { p: 0.2 },
+        jitter(0.4, 0.4, 0.4, 0.4),
+        Op::HorizontalFlip { p: 0.5 },
+    ];
+    Pipeline {
+        ops,
+        normalize,
+        size,
+    }
+}
+
+/// MoCo v2 (`--aug-plus`): RandomResizedCrop(scale 0.2-1), jitter (0.4, 0.4, 0.4, 0.1) with p 0.8,
+/// grayscale 0.2, blur sigma 0.1-2 with p 0.5, flip.
+pub fn v2(size: usize, normalize: Normalize) -> Pipeline {
+    let ops = vec![
+        Op::RandomResizedCrop {
+            size,
+            scale: (0.2, 1.0),
+            ratio: RATIO,
+        },
+        Op::RandomApply {
+            p: 0.8,
+            ops: vec![jitter(0.4, 0.4, 0.4, 0.1)],
+        },
+        Op::RandomGrayscale { p: 0.2 },
+        Op::RandomApply {
+            p: 0.5,
+            ops: vec![Op::GaussianBlur { sigma: (0.1, 2.0) }],
+        },
+        Op::HorizontalFlip { p: 0.5 },
+    ];
+    Pipeline {
+        ops,
+        normalize,
+        size,
+    }
+}
+
+/// The official CIFAR demo: RandomResizedCrop (scale 0.08-1), flip, jitter (0.4, 0.4, 0.4, 0.1)
+/// with p 0.8, grayscale 0.2.
+pub fn cifar(size: usize, normalize: Normalize) -> Pipeline {
+    let ops = vec![
+        Op::RandomResizedCrop {
+            size,
+            scale: (0.08, 1.0),
+            ratio: RATIO,
+        },
+        Op::HorizontalFlip { p: 0.5 },
+        Op::RandomApply {
+            p: 0.8,
+            ops: vec![jitter(0.4, 0.4, 0.4, 0.1)],
+        },
+        Op::RandomGrayscale { p: 0.2 },
+    ];
+    Pipeline {
+        ops,
+        normalize,
+        size,
+    }
+}
+
+/// MoCo v3's two asymmetric pipelines: crop (scale 0.08-1), jitter (0.4, 0.4, 0.2, 0.1) with
+/// p 0.8, grayscale 0.2, then blur always (first) or with p 0.1 and solarize with p 0.2 (second),
+/// flip.
+pub fn v3(size: usize, normalize: Normalize) -> (Pipeline, Pipeline) {
+    let head = || {
+        vec![
+            Op::RandomResizedCrop {
+                size,
+                scale: (0.08, 1.0),
+                ratio: RATIO,
+            },
+            Op::RandomApply {
+                p: 0.8,
+                ops: vec![jitter(0.4, 0.4, 0.2, 0.1)],
+            },
+            Op::RandomGrayscale { p: 0.2 },
+        ]
+    };
+    let mut a = head();
+    a.push(Op::RandomApply {
+        p: 1.0,
+        ops: vec![Op::GaussianBlur { sigma: (0.1, 2.0) }],
+    });
+    a.push(Op::HorizontalFlip { p: 0.5 });
+    let mut b = head();
+    b.push(Op::RandomApply {
+        p: 0.1,
+        ops: vec![Op::GaussianBlur { sigma: (0.1, 2.0) }],
+    });
+    b.push(Op::RandomApply {
+        p: 0.2,
+        ops: vec![Op::Solarize],
+    });
+    b.push(Op::HorizontalFlip { p: 0.5 });
+    (
+        Pipeline {
+            ops: a,
+            normalize: normalize.clone(),
+            size,
+        },
+        Pipeline {
+            ops: b,
+            normalize,
+            size,
+        },
+    )
+}
+
+/// The query/key pair of MoCo: two pipelines (the same one twice except for v3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwoCrop {
+    /// The query's augmentation.
+    pub query: Pipeline,
+    /// The key's augmentation.
+    pub key: Pipeline,
+}
+
+impl TwoCrop {
+    /// A preset by name (`v1`, `v2`, `cifar`, `v3`) at `size` with `normalize`.
+    pub fn preset(name: &str, size: usize, normalize: Normalize) -> crate::Result<Self> {
+        let same = |p: Pipeline| TwoCrop {
+            query: p.clone(),
+            key: p,
+        };
+        Ok(match name {
+            "v1" => same(v1(size, normalize)),
+            "v2" => same(v2(size, normalize)),
+            "cifar" => same(cifar(size, normalize)),
+            "v3" => {
+                let (query, key) = v3(size, normalize);
+                TwoCrop { query, key }
+            }
+            other => {
+                return Err(crate::Error::config(
+                    "augmentation",
+                    format!("unknown preset `{other}` (expected v1, v2, cifar or v3)"),
+                ))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn img() -> Image {
+        let data = (0..32 * 24 * 3).map(|i| ((i * 37) % 251) as u8).collect();
+        Image::new(32, 24, 3, data).unwrap()
+    }
+
+    fn rate(op: &Op, n: usize, changed: impl Fn(&Image, &Image) -> bool) -> f64 {
+        let mut rng = StdRng::seed_from_u64(5);
+        let base = img();
+        (0..n)
+            .filter(|_| changed(&base, &op.apply(base.clone(), &mut rng)))
+            .count() as f64
+            / n as f64
+    }
+
+    fn close(p: f64, want: f64, n: usize) -> bool {
+        (p - want).abs() < 4.0 * (want * (1.0 - want) / n as f64).sqrt()
+    }
+
+    #[test]
+    fn apply_probabilities() {
+        let n = 4000;
+        let ne = |a: &Image, b: &Image| a != b;
+        let p = rate(&Op::HorizontalFlip { p: 0.5 }, n, ne);
+        assert!(close(p, 0.5, n), "flip {p}");
+        let p = rate(&Op::RandomGrayscale { p: 0.2 }, n, ne);
+        assert!(close(p, 0.2, n), "grayscale {p}");
+        let p = rate(
+            &Op::RandomApply {
+                p: 0.8,
+                ops: vec![Op::Solarize],
+            },
+            n,
+            ne,
+        );
+        assert!(close(p, 0.8, n), "apply {p}");
+    }
+
+    #[test]
+    fn jitter_factors_stay_in_their_ranges() {
+        // Brightness alone at 0.4: factor in [0.6, 1.4]; the mean pixel scales with it.
+        let op = jitter(0.4, 0.0, 0.0, 0.0);
+        let base = Image::new(4, 4, 1, vec![100; 16]).unwrap();
+        let mut rng = StdRng::seed_from_u64(0);
+        let vals: Vec<u8> = (0..2000)
+            .map(|_| op.apply(base.clone(), &mut rng).data[0])
+            .collect();
+        assert!(
+            vals.iter().all(|&v| (59..=140).contains(&v)),
+            "{:?}",
+            vals.iter().minmax()
+        );
+        assert!(*vals.iter().min().unwrap() < 62 && *vals.iter().max().unwrap() > 137);
+    }
+
+    trait MinMax {
+        fn minmax(self) -> (u8, u8);
+    }
+    impl<'a, I: Iterator<Item = &'a u8>> MinMax for I {
+        fn minmax(self) -> (u8, u8) {
+            self.fold((255, 0), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+        }
+    }
+
+    #[test]
+    fn presets_produce_their_size_and_normalised_values() {
+        for name in ["v1", "v2", "cifar", "v3"] {
+            let t = TwoCrop::preset(name, 16, Normalize::imagenet()).unwrap();
+            let mut out = vec![];
+            t.query
+                .apply(img(), &mut StdRng::seed_from_u64(1), &mut out);
+            t.key.apply(img(), &mut StdRng::seed_from_u64(2), &mut out);
+            assert_eq!(out.len(), 2 * 3 * 16 * 16, "{name}");
+            assert!(out.iter().all(|v| v.is_finite() && v.abs() < 3.0), "{name}");
+        }
+        assert!(TwoCrop::preset("v9", 16, Normalize::imagenet())
+            .unwrap_err()
+            .to_string()
+            .contains("v9"));
+        let v3 = TwoCrop::preset("v3", 16, Normalize::imagenet()).unwrap();
+        assert_ne!(v3.query, v3.key, "v3 is asymmetric");
+    }
+
+    #[test]
+    fn crop_fallback_is_central_at_the_nearest_ratio() {
+        // A 100x10 strip: no crop within the ratio range fits, so the fallback runs.
+        let mut rng = StdRng::seed_from_u64(0);
+        let (i, j, h, w) = resized_crop_params(100, 10, (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+        assert_eq!((i, h), (0, 10));
+        assert_eq!(w, 13); // round(10 * 4/3)
+        assert_eq!(j, (100 - 13) / 2);
+    }
+}
