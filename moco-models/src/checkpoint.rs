@@ -97,7 +97,6 @@ fn read_legacy(bytes: &[u8]) -> std::result::Result<Vec<(String, Tensor)>, Strin
             .collect::<std::result::Result<Vec<_>, _>>()?,
         other => return Err(format!("storage keys: expected a list, got {other:?}")),
     };
-    drop(next);
     let mut pos = MAGIC.len() + cur.position() as usize;
     // Raw storages in key order, each: int64 element count, then the data (element size from
     // the tensors that use it).
