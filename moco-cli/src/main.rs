@@ -1,6 +1,8 @@
 //! `moco`: Momentum Contrast on Candle from the command line.
 
+mod bench;
 mod convert;
+mod data;
 mod device;
 mod extract;
 
@@ -60,6 +62,37 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Throughput benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Images/s of the data pipeline: decode, two augmented crops, batching.
+    Data {
+        /// fashion-mnist, mnist, cifar10, cifar100, stl10, folder or default.
+        #[arg(long, default_value = "default")]
+        dataset: String,
+        /// The dataset's folder (for `folder`: DIR/train/CLASS/* or DIR/CLASS/*).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Augmentation preset: v1, v2, cifar or v3.
+        #[arg(long, default_value = "v2")]
+        preset: String,
+        /// Crop size (default: the dataset's native size, 224 for folders).
+        #[arg(long)]
+        image_size: Option<usize>,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Images to time (at most the dataset's size).
+        #[arg(long, default_value_t = 1024)]
+        images: usize,
+        /// Print a last line {"images_per_s": ...}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -86,6 +119,23 @@ fn main() -> Result<()> {
             batch_size,
             device: device::parse(&device)?,
         })?,
+        Command::Bench(BenchCommand::Data {
+            dataset,
+            data_dir,
+            preset,
+            image_size,
+            workers,
+            images,
+            json,
+        }) => bench::data(
+            &dataset,
+            data_dir.as_deref(),
+            &preset,
+            image_size,
+            workers,
+            images,
+            json,
+        )?,
     }
     Ok(())
 }

@@ -136,7 +136,10 @@ fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     } else {
         (4.0 + gc as f64 - rc as f64) as f32
     };
-    let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32;
+    // fmod(x, 1.0) for 0 <= x < 2 is x - trunc(x), computed exactly; `as i32` truncates in
+    // one instruction where f64::trunc is a libm call on baseline x86-64.
+    let x = h as f64 / 6.0 + 1.0;
+    let h = (x - (x as i32) as f64) as f32;
     let clip = |v: i32| v.clamp(0, 255) as u8;
     (
         clip((h as f64 * 255.0) as i32),
@@ -151,13 +154,22 @@ fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
         return (v, v, v);
     }
     let hd = h as f32 as f64 * 6.0 / 255.0;
-    let i = hd.floor() as i32;
+    let i = hd as i32; // floor of a non-negative value
     let f = (hd - i as f32 as f64) as f32;
     let fs = (s as f32 as f64 / 255.0) as f32;
     let vf = v as f32 as f64;
-    let p = (vf * (1.0 - fs as f64)).round() as i32;
-    let q = (vf * (1.0 - (fs * f) as f64)).round() as i32;
-    let t = (vf * (1.0 - fs as f64 * (1.0 - f as f64))).round() as i32;
+    // C's round() (half away from zero) of a value in [0, 256), exactly: x - trunc(x) is exact.
+    let round = |x: f64| {
+        let t = x as i32;
+        if x - t as f64 >= 0.5 {
+            t + 1
+        } else {
+            t
+        }
+    };
+    let p = round(vf * (1.0 - fs as f64));
+    let q = round(vf * (1.0 - (fs * f) as f64));
+    let t = round(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
     let clip = |x: i32| x.clamp(0, 255) as u8;
     let (p, q, t) = (clip(p), clip(q), clip(t));
     match i % 6 {
@@ -212,73 +224,102 @@ fn box_radius(sigma: f32, passes: i32) -> f32 {
     l + a
 }
 
-// Pillow BoxBlur.c ImagingLineBoxBlur8 on one line. Index loops on purpose: they follow the C
-// code's three regions line by line, which is what makes the bit-exact match checkable.
+// Pillow BoxBlur.c ImagingLineBoxBlur8/32 on one line of C interleaved channels, all channels
+// in the same loop (as the C code's 32-bit path). Index loops on purpose: they follow the C
+// code's three regions, which keeps the bit-exact match checkable.
 #[allow(clippy::needless_range_loop)]
-fn box_blur_line(line: &[u8], out: &mut [u8], radius: usize, ww: u32, fw: u32) {
-    let n = line.len();
+fn box_blur_line<const C: usize>(line: &[u8], out: &mut [u8], radius: usize, ww: u32, fw: u32) {
+    let n = line.len() / C;
     let last = n - 1;
     let edge_a = (radius + 1).min(n);
     let edge_b = n.saturating_sub(radius + 1);
-    let px = |i: usize| line[i] as u32;
+    let px = |i: usize, ch: usize| line[i * C + ch] as u32;
     // u32 with wrapping, as the C code's UINT32 arithmetic.
-    let mut acc: u32 = px(0).wrapping_mul(radius as u32 + 1);
-    for x in 0..edge_a.saturating_sub(1) {
-        acc = acc.wrapping_add(px(x));
+    let mut acc = [0u32; C];
+    for ch in 0..C {
+        acc[ch] = px(0, ch).wrapping_mul(radius as u32 + 1);
+        for x in 0..edge_a.saturating_sub(1) {
+            acc[ch] = acc[ch].wrapping_add(px(x, ch));
+        }
+        acc[ch] = acc[ch].wrapping_add(px(last, ch).wrapping_mul((radius - edge_a + 1) as u32));
     }
-    acc = acc.wrapping_add(px(last).wrapping_mul((radius as i64 - edge_a as i64 + 1) as u32));
-    let save = |bulk: u32| (bulk.wrapping_add(1 << 23) >> 24) as u8;
-    let mv = |acc: u32, sub: usize, add: usize| acc.wrapping_add(px(add)).wrapping_sub(px(sub));
-    let far = |acc: u32, l: usize, r: usize| {
-        acc.wrapping_mul(ww)
-            .wrapping_add((px(l) + px(r)).wrapping_mul(fw))
+    let mut step = |x: usize, sub: usize, add: usize, left: usize, right: usize| {
+        for ch in 0..C {
+            acc[ch] = acc[ch].wrapping_add(px(add, ch)).wrapping_sub(px(sub, ch));
+            let bulk = acc[ch]
+                .wrapping_mul(ww)
+                .wrapping_add((px(left, ch) + px(right, ch)).wrapping_mul(fw));
+            out[x * C + ch] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
+        }
     };
     if edge_a <= edge_b {
         for x in 0..edge_a {
-            acc = mv(acc, 0, x + radius);
-            out[x] = save(far(acc, 0, x + radius + 1));
+            step(x, 0, x + radius, 0, x + radius + 1);
         }
-        for x in edge_a..edge_b {
-            acc = mv(acc, x - radius - 1, x + radius);
-            out[x] = save(far(acc, x - radius - 1, x + radius + 1));
+        // The middle region (most of the line) with slices instead of indices: the value
+        // leaving the window is also its far left one, the one entering sits just left of the
+        // far right one.
+        drop(step);
+        let (lo, hi) = (edge_a, edge_b);
+        let subs = line[(lo - radius - 1) * C..(hi - radius - 1) * C].chunks_exact(C);
+        let adds = line[(lo + radius) * C..(hi + radius) * C].chunks_exact(C);
+        let rights = line[(lo + radius + 1) * C..(hi + radius + 1) * C].chunks_exact(C);
+        for (((o, sub), add), right) in out[lo * C..hi * C]
+            .chunks_exact_mut(C)
+            .zip(subs)
+            .zip(adds)
+            .zip(rights)
+        {
+            for ch in 0..C {
+                acc[ch] = acc[ch]
+                    .wrapping_add(add[ch] as u32)
+                    .wrapping_sub(sub[ch] as u32);
+                let bulk = acc[ch]
+                    .wrapping_mul(ww)
+                    .wrapping_add((sub[ch] as u32 + right[ch] as u32).wrapping_mul(fw));
+                o[ch] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
+            }
         }
+        let mut step = |x: usize, sub: usize, add: usize, left: usize, right: usize| {
+            for ch in 0..C {
+                acc[ch] = acc[ch].wrapping_add(px(add, ch)).wrapping_sub(px(sub, ch));
+                let bulk = acc[ch]
+                    .wrapping_mul(ww)
+                    .wrapping_add((px(left, ch) + px(right, ch)).wrapping_mul(fw));
+                out[x * C + ch] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
+            }
+        };
         for x in edge_b..=last {
-            acc = mv(acc, x - radius - 1, last);
-            out[x] = save(far(acc, x - radius - 1, last));
+            step(x, x - radius - 1, last, x - radius - 1, last);
         }
     } else {
         for x in 0..edge_b {
-            acc = mv(acc, 0, x + radius);
-            out[x] = save(far(acc, 0, x + radius + 1));
+            step(x, 0, x + radius, 0, x + radius + 1);
         }
         for x in edge_b..edge_a {
-            acc = mv(acc, 0, last);
-            out[x] = save(far(acc, 0, last));
+            step(x, 0, last, 0, last);
         }
         for x in edge_a..=last {
-            acc = mv(acc, x - radius - 1, last);
-            out[x] = save(far(acc, x - radius - 1, last));
+            step(x, x - radius - 1, last, x - radius - 1, last);
         }
     }
 }
 
-// One horizontal box-blur pass over every row and channel (Pillow ImagingHorizontalBoxBlur).
-#[allow(clippy::needless_range_loop)]
-fn box_blur_rows(data: &mut [u8], width: usize, height: usize, c: usize, r: f32) {
+// `passes` horizontal box-blur passes over every row (Pillow ImagingHorizontalBoxBlur applied
+// `passes` times; rows are independent, so each row takes all its passes while in cache).
+fn box_blur_rows(data: &mut [u8], width: usize, c: usize, r: f32, passes: usize) {
     let radius = r as usize;
     let ww = (16_777_216.0f32 / (r * 2.0 + 1.0)) as u32;
     let fw = (16_777_216u32.wrapping_sub((radius as u32 * 2 + 1).wrapping_mul(ww))) / 2;
-    let mut line = vec![0u8; width];
-    let mut out = vec![0u8; width];
-    for y in 0..height {
-        for ch in 0..c {
-            for x in 0..width {
-                line[x] = data[(y * width + x) * c + ch];
+    let mut tmp = vec![0u8; width * c];
+    for row in data.chunks_exact_mut(width * c) {
+        for _ in 0..passes {
+            match c {
+                1 => box_blur_line::<1>(row, &mut tmp, radius, ww, fw),
+                3 => box_blur_line::<3>(row, &mut tmp, radius, ww, fw),
+                _ => box_blur_line::<4>(row, &mut tmp, radius, ww, fw),
             }
-            box_blur_line(&line, &mut out, radius, ww, fw);
-            for x in 0..width {
-                data[(y * width + x) * c + ch] = out[x];
-            }
+            row.copy_from_slice(&tmp);
         }
     }
 }
@@ -311,13 +352,9 @@ pub fn gaussian_blur(img: &Image, sigma: f64) -> Image {
     let r = box_radius(sigma, 3);
     let mut out = img.clone();
     if r != 0.0 {
-        for _ in 0..3 {
-            box_blur_rows(&mut out.data, out.width, out.height, out.channels, r);
-        }
+        box_blur_rows(&mut out.data, out.width, out.channels, r, 3);
         let mut t = transpose(&out);
-        for _ in 0..3 {
-            box_blur_rows(&mut t.data, t.width, t.height, t.channels, r);
-        }
+        box_blur_rows(&mut t.data, t.width, t.channels, r, 3);
         out = transpose(&t);
     }
     out

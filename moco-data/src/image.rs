@@ -189,14 +189,14 @@ fn coefficients(in_size: usize, in0: f64, in1: f64, out_size: usize) -> Vec<(usi
 }
 
 #[inline]
-fn clip8(v: i64) -> u8 {
+fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// PIL's `Image.resize((width, height), BILINEAR, box)`: a separable triangle filter whose
 /// support grows with the downscale factor (antialiasing), weights in 22-bit fixed point,
 /// horizontal pass first with 8-bit rounding between the passes, exactly as Pillow's
-/// `ImagingResample` does for 8-bit images.
+/// `ImagingResample` does for 8-bit images (including its 32-bit integer accumulators).
 pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: usize) -> Image {
     let c = img.channels;
     let (x0, y0, x1, y1) = bbox;
@@ -211,7 +211,7 @@ pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: u
     } else {
         (0, img.height)
     };
-    let half = 1i64 << (PRECISION_BITS - 1);
+    let half = 1i32 << (PRECISION_BITS - 1);
     let tmp = if need_h {
         let hk = coefficients(img.width, x0, x1, width);
         let rows = if need_v {
@@ -221,14 +221,29 @@ pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: u
         };
         let y_off = if need_v { ybox_first } else { 0 };
         let mut data = vec![0u8; rows * width * c];
-        for y in 0..rows {
-            for (xx, (xmin, k)) in hk.iter().enumerate() {
-                for ch in 0..c {
-                    let mut ss = half;
-                    for (i, &w) in k.iter().enumerate() {
-                        ss += img.px(xmin + i, y + y_off, ch) as i64 * w as i64;
+        let in_row = img.width * c;
+        for (y, out_row) in data.chunks_exact_mut(width * c).enumerate() {
+            let row = &img.data[(y + y_off) * in_row..(y + y_off + 1) * in_row];
+            for ((xmin, k), out) in hk.iter().zip(out_row.chunks_exact_mut(c)) {
+                let src = &row[xmin * c..(xmin + k.len()) * c];
+                if c == 3 {
+                    let mut ss = [half; 3];
+                    for (px, &w) in src.chunks_exact(3).zip(k) {
+                        ss[0] += px[0] as i32 * w;
+                        ss[1] += px[1] as i32 * w;
+                        ss[2] += px[2] as i32 * w;
                     }
-                    data[(y * width + xx) * c + ch] = clip8(ss);
+                    out[0] = clip8(ss[0]);
+                    out[1] = clip8(ss[1]);
+                    out[2] = clip8(ss[2]);
+                } else {
+                    for ch in 0..c {
+                        let mut ss = half;
+                        for (px, &w) in src.chunks_exact(c).zip(k) {
+                            ss += px[ch] as i32 * w;
+                        }
+                        out[ch] = clip8(ss);
+                    }
                 }
             }
         }
@@ -245,16 +260,20 @@ pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: u
         return tmp;
     }
     let shift = if need_h { ybox_first } else { 0 };
-    let mut data = vec![0u8; width * height * c];
-    for (yy, (ymin, k)) in vk.iter().enumerate() {
-        for x in 0..tmp.width {
-            for ch in 0..c {
-                let mut ss = half;
-                for (i, &w) in k.iter().enumerate() {
-                    ss += tmp.px(x, ymin + i - shift, ch) as i64 * w as i64;
-                }
-                data[(yy * tmp.width + x) * c + ch] = clip8(ss);
+    let row_len = tmp.width * c;
+    let mut data = vec![0u8; height * row_len];
+    let mut acc = vec![0i32; row_len];
+    for ((ymin, k), out_row) in vk.iter().zip(data.chunks_exact_mut(row_len)) {
+        acc.iter_mut().for_each(|a| *a = half);
+        for (i, &w) in k.iter().enumerate() {
+            let r = ymin + i - shift;
+            let row = &tmp.data[r * row_len..(r + 1) * row_len];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += p as i32 * w;
             }
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     Image {
