@@ -259,7 +259,6 @@ fn box_blur_line<const C: usize>(line: &[u8], out: &mut [u8], radius: usize, ww:
         // The middle region (most of the line) with slices instead of indices: the value
         // leaving the window is also its far left one, the one entering sits just left of the
         // far right one.
-        drop(step);
         let (lo, hi) = (edge_a, edge_b);
         let subs = line[(lo - radius - 1) * C..(hi - radius - 1) * C].chunks_exact(C);
         let adds = line[(lo + radius) * C..(hi + radius) * C].chunks_exact(C);

@@ -64,11 +64,6 @@ impl Image {
         Self::new(w, h, 3, rgb.into_raw())
     }
 
-    #[inline]
-    fn px(&self, x: usize, y: usize, c: usize) -> u8 {
-        self.data[(y * self.width + x) * self.channels + c]
-    }
-
     /// The region `[left, left + width) x [top, top + height)`; parts outside the image are
     /// filled with 0 (torchvision pads when a crop is larger than the image).
     pub fn crop(&self, left: i64, top: i64, width: usize, height: usize) -> Image {
