@@ -433,6 +433,10 @@ pub enum Op {
     Solarize,
     /// `RandomApply(ops, p)`.
     RandomApply { p: f64, ops: Vec<Op> },
+    /// `Resize(size)`: shorter side to `size` (deterministic, for evaluation).
+    Resize { size: usize },
+    /// `CenterCrop(size)` (deterministic, for evaluation).
+    CenterCrop { size: usize },
 }
 
 impl Op {
@@ -504,6 +508,8 @@ impl Op {
                     img
                 }
             }
+            Op::Resize { size } => crate::image::resize_shorter(&img, *size),
+            Op::CenterCrop { size } => crate::image::center_crop(&img, *size, *size),
         }
     }
 }
@@ -694,6 +700,46 @@ pub fn v3(size: usize, normalize: Normalize) -> (Pipeline, Pipeline) {
             size,
         },
     )
+}
+
+/// The evaluation pipeline: `Resize(size * 256 / 224)`, `CenterCrop(size)` (as `moco extract`
+/// and `main_lincls.py`), or nothing but normalisation at the dataset's native size.
+pub fn eval(size: Option<usize>, native: usize, normalize: Normalize) -> Pipeline {
+    match size {
+        Some(s) => Pipeline {
+            ops: vec![
+                Op::Resize {
+                    size: s * 256 / 224,
+                },
+                Op::CenterCrop { size: s },
+            ],
+            normalize,
+            size: s,
+        },
+        None => Pipeline {
+            ops: vec![],
+            normalize,
+            size: native,
+        },
+    }
+}
+
+/// The linear protocol's training augmentation: `RandomResizedCrop(size)` (scale 0.08-1),
+/// `RandomHorizontalFlip`.
+pub fn linear_train(size: usize, normalize: Normalize) -> Pipeline {
+    let ops = vec![
+        Op::RandomResizedCrop {
+            size,
+            scale: (0.08, 1.0),
+            ratio: RATIO,
+        },
+        Op::HorizontalFlip { p: 0.5 },
+    ];
+    Pipeline {
+        ops,
+        normalize,
+        size,
+    }
 }
 
 /// The query/key pair of MoCo: two pipelines (the same one twice except for v3).
