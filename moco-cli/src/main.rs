@@ -4,13 +4,25 @@ mod bench;
 mod convert;
 mod data;
 mod device;
+mod evaluate;
+mod export;
 mod extract;
+mod hub;
+mod pretrain;
+mod progress;
+mod weights;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use moco_core::MocoConfig;
+
+// Candle allocates fresh buffers for every op; with the system allocator a large share of the
+// time goes to the kernel zeroing new pages. mimalloc reuses them (measured +12% on a training
+// step, see the README's benchmark section).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Momentum Contrast (MoCo) self-supervised pretraining on Candle.
 #[derive(Debug, Parser)]
@@ -28,6 +40,8 @@ enum Command {
         #[arg(long, default_value = "v2")]
         preset: String,
     },
+    /// Print the default pretraining configuration as TOML (a starting point for --config).
+    ConfigRun,
     /// Convert an official MoCo checkpoint (checkpoint_*.pth.tar, zip or legacy torch.save) into a
     /// safetensors encoder with torchvision names.
     Convert {
@@ -62,9 +76,208 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// MoCo pretraining. With no flags: a small ResNet on the embedded Fashion-MNIST subset for a
+    /// short budget, then its kNN accuracy. Flags override the preset, which overrides --config.
+    Pretrain(Box<PretrainArgs>),
+    /// Weighted kNN accuracy (k=200, t=0.1, as the official CIFAR demo) of frozen features.
+    Knn {
+        #[command(flatten)]
+        common: EvalArgs,
+        /// Neighbours.
+        #[arg(long, default_value_t = 200)]
+        k: usize,
+        /// Temperature of the vote weights.
+        #[arg(long, default_value_t = 0.1)]
+        t: f64,
+    },
+    /// The linear classification protocol of main_lincls.py (frozen backbone, fresh fc).
+    LinearEval {
+        #[command(flatten)]
+        common: EvalArgs,
+        /// Epochs (lr x0.1 at 60% and 80% of them, as 60 and 80 of 100).
+        #[arg(long, default_value_t = 100)]
+        epochs: usize,
+        /// Base learning rate.
+        #[arg(long, default_value_t = 30.0)]
+        lr: f64,
+        /// Train on features extracted once (no augmentation; fast on CPU, reported as such).
+        #[arg(long)]
+        cached_features: bool,
+        /// Folder for results.json.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// A Hugging Face model folder: model.safetensors (backbone, torchvision names), config.json,
+    /// README.md model card.
+    Export {
+        /// A pretraining run directory.
+        #[arg(long)]
+        run: Option<PathBuf>,
+        /// Or a weights file (safetensors, .pth.tar, hf://...).
+        #[arg(long)]
+        weights: Option<String>,
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Upload a folder written by `moco export` to the Hugging Face Hub (token: HF_TOKEN or the
+    /// standard token file).
+    Push {
+        /// The exported folder.
+        dir: PathBuf,
+        /// OWNER/NAME.
+        #[arg(long)]
+        repo: String,
+        /// Create the repository private.
+        #[arg(long)]
+        private: bool,
+        /// Branch to commit to.
+        #[arg(long)]
+        revision: Option<String>,
+    },
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Arguments of `moco pretrain`.
+#[derive(Debug, clap::Args)]
+struct PretrainArgs {
+    /// A TOML file with a RunConfig (see `moco config`); flags and --preset override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Preset: v1, v2 or cifar (overrides the config file).
+    #[arg(long)]
+    preset: Option<String>,
+    /// fashion-mnist, mnist, cifar10, cifar100, stl10, folder or default (embedded).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// The dataset's folder.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// resnet18, resnet34, resnet50, resnet101, resnet152, resnet18-small, resnet34-small, resnet50-small.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Width of the first stage (64 = torchvision; 16 gives the CPU-sized 16-32-64-128 net).
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Base learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Queue size K.
+    #[arg(long)]
+    queue_size: Option<usize>,
+    /// Feature dimension C.
+    #[arg(long)]
+    moco_dim: Option<usize>,
+    /// Key encoder momentum m.
+    #[arg(long)]
+    moco_m: Option<f64>,
+    /// Softmax temperature T.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// MLP head (MoCo v2).
+    #[arg(long)]
+    mlp: bool,
+    /// MoCo v2 augmentation (blur).
+    #[arg(long)]
+    aug_plus: bool,
+    /// Cosine learning-rate schedule.
+    #[arg(long)]
+    cos: bool,
+    /// Symmetric loss (both views as queries).
+    #[arg(long)]
+    symmetric: bool,
+    /// BatchNorm splits (shuffle-BN on one device).
+    #[arg(long)]
+    bn_splits: Option<usize>,
+    /// Data worker threads.
+    #[arg(long)]
+    workers: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// kNN monitor every N epochs.
+    #[arg(long)]
+    knn_every: Option<usize>,
+    /// Crop size of the augmentations.
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Pretrain on a random subset of this many training images.
+    #[arg(long)]
+    subset: Option<usize>,
+    /// Stop after this many steps in total.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Checkpoint every N steps (and at every epoch end).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Metrics line every N steps.
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Run directory (default: runs/DATASET-ARCH-TIMESTAMP).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar; plain JSON lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Arguments of the evaluation commands.
+#[derive(Debug, clap::Args)]
+struct EvalArgs {
+    /// Encoder weights: safetensors (moco convert / export / a run's checkpoint), a run folder,
+    /// an official .pth.tar, or hf://OWNER/NAME[@REV].
+    #[arg(long)]
+    weights: String,
+    /// fashion-mnist, mnist, cifar10, cifar100, stl10, folder or default (the embedded set).
+    #[arg(long, default_value = "default")]
+    dataset: String,
+    /// The dataset's folder (`folder`: DIR/train and DIR/val).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Evaluation size: shorter side to S*256/224, center crop S (default: native size).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Data worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print a last line with the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl EvalArgs {
+    fn common(&self) -> Result<evaluate::Common<'_>> {
+        Ok(evaluate::Common {
+            weights: &self.weights,
+            dataset: &self.dataset,
+            data_dir: self.data_dir.as_deref(),
+            image_size: self.image_size,
+            batch_size: self.batch_size,
+            workers: self.workers,
+            device: device::parse(&self.device)?,
+            json: self.json,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,6 +314,12 @@ fn main() -> Result<()> {
             let config = MocoConfig::preset(&preset).context("--preset")?;
             println!("{}", serde_json::to_string_pretty(&config)?);
         }
+        Command::ConfigRun => {
+            print!(
+                "{}",
+                toml::to_string_pretty(&pretrain::RunConfig::default())?
+            );
+        }
         Command::Convert { input, out } => convert::run(&input, &out)?,
         Command::Extract {
             weights,
@@ -119,6 +338,78 @@ fn main() -> Result<()> {
             batch_size,
             device: device::parse(&device)?,
         })?,
+        Command::Pretrain(a) => {
+            let o = pretrain::Overrides {
+                preset: a.preset.clone(),
+                dataset: a.dataset.clone(),
+                data_dir: a.data_dir.clone(),
+                arch: a.arch.clone(),
+                width: a.width,
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                queue_size: a.queue_size,
+                moco_dim: a.moco_dim,
+                moco_m: a.moco_m,
+                temperature: a.temperature,
+                mlp: a.mlp,
+                aug_plus: a.aug_plus,
+                cos: a.cos,
+                symmetric: a.symmetric,
+                bn_splits: a.bn_splits,
+                workers: a.workers,
+                seed: a.seed,
+                knn_every: a.knn_every,
+                image_size: a.image_size,
+                subset: a.subset,
+                max_steps: a.max_steps,
+                checkpoint_every: a.checkpoint_every,
+                log_every: a.log_every,
+            };
+            let device = device::parse(&a.device)?;
+            if a.resume && a.out.is_none() {
+                anyhow::bail!("--resume needs --out RUN_DIR");
+            }
+            let config = pretrain::resolve(a.config.as_deref(), &o)?;
+            let out = a.out.clone().unwrap_or_else(|| {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                PathBuf::from("runs").join(format!("{}-{}-{secs}", config.dataset, config.arch))
+            });
+            pretrain::run(config, &out, a.resume, &device, a.quiet)?
+        }
+        Command::Export { run, weights, out } => {
+            let (src, is_run) = export::source(run, weights)?;
+            export::run(&src, is_run, &out)?
+        }
+        Command::Push {
+            dir,
+            repo,
+            private,
+            revision,
+        } => hub::push(&dir, &repo, private, revision)?,
+        Command::Knn { common, k, t } => evaluate::knn(common.common()?, k, t)?,
+        Command::LinearEval {
+            common,
+            epochs,
+            lr,
+            cached_features,
+            out,
+            seed,
+        } => {
+            let milestones = vec![epochs * 60 / 100, epochs * 80 / 100];
+            let cfg = moco_eval::linear::LinearConfig {
+                epochs,
+                lr,
+                milestones,
+                batch_size: common.batch_size,
+                seed,
+                ..Default::default()
+            };
+            evaluate::linear_eval(common.common()?, cfg, cached_features, out)?
+        }
         Command::Bench(BenchCommand::Data {
             dataset,
             data_dir,

@@ -35,7 +35,7 @@ pub enum AugmentationPreset {
 /// Every setting of a MoCo pretraining run. Presets: [`MocoConfig::v1`], [`MocoConfig::v2`],
 /// [`MocoConfig::cifar`]; `Default` is v1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct MocoConfig {
     /// Preset this configuration started from (informational).
     pub preset: String,

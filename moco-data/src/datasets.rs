@@ -33,6 +33,27 @@ pub trait Dataset: Send + Sync {
     fn describe(&self) -> String;
 }
 
+impl<D: Dataset + ?Sized> Dataset for Arc<D> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn get(&self, i: usize) -> Result<(Image, u32)> {
+        (**self).get(i)
+    }
+    fn label(&self, i: usize) -> u32 {
+        (**self).label(i)
+    }
+    fn classes(&self) -> &[String] {
+        (**self).classes()
+    }
+    fn channels(&self) -> usize {
+        (**self).channels()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 /// Images of one size held in memory as u8, HWC per image.
 #[derive(Debug, Clone)]
 pub struct InMemory {

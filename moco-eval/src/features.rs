@@ -70,19 +70,43 @@ impl FeatureSet {
     }
 }
 
+/// How features are extracted.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtractConfig {
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Data worker threads.
+    pub workers: usize,
+    /// L2-normalise each feature vector.
+    pub l2: bool,
+}
+
+impl Default for ExtractConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            workers: 2,
+            l2: false,
+        }
+    }
+}
+
 /// Runs `backbone` in eval mode (BatchNorm with running statistics) over `dataset` through the
-/// deterministic `pipeline`, `batch_size` images at a time on `device`; pooled features,
-/// L2-normalised when `l2` is set. `progress` is called with (done, total) after each batch.
+/// deterministic `pipeline` on `device`: pooled features. `progress` is called with
+/// (done, total) after each batch.
 pub fn extract<B: Backbone + ?Sized, D: Dataset + 'static>(
     backbone: &B,
     dataset: Arc<D>,
     pipeline: Pipeline,
-    batch_size: usize,
-    workers: usize,
+    cfg: ExtractConfig,
     device: &Device,
-    l2: bool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<FeatureSet> {
+    let ExtractConfig {
+        batch_size,
+        workers,
+        l2,
+    } = cfg;
     let total = dataset.len();
     if total == 0 {
         return Err(Error::config(

@@ -85,7 +85,7 @@ pub fn predict(
             format!("bank label {bad} outside 0..{classes}"),
         ));
     }
-    if cfg.k == 0 || !(cfg.t > 0.0) {
+    if cfg.k == 0 || cfg.t.is_nan() || cfg.t <= 0.0 {
         return Err(Error::config(
             "k",
             format!("need k >= 1 and t > 0, got k={} t={}", cfg.k, cfg.t),

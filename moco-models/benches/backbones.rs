@@ -1,8 +1,9 @@
 //! Forward and forward+backward throughput of the backbones on the CPU.
 //!
 //! `cargo bench -p moco-models --bench backbones [-- --steps N --batch B]` prints images/s
-//! (median over N timed steps after one warm-up step) for resnet18-small at 32x32x3 and
-//! resnet50 at 224x224x3, batch 64 by default, train mode.
+//! (median over N timed steps after one warm-up step) for resnet18-small at 32x32x3 (widths 64
+//! and 16) and 28x28x1 (width 16), and resnet50 at 224x224x3, batch 64 by default, train mode.
+//! `-- --only-small [--width W]` runs the 28x28x1 case alone.
 
 use std::time::Instant;
 
@@ -24,13 +25,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench(arch: &str, size: usize, batch: usize, steps: usize) -> candle_core::Result<()> {
+fn bench(
+    arch: &str,
+    size: usize,
+    batch: usize,
+    steps: usize,
+    width: usize,
+    channels: usize,
+) -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let vars = VarMap::new();
-    let spec = EncoderSpec::new(arch, HeadKind::Linear { dim: 128 })
+    let mut spec = EncoderSpec::new(arch, HeadKind::Linear { dim: 128 })
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    spec.resnet.width = width;
+    spec.resnet.in_channels = channels;
     let enc = encoder(spec, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
-    let x = Tensor::randn(0f32, 1., (batch, 3, size, size), &dev)?;
+    let x = Tensor::randn(0f32, 1., (batch, channels, size, size), &dev)?;
     let (mut fwd, mut both) = (vec![], vec![]);
     for i in 0..=steps {
         let t0 = Instant::now();
@@ -46,7 +56,7 @@ fn bench(arch: &str, size: usize, batch: usize, steps: usize) -> candle_core::Re
         }
     }
     println!(
-        "{arch:>15} {size:>3}x{size:<3} batch {batch:>3}: forward {:8.1} img/s   forward+backward {:8.1} img/s",
+        "{arch:>15} w{width:<3} {size:>3}x{size:<3}x{channels} batch {batch:>3}: forward {:8.1} img/s   forward+backward {:8.1} img/s",
         median(fwd),
         median(both)
     );
@@ -60,7 +70,14 @@ fn main() -> candle_core::Result<()> {
         "CPU, {} threads, train mode, median of {steps} steps",
         candle_core::utils::get_num_threads()
     );
-    bench("resnet18-small", 32, batch, steps)?;
-    bench("resnet50", 224, batch, steps.min(2))?;
+    if let Some(i) = std::env::args().position(|a| a == "--only-small") {
+        let _ = i;
+        bench("resnet18-small", 28, batch, steps, arg("--width", 16), 1)?;
+        return Ok(());
+    }
+    bench("resnet18-small", 32, batch, steps, 64, 3)?;
+    bench("resnet18-small", 32, batch, steps, 16, 3)?;
+    bench("resnet18-small", 28, batch, steps, 16, 1)?;
+    bench("resnet50", 224, batch, steps.min(2), 64, 3)?;
     Ok(())
 }

@@ -1,0 +1,186 @@
+//! `moco export`: a Hugging Face model folder from a run or a weights file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+
+use crate::weights::Weights;
+
+/// The last kNN result and the run configuration, when exporting a run.
+fn run_info(run: &Path) -> (Option<serde_json::Value>, Option<serde_json::Value>) {
+    let config = std::fs::read_to_string(run.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let knn = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v.get("knn_top1").is_some())
+        });
+    (config, knn)
+}
+
+/// Writes `out/model.safetensors` (backbone only), `out/config.json` and `out/README.md`.
+pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
+    let w = Weights::read(source)?;
+    // Check that the tensors build the encoder before writing anything.
+    w.frozen(&candle_core::Device::Cpu)?;
+    let backbone: BTreeMap<String, Tensor> = w
+        .tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("fc."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if backbone.is_empty() {
+        bail!("{}: no backbone tensors", w.source.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+    let spec = w.spec;
+    // The file holds the backbone alone: its metadata describes exactly that.
+    let exported = moco_models::EncoderSpec {
+        head: moco_models::HeadKind::None,
+        ..spec
+    };
+    let mut meta = exported.metadata();
+    meta.insert("format".into(), "pt".into());
+    meta.insert("pretraining_head".into(), spec.head.name().into());
+    moco_core::io::save_atomic(&out.join("model.safetensors"), &backbone, Some(meta))?;
+
+    let (run_config, knn) = if is_run {
+        run_info(Path::new(source))
+    } else {
+        (None, None)
+    };
+    let r = spec.resnet;
+    let dataset = run_config
+        .as_ref()
+        .and_then(|c| c["dataset"].as_str())
+        .unwrap_or("unknown")
+        .to_string();
+    let hf_dataset = match dataset.as_str() {
+        "default" | "fashion-mnist" => "zalando-datasets/fashion_mnist",
+        "mnist" => "ylecun/mnist",
+        "cifar10" => "uoft-cs/cifar10",
+        "cifar100" => "uoft-cs/cifar100",
+        "stl10" => "tanganke/stl10",
+        _ => "",
+    };
+    let config = serde_json::json!({
+        "library_name": "moco-rs",
+        "architecture": r.arch(),
+        "width": r.width,
+        "in_channels": r.in_channels,
+        "feature_dim": r.feature_dim(),
+        "model_type": "resnet",
+        "weights": "model.safetensors (backbone only, torchvision state_dict names)",
+        "moco": run_config.as_ref().map(|c| c["moco"].clone()),
+        "training_data": dataset,
+        "metrics": knn,
+        "source": w.source.display().to_string(),
+    });
+    moco_core::io::write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+
+    let knn_line = knn
+        .as_ref()
+        .and_then(|k| k["knn_top1"].as_f64())
+        .map(|t| {
+            format!(
+                "- weighted kNN top-1 (k=200, t=0.1) on the {dataset} test split: **{t:.2}%**\n"
+            )
+        })
+        .unwrap_or_default();
+    let metrics_yaml = knn.as_ref().and_then(|k| k["knn_top1"].as_f64()).map(|t| format!(
+        "model-index:\n- name: moco-{arch}\n  results:\n  - task:\n      type: image-classification\n    dataset:\n      name: {dataset}\n      type: {hfd}\n    metrics:\n    - type: accuracy\n      name: kNN top-1\n      value: {t:.2}\n",
+        arch = r.arch(), hfd = hf_dataset
+    )).unwrap_or_default();
+    let datasets_yaml = if hf_dataset.is_empty() {
+        String::new()
+    } else {
+        format!("datasets:\n- {hf_dataset}\n")
+    };
+    let pytorch_build = if r.small {
+        format!(
+            "m = torchvision.models.resnet.ResNet(torchvision.models.resnet.{block}, {layers})\n# the small-image stem: 3x3 stride-1 conv1, no max-pool; width {w}, {c} input channel(s)\n",
+            block = if r.feature_dim() == 8 * r.width { "BasicBlock" } else { "Bottleneck" },
+            layers = match r.depth { moco_models::Depth::R18 => "[2, 2, 2, 2]", moco_models::Depth::R34 | moco_models::Depth::R50 => "[3, 4, 6, 3]", moco_models::Depth::R101 => "[3, 4, 23, 3]", moco_models::Depth::R152 => "[3, 8, 36, 3]" },
+            w = r.width, c = r.in_channels
+        )
+    } else {
+        format!("m = torchvision.models.{}()\n", r.arch())
+    };
+    let card = format!(
+        r#"---
+library_name: moco-rs
+license: mit
+tags:
+- self-supervised-learning
+- moco
+- image-feature-extraction
+- resnet
+- candle
+{datasets_yaml}metrics:
+- accuracy
+{metrics_yaml}---
+
+# MoCo {arch} (moco-rs)
+
+A {arch} backbone (width {width}, {cin} input channel(s), {fd}-d pooled features) pretrained
+with Momentum Contrast by [moco-rs](https://github.com/moco-rs/moco-rs) on {dataset}.
+
+{knn_line}
+`model.safetensors` holds the backbone only, with torchvision's state_dict names
+(`conv1.weight`, `layer1.0.bn1.running_mean`, ...); `config.json` records the architecture and the
+MoCo settings.
+
+## Use in Rust (moco-rs)
+
+```sh
+moco extract --weights hf://OWNER/NAME --input images/ --out features.safetensors
+moco knn --weights hf://OWNER/NAME --dataset fashion-mnist --data-dir DIR
+```
+
+```rust
+let (encoder, _) = moco_models::load_encoder("model.safetensors".as_ref(), None, &candle_core::Device::Cpu)?;
+let features = moco_models::Backbone::features(&encoder, &images, false)?; // N x {fd}
+```
+
+## Use in PyTorch
+
+```python
+import torch, torchvision
+from safetensors.torch import load_file
+{pytorch_build}missing, unexpected = m.load_state_dict(load_file("model.safetensors"), strict=False)
+assert not unexpected and set(missing) <= {{"fc.weight", "fc.bias"}}
+m.fc = torch.nn.Identity()
+```
+"#,
+        arch = r.arch(),
+        width = r.width,
+        cin = r.in_channels,
+        fd = r.feature_dim(),
+    );
+    moco_core::io::write_atomic(&out.join("README.md"), card.as_bytes())?;
+    println!(
+        "exported {} ({} backbone tensors) to {}",
+        r.arch(),
+        backbone.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `--run RUN_DIR` or `--weights FILE`.
+pub fn source(run: Option<PathBuf>, weights: Option<String>) -> Result<(String, bool)> {
+    match (run, weights) {
+        (Some(r), None) => Ok((r.display().to_string(), true)),
+        (None, Some(w)) => Ok((w, false)),
+        _ => bail!("moco export needs exactly one of --run RUN_DIR or --weights FILE"),
+    }
+}

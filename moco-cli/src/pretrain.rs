@@ -1,0 +1,513 @@
+//! `moco pretrain`: MoCo pretraining with resumable run directories.
+//!
+//! A run directory holds `config.json` (the fully resolved configuration), `metrics.jsonl`
+//! (one JSON object per logging step and per kNN evaluation) and `checkpoint-last.safetensors`:
+//! the query and key encoders (`encoder_q.*`, `encoder_k.*`), the queue (`queue`, `queue_ptr`),
+//! the optimizer's momentum buffers (`optimizer.momentum_buffer.*`) and, in the metadata, the step
+//! counter and configuration. Everything a resume needs is in that one file, written atomically
+//! (temporary file + rename), so a kill at any moment leaves the previous complete checkpoint.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use moco_core::{LossKind, Moco, MocoConfig};
+use moco_data::augment::{self, TwoCrop};
+use moco_data::datasets::{Dataset, Split};
+use moco_data::loader::{Loader, LoaderConfig, Views};
+use moco_eval::features;
+use moco_eval::knn::{self, KnnConfig};
+use moco_models::{Encoder, EncoderSpec, HeadKind, ResNetConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::data;
+use crate::progress::bar;
+
+/// Everything that defines a pretraining run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// MoCo's settings (queue, momentum, loss, optimizer, schedule, augmentation, seed).
+    pub moco: MocoConfig,
+    /// Architecture (`resnet18-small`, `resnet50`, ...).
+    pub arch: String,
+    /// Width of the first stage.
+    pub width: usize,
+    /// Dataset name.
+    pub dataset: String,
+    /// Dataset folder.
+    pub data_dir: Option<PathBuf>,
+    /// Crop size of the augmentations (default: the dataset's native size, 224 for folders).
+    pub image_size: Option<usize>,
+    /// Train on this many images only (a seeded random subset).
+    pub subset: Option<usize>,
+    /// Data worker threads.
+    pub workers: usize,
+    /// kNN monitor every N epochs (0: only at the end).
+    pub knn_every: usize,
+    /// kNN neighbours.
+    pub knn_k: usize,
+    /// kNN temperature.
+    pub knn_t: f64,
+    /// Metrics line every N steps.
+    pub log_every: usize,
+    /// Checkpoint every N steps (besides every epoch end; 0: epoch ends only).
+    pub checkpoint_every: usize,
+    /// Stop after this many steps in total (a budget shorter than the epochs).
+    pub max_steps: Option<u64>,
+}
+
+impl Default for RunConfig {
+    /// The first-run default: a small ResNet-18 (width 8) on the embedded Fashion-MNIST subset,
+    /// the CIFAR demo's recipe (K 2048 for the smaller batch) with MoCo v1's crops (scale 0.2-1;
+    /// the demo's 0.08 is too small at 28x28), about three minutes on two CPU cores.
+    fn default() -> Self {
+        Self {
+            moco: MocoConfig {
+                preset: "default".into(),
+                queue_size: 2048,
+                batch_size: 64,
+                epochs: 3,
+                lr: 0.06,
+                augmentation: moco_core::AugmentationPreset::V1,
+                ..MocoConfig::cifar()
+            }
+            .with_bn_splits(4),
+            arch: "resnet18-small".into(),
+            width: 8,
+            dataset: "default".into(),
+            data_dir: None,
+            image_size: None,
+            subset: None,
+            workers: 2,
+            knn_every: 1,
+            knn_k: 200,
+            knn_t: 0.1,
+            log_every: 10,
+            checkpoint_every: 50,
+            max_steps: None,
+        }
+    }
+}
+
+trait WithSplits {
+    fn with_bn_splits(self, s: usize) -> Self;
+}
+impl WithSplits for MocoConfig {
+    fn with_bn_splits(mut self, s: usize) -> Self {
+        self.bn_splits = s;
+        self
+    }
+}
+
+impl RunConfig {
+    /// The encoder this run trains, for a dataset with `channels` channels.
+    pub fn spec(&self, channels: usize) -> Result<EncoderSpec> {
+        let resnet = ResNetConfig {
+            width: self.width,
+            in_channels: channels,
+            bn_splits: self.moco.bn_splits,
+            ..ResNetConfig::from_arch(&self.arch).context("--arch")?
+        };
+        let head = if self.moco.mlp {
+            HeadKind::Mlp { dim: self.moco.dim }
+        } else {
+            HeadKind::Linear { dim: self.moco.dim }
+        };
+        Ok(EncoderSpec { resnet, head })
+    }
+}
+
+/// Command-line overrides (each `None` leaves the value from the preset / config file).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub preset: Option<String>,
+    pub dataset: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub arch: Option<String>,
+    pub width: Option<usize>,
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f64>,
+    pub queue_size: Option<usize>,
+    pub moco_dim: Option<usize>,
+    pub moco_m: Option<f64>,
+    pub temperature: Option<f64>,
+    pub mlp: bool,
+    pub aug_plus: bool,
+    pub cos: bool,
+    pub symmetric: bool,
+    pub bn_splits: Option<usize>,
+    pub workers: Option<usize>,
+    pub seed: Option<u64>,
+    pub knn_every: Option<usize>,
+    pub image_size: Option<usize>,
+    pub subset: Option<usize>,
+    pub max_steps: Option<u64>,
+    pub checkpoint_every: Option<usize>,
+    pub log_every: Option<usize>,
+}
+
+/// Defaults, then the config file, then the preset, then the flags.
+pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
+    let mut c = match config_file {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("--config {}", p.display()))?;
+            toml::from_str::<RunConfig>(&text)
+                .with_context(|| format!("--config {}", p.display()))?
+        }
+        None => RunConfig::default(),
+    };
+    if let Some(p) = &o.preset {
+        if p == "v3" {
+            bail!("--preset v3: MoCo v3 trains with LARS and a ViT-style recipe, which moco-rs does not implement yet (the in-batch loss, cosine momentum and v3 augmentations exist in the libraries)");
+        }
+        c.moco = MocoConfig {
+            seed: c.moco.seed,
+            ..MocoConfig::preset(p).context("--preset")?
+        };
+    }
+    let m = &mut c.moco;
+    macro_rules! set {
+        ($dst:expr, $src:expr) => {
+            if let Some(v) = $src.clone() {
+                $dst = v;
+            }
+        };
+    }
+    set!(m.epochs, o.epochs);
+    set!(m.batch_size, o.batch_size);
+    set!(m.lr, o.lr);
+    set!(m.queue_size, o.queue_size);
+    set!(m.dim, o.moco_dim);
+    set!(m.momentum, o.moco_m);
+    set!(m.temperature, o.temperature);
+    set!(m.bn_splits, o.bn_splits);
+    set!(m.seed, o.seed);
+    if o.mlp {
+        m.mlp = true;
+    }
+    if o.aug_plus {
+        m.augmentation = moco_core::AugmentationPreset::V2;
+    }
+    if o.cos {
+        m.lr_schedule = moco_core::LrSchedule::cosine();
+    }
+    if o.symmetric {
+        m.loss = LossKind::SymmetricQueue;
+    }
+    if o.dataset.is_some() && o.data_dir.is_none() && o.dataset.as_deref() != Some("default") {
+        c.data_dir = None;
+    }
+    set!(c.dataset, o.dataset);
+    if o.data_dir.is_some() {
+        c.data_dir = o.data_dir.clone();
+    }
+    set!(c.arch, o.arch);
+    set!(c.width, o.width);
+    set!(c.workers, o.workers);
+    set!(c.knn_every, o.knn_every);
+    set!(c.log_every, o.log_every);
+    set!(c.checkpoint_every, o.checkpoint_every);
+    if o.image_size.is_some() {
+        c.image_size = o.image_size;
+    }
+    if o.subset.is_some() {
+        c.subset = o.subset;
+    }
+    if o.max_steps.is_some() {
+        c.max_steps = o.max_steps;
+    }
+    c.moco.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    ResNetConfig::from_arch(&c.arch).context("--arch")?;
+    if c.width == 0 || c.log_every == 0 {
+        bail!("--width and the logging interval must be positive");
+    }
+    if c.moco.loss == LossKind::InBatch {
+        bail!("the in-batch (MoCo v3) loss is not available in `moco pretrain` yet");
+    }
+    Ok(c)
+}
+
+fn aug_name(a: moco_core::AugmentationPreset) -> &'static str {
+    match a {
+        moco_core::AugmentationPreset::V1 => "v1",
+        moco_core::AugmentationPreset::V2 => "v2",
+        moco_core::AugmentationPreset::Cifar => "cifar",
+        moco_core::AugmentationPreset::V3 => "v3",
+    }
+}
+
+struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    /// Opens `metrics.jsonl`, dropping lines past `step` (left by a killed run).
+    fn open(path: &Path, step: u64) -> Result<Self> {
+        let kept: Vec<String> = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= step)
+                })
+                .map(String::from)
+                .collect(),
+            Err(_) => vec![],
+        };
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        moco_core::io::write_atomic(path, body.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}")?;
+        Ok(())
+    }
+}
+
+fn knn_top1(
+    enc: &Encoder,
+    train: &Arc<data::Data>,
+    test: &Arc<data::Data>,
+    size: Option<usize>,
+    native: usize,
+    c: &RunConfig,
+    device: &Device,
+) -> Result<(f64, f64)> {
+    let f = |d: &Arc<data::Data>| {
+        features::extract(
+            enc,
+            d.clone(),
+            augment::eval(size, native, d.normalize.clone()),
+            features::ExtractConfig {
+                batch_size: 256,
+                workers: c.workers,
+                l2: false,
+            },
+            device,
+            |_, _| {},
+        )
+    };
+    let (ftr, fte) = (f(train)?, f(test)?);
+    let r = knn::evaluate(
+        &ftr,
+        &fte,
+        train.classes().len(),
+        &KnnConfig {
+            k: c.knn_k,
+            t: c.knn_t,
+            ..Default::default()
+        },
+    )?;
+    Ok((r.top1, r.top5))
+}
+
+/// Runs (or resumes) a pretraining run in `out`.
+pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool) -> Result<()> {
+    let ckpt = out.join("checkpoint-last.safetensors");
+    let config_path = out.join("config.json");
+    let c = if resume {
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("--resume: no run to resume in {}", out.display()))?;
+        let saved: RunConfig =
+            serde_json::from_str(&text).with_context(|| format!("{}", config_path.display()))?;
+        // A resumed run keeps its saved configuration; only the step budget may change.
+        let mut asked = c.clone();
+        asked.max_steps = saved.max_steps;
+        if asked != saved && !quiet {
+            eprintln!("note: --resume continues with the configuration saved in {} (other flags are ignored)", config_path.display());
+        }
+        RunConfig {
+            max_steps: c.max_steps,
+            ..saved
+        }
+    } else {
+        if ckpt.exists() {
+            bail!(
+                "--out {}: a run is already there; pass --resume to continue it, or another --out",
+                out.display()
+            );
+        }
+        c
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+
+    let train = Arc::new(data::open(
+        &c.dataset,
+        c.data_dir.as_deref(),
+        Split::Train,
+        false,
+    )?);
+    let test = Arc::new(data::open(
+        &c.dataset,
+        c.data_dir.as_deref(),
+        Split::Test,
+        false,
+    )?);
+    let native = train.native_size.unwrap_or(224);
+    let size = c.image_size.or(if train.native_size.is_none() {
+        Some(224)
+    } else {
+        None
+    });
+    let crop = size.unwrap_or(native);
+    let spec = c.spec(train.channels())?;
+    let pretrain_set: Arc<dyn Dataset> = match c.subset {
+        Some(n) => Arc::new(moco_data::datasets::Subset::random(
+            train.clone(),
+            n,
+            c.moco.seed,
+        )?),
+        None => train.clone(),
+    };
+    let views = Views::Two(TwoCrop::preset(
+        aug_name(c.moco.augmentation),
+        crop,
+        train.normalize.clone(),
+    )?);
+    let lc = LoaderConfig {
+        batch_size: c.moco.batch_size,
+        shuffle: true,
+        drop_last: true,
+        workers: c.workers,
+        prefetch: 2,
+        seed: c.moco.seed,
+    };
+    let loader = Loader::new(Arc::new(pretrain_set), views, lc)?;
+    let ipe = loader.batches_per_epoch();
+
+    let mut moco = Moco::new(c.moco.clone(), device, |vb| moco_models::encoder(spec, vb))?;
+    if resume {
+        moco.load_checkpoint(&ckpt)
+            .with_context(|| format!("--resume from {}", ckpt.display()))?;
+    } else {
+        moco_core::io::write_atomic(&config_path, serde_json::to_string_pretty(&c)?.as_bytes())?;
+    }
+    let total = (c.moco.epochs * ipe) as u64;
+    let budget = c.max_steps.map_or(total, |m| m.min(total));
+    let mut metrics = Metrics::open(&out.join("metrics.jsonl"), moco.step())?;
+    let mut meta = spec.metadata();
+    meta.insert("run_config".into(), serde_json::to_string(&c)?);
+    let save = |moco: &Moco<Encoder>, epoch: usize| -> Result<()> {
+        let mut m = meta.clone();
+        m.insert("epoch".into(), epoch.to_string());
+        moco.save_checkpoint(&ckpt, m)
+            .with_context(|| format!("writing {}", ckpt.display()))
+    };
+    if !quiet {
+        eprintln!(
+            "pretraining {} (width {}, {} head) on {}: {} epochs x {ipe} steps of {}, {}x{} crops, preset {}, run in {}",
+            spec.resnet.arch(), c.width, spec.head.name(), train.describe(), c.moco.epochs, c.moco.batch_size, crop, crop, c.moco.preset, out.display()
+        );
+    }
+    let pb = bar(budget, "pretrain", quiet);
+    pb.set_position(moco.step());
+    let start_step = moco.step();
+    let mut epoch = (moco.step() / ipe as u64) as usize;
+    let mut skip = (moco.step() % ipe as u64) as usize;
+    let mut window = (Instant::now(), 0usize);
+    let mut last_knn: Option<(u64, f64, f64)> = None;
+    while moco.step() < budget && epoch < c.moco.epochs {
+        for (i, batch) in loader.epoch(epoch, skip).enumerate() {
+            if moco.step() >= budget {
+                break;
+            }
+            let batch = batch?;
+            let iter = skip + i;
+            let (lr, m) = moco.schedule(epoch, iter, ipe);
+            let (x1, x2) = (
+                batch.views[0].to_device(device)?,
+                batch.views[1].to_device(device)?,
+            );
+            let o = match moco.train_step(&x1, &x2, lr, m) {
+                Ok(o) => o,
+                Err(e @ moco_core::Error::NonFiniteLoss { .. }) => {
+                    pb.abandon();
+                    bail!("{e}; the last good checkpoint is {}", ckpt.display());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            window.1 += batch.indices.len();
+            let step = moco.step();
+            pb.set_position(step);
+            if step % c.log_every as u64 == 0 || step == budget {
+                let ips = window.1 as f64 / window.0.elapsed().as_secs_f64();
+                window = (Instant::now(), 0);
+                pb.set_message(format!(
+                    "epoch {epoch} loss {:.3} acc1 {:.1}% {:.0} img/s",
+                    o.loss, o.acc1, ips
+                ));
+                let line = serde_json::json!({"epoch": epoch, "step": step, "loss": o.loss, "acc1": o.acc1, "acc5": o.acc5, "lr": o.lr, "momentum": o.momentum, "images_per_s": ips});
+                if quiet || pb.is_hidden() {
+                    println!("{line}");
+                }
+                metrics.write(line)?;
+            }
+            if c.checkpoint_every > 0 && step % c.checkpoint_every as u64 == 0 {
+                save(&moco, epoch)?;
+            }
+        }
+        let finished_epoch = moco.step() % ipe as u64 == 0;
+        save(&moco, epoch)?;
+        if finished_epoch {
+            let done = epoch + 1;
+            let last = done == c.moco.epochs || moco.step() >= budget;
+            if (c.knn_every > 0 && done % c.knn_every == 0) || last {
+                let (top1, top5) = knn_top1(moco.query(), &train, &test, size, native, &c, device)?;
+                last_knn = Some((moco.step(), top1, top5));
+                let line = serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5});
+                if quiet || pb.is_hidden() {
+                    println!("{line}");
+                }
+                pb.println(format!("epoch {epoch}: kNN top-1 {top1:.2}%"));
+                metrics.write(line)?;
+            }
+        }
+        epoch += 1;
+        skip = 0;
+    }
+    pb.finish_and_clear();
+    if moco.step() == start_step {
+        if !quiet {
+            eprintln!(
+                "nothing to do: the run already reached step {} of {budget}",
+                moco.step()
+            );
+        }
+        if !ckpt.exists() {
+            save(&moco, epoch)?;
+        }
+    }
+    // Final kNN of the query encoder, unless the last epoch just measured it.
+    let (top1, top5) = match last_knn {
+        Some(r) if r.0 == moco.step() => (r.1, r.2),
+        _ => {
+            let (top1, top5) = knn_top1(moco.query(), &train, &test, size, native, &c, device)?;
+            let epoch = (moco.step() as usize).div_ceil(ipe).saturating_sub(1);
+            metrics.write(serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5}))?;
+            (top1, top5)
+        }
+    };
+    println!(
+        "finished at step {} (epoch {}): kNN top-1 {top1:.2}%  top-5 {top5:.2}%  ({})",
+        moco.step(),
+        (moco.step() as usize).div_ceil(ipe),
+        ckpt.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! `--weights`: every source of encoder weights the commands accept.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use moco_models::{Encoder, EncoderSpec};
+
+/// Encoder weights by torchvision name, with the architecture.
+pub struct Weights {
+    pub spec: EncoderSpec,
+    pub tensors: HashMap<String, Tensor>,
+    pub source: PathBuf,
+}
+
+impl Weights {
+    /// Reads `--weights`: a safetensors file from `moco convert`, `moco export` or a pretraining
+    /// run (`checkpoint-last.safetensors`: the query encoder is taken), an official
+    /// `checkpoint_*.pth.tar`, a run directory, or `hf://OWNER/NAME[@REV]`.
+    pub fn read(arg: &str) -> Result<Self> {
+        let path = crate::hub::resolve_weights(arg)?;
+        let path = if path.is_dir() {
+            let last = path.join("checkpoint-last.safetensors");
+            let export = path.join("model.safetensors");
+            if last.is_file() {
+                last
+            } else if export.is_file() {
+                export
+            } else {
+                anyhow::bail!("--weights {}: a folder without checkpoint-last.safetensors or model.safetensors", path.display())
+            }
+        } else {
+            path
+        };
+        let name = path.to_string_lossy();
+        if name.ends_with(".pth") || name.ends_with(".pth.tar") || name.ends_with(".tar") {
+            let ck = moco_models::checkpoint::import_official(&path).context("--weights")?;
+            return Ok(Self {
+                spec: ck.spec,
+                tensors: ck.encoder_q,
+                source: path,
+            });
+        }
+        let file = moco_core::io::load(&path, &Device::Cpu).context("--weights")?;
+        let mut tensors = file.tensors;
+        if tensors.keys().any(|k| k.starts_with("encoder_q.")) {
+            tensors = tensors
+                .into_iter()
+                .filter_map(|(k, v)| k.strip_prefix("encoder_q.").map(|s| (s.to_string(), v)))
+                .collect();
+        }
+        let spec = match moco_models::spec_from_metadata(&path, &file.metadata) {
+            Ok(s) => s,
+            Err(_) => moco_models::checkpoint::detect_spec(&tensors).map_err(|m| {
+                anyhow!(
+                    "--weights {}: no architecture in the metadata and none detected: {m}",
+                    path.display()
+                )
+            })?,
+        };
+        Ok(Self {
+            spec,
+            tensors,
+            source: path,
+        })
+    }
+
+    /// The encoder, frozen: built from plain tensors, so no forward records an autograd graph.
+    pub fn frozen(&self, device: &Device) -> Result<Encoder> {
+        let (_, _, unused) = moco_models::encoder_from_tensors(
+            self.spec,
+            &self.tensors,
+            &Device::Cpu,
+            &self.source,
+        )?;
+        if let Some(u) = unused.first() {
+            anyhow::bail!(
+                "{}: tensor `{u}` is not part of {}",
+                self.source.display(),
+                self.spec.resnet.arch()
+            );
+        }
+        let on_device: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?.to_device(device)?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(moco_models::encoder(
+            self.spec,
+            VarBuilder::from_tensors(on_device, DType::F32, device),
+        )?)
+    }
+}

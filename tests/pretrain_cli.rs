@@ -1,0 +1,424 @@
+//! `moco pretrain` end to end: the run directory, a killed-and-resumed run equal to an
+//! uninterrupted one, clear errors before any training, evaluation of a run.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use moco_tests::moco;
+
+/// A tiny, fast configuration on the embedded data.
+const TINY: &[&str] = &[
+    "pretrain",
+    "--width",
+    "4",
+    "--batch-size",
+    "16",
+    "--queue-size",
+    "64",
+    "--bn-splits",
+    "2",
+    "--subset",
+    "256",
+    "--epochs",
+    "2",
+    "--knn-every",
+    "0",
+    "--workers",
+    "2",
+    "--quiet",
+];
+
+fn pretrain(out: &Path, extra: &[&str]) -> std::process::Output {
+    let o = moco()
+        .args(TINY)
+        .args(["--out", out.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "pretrain failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let f = moco_core::io::load(path, &Device::Cpu).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = f
+        .tensors
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k,
+                t.to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn a_run_directory_holds_config_metrics_and_an_atomic_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = pretrain(&run, &["--max-steps", "12", "--log-every", "4"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("finished at step 12") && stdout.contains("kNN top-1"),
+        "{stdout}"
+    );
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["width"], 4);
+    assert_eq!(config["moco"]["queue_size"], 64);
+    assert_eq!(config["dataset"], "default");
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l["loss"].as_f64().map(|_| l["step"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(steps, [4, 8, 12]);
+    for key in ["loss", "acc1", "acc5", "lr", "images_per_s", "epoch"] {
+        assert!(
+            lines[0].get(key).is_some(),
+            "metrics line lacks {key}: {}",
+            lines[0]
+        );
+    }
+
+    let f = moco_core::io::load(&run.join("checkpoint-last.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(f.metadata["step"], "12");
+    assert_eq!(f.metadata["arch"], "resnet18-small");
+    for key in [
+        "encoder_q.conv1.weight",
+        "encoder_k.conv1.weight",
+        "encoder_q.fc.weight",
+        "queue",
+        "queue_ptr",
+        "optimizer.momentum_buffer.conv1.weight",
+    ] {
+        assert!(f.tensors.contains_key(key), "checkpoint lacks {key}");
+    }
+    assert!(!f.tensors.contains_key("encoder_k.fc.bias.nope"));
+    // No temporary file is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+
+    // Without --resume, the same --out is refused; with it, a finished budget is a no-op.
+    let o = moco()
+        .args(TINY)
+        .args(["--out", run.to_str().unwrap(), "--max-steps", "12"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+}
+
+#[test]
+fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let budget = ["--max-steps", "10", "--checkpoint-every", "1"];
+    pretrain(&a, &budget);
+
+    // Run b is killed (SIGKILL) once it has written a checkpoint, then resumed.
+    let mut child = moco()
+        .args(TINY)
+        .args(["--out", b.to_str().unwrap()])
+        .args(budget)
+        .spawn()
+        .unwrap();
+    let ckpt = b.join("checkpoint-last.safetensors");
+    let t0 = Instant::now();
+    while !ckpt.exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ckpt.exists(), "no checkpoint was written");
+    let killed_at = moco_core::io::load(&ckpt, &Device::Cpu).unwrap().metadata["step"].clone();
+    eprintln!("killed after step {killed_at}");
+    pretrain(&b, &["--resume", "--max-steps", "10"]);
+
+    let (ta, tb) = (
+        tensors(&a.join("checkpoint-last.safetensors")),
+        tensors(&ckpt),
+    );
+    assert_eq!(ta.len(), tb.len());
+    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!(ka, kb);
+        assert!(
+            va == vb,
+            "`{ka}` differs between the uninterrupted and the resumed run"
+        );
+    }
+}
+
+#[test]
+fn bad_settings_fail_before_any_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let run = |args: &[&str]| {
+        let o = moco()
+            .arg("pretrain")
+            .args(args)
+            .args(["--out", out.to_str().unwrap(), "--quiet"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(!out.join("checkpoint-last.safetensors").exists());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    assert!(run(&["--preset", "v9"]).contains("v9"));
+    assert!(run(&["--arch", "resnet19"]).contains("resnet19"));
+    let e = run(&["--queue-size", "32", "--batch-size", "64"]);
+    assert!(e.contains("K=32") && e.contains("64"), "{e}");
+    assert!(run(&["--dataset", "cifar10"]).contains("--data-dir"));
+    let e = run(&["--dataset", "mnist", "--data-dir", "/nonexistent"]);
+    assert!(e.contains("/nonexistent"), "{e}");
+    // A corrupt checkpoint on resume.
+    std::fs::create_dir_all(&out).unwrap();
+    pretrain(&out, &["--max-steps", "1"]);
+    std::fs::write(out.join("checkpoint-last.safetensors"), b"garbage").unwrap();
+    let o = moco()
+        .args([
+            "pretrain",
+            "--resume",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("checkpoint-last.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_run_evaluates_with_knn_and_linear_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    pretrain(&run, &["--max-steps", "2"]);
+    let o = moco()
+        .args([
+            "knn",
+            "--weights",
+            run.to_str().unwrap(),
+            "--dataset",
+            "default",
+            "--k",
+            "20",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let top1 = last["top1"].as_f64().unwrap();
+    assert!(
+        top1 > 30.0,
+        "kNN of a barely trained network should still be far above chance: {top1}"
+    );
+    let res = dir.path().join("lin");
+    let o = moco()
+        .args([
+            "linear-eval",
+            "--weights",
+            run.to_str().unwrap(),
+            "--dataset",
+            "default",
+            "--cached-features",
+            "--epochs",
+            "5",
+            "--out",
+            res.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(res.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["protocol"], "linear (cached features, no augmentation)");
+    assert_eq!(r["confusion"].as_array().unwrap().len(), 10);
+    assert!(r["top1"].as_f64().unwrap() > 30.0);
+    // A 1-channel model on 3-channel data is refused with a clear error.
+    let o = moco()
+        .args([
+            "knn",
+            "--weights",
+            run.to_str().unwrap(),
+            "--dataset",
+            "folder",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}
+
+#[test]
+fn export_writes_a_hub_folder_that_loads_back_with_identical_features_and_hf_urls_resolve_offline()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    pretrain(&run, &["--max-steps", "2"]);
+    let out = dir.path().join("export");
+    let o = moco()
+        .args([
+            "export",
+            "--run",
+            run.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nlibrary_name: moco-rs\n"), "{card}");
+    for needle in [
+        "tags:",
+        "datasets:",
+        "metrics:",
+        "load_state_dict",
+        "moco extract",
+    ] {
+        assert!(card.contains(needle), "model card lacks {needle}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architecture"], "resnet18-small");
+    assert_eq!(config["feature_dim"], 32);
+    assert!(config["metrics"]["knn_top1"].as_f64().is_some());
+
+    // Backbone only, torchvision names; same features as the run's query encoder.
+    let model = moco_core::io::load(&out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(model
+        .tensors
+        .keys()
+        .all(|k| !k.starts_with("fc.") && !k.starts_with("encoder_")));
+    assert!(model.tensors.contains_key("layer4.1.bn2.running_var"));
+    let x = candle_core::Tensor::randn(0f32, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
+    let feats = |p: &Path| {
+        let (enc, _) = moco_models::load_encoder(p, None, &Device::Cpu).unwrap();
+        moco_models::Backbone::features(&enc, &x, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let exported = feats(&out.join("model.safetensors"));
+    // The run's checkpoint, through the same loader the CLI uses for --weights.
+    let ck = moco_core::io::load(&run.join("checkpoint-last.safetensors"), &Device::Cpu).unwrap();
+    let q: std::collections::HashMap<String, candle_core::Tensor> = ck
+        .tensors
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("encoder_q.").map(|s| (s.to_string(), v)))
+        .collect();
+    let spec = moco_models::spec_from_metadata(&run, &ck.metadata).unwrap();
+    let (enc, _, _) = moco_models::encoder_from_tensors(spec, &q, &Device::Cpu, &run).unwrap();
+    let original = moco_models::Backbone::features(&enc, &x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(exported, original);
+
+    // hf://OWNER/NAME from a cache laid out as the hub's, network off.
+    let cache = dir.path().join("hub");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snap = cache
+        .join("models--someone--moco-fmnist/snapshots")
+        .join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::copy(
+        out.join("model.safetensors"),
+        snap.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(cache.join("models--someone--moco-fmnist/refs")).unwrap();
+    std::fs::write(cache.join("models--someone--moco-fmnist/refs/main"), rev).unwrap();
+    let o = moco()
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .args([
+            "knn",
+            "--weights",
+            "hf://someone/moco-fmnist",
+            "--dataset",
+            "default",
+            "--k",
+            "10",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A repository that is not cached is a clear error offline.
+    let o = moco()
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .args([
+            "knn",
+            "--weights",
+            "hf://someone/absent",
+            "--dataset",
+            "default",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("hf://someone/absent") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+
+    // Pushing without a token fails before anything is uploaded.
+    let o = moco()
+        .env_remove("HF_TOKEN")
+        .env("HF_HOME", dir.path().join("empty-hf-home"))
+        .args([
+            "push",
+            out.to_str().unwrap(),
+            "--repo",
+            "someone/moco-fmnist",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("no Hugging Face token") && e.contains("nothing was uploaded"),
+        "{e}"
+    );
+}
