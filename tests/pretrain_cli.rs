@@ -422,3 +422,42 @@ fn export_writes_a_hub_folder_that_loads_back_with_identical_features_and_hf_url
         "{e}"
     );
 }
+
+#[test]
+fn a_nan_loss_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = moco()
+        .args(TINY)
+        .args([
+            "--out",
+            run.to_str().unwrap(),
+            "--lr",
+            "1e30",
+            "--max-steps",
+            "30",
+            "--checkpoint-every",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "an exploding run must fail");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        (e.contains("the loss is") && e.contains("at step"))
+            || e.contains("is not finite after step"),
+        "{e}"
+    );
+    assert!(e.contains("last good checkpoint"), "{e}");
+    // Whatever checkpoint exists loads and holds finite weights.
+    let ck = run.join("checkpoint-last.safetensors");
+    if ck.exists() {
+        let f = moco_core::io::load(&ck, &Device::Cpu).unwrap();
+        let w = f.tensors["encoder_q.fc.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(w.iter().all(|v| v.is_finite()));
+    }
+}

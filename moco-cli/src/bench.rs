@@ -63,3 +63,76 @@ pub fn data(
     }
     Ok(())
 }
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Options of `moco bench step`.
+#[derive(Debug)]
+pub struct StepOptions {
+    pub arch: String,
+    pub width: usize,
+    pub image_size: usize,
+    pub channels: usize,
+    pub batch_size: usize,
+    pub queue_size: usize,
+    pub steps: usize,
+    pub device: candle_core::Device,
+    pub json: bool,
+}
+
+/// `moco bench step`: full MoCo training steps (query forward+backward, key forward with
+/// shuffle-BN, SGD, momentum update, enqueue) on random input, through `Moco::train_step`, the
+/// code path of `moco pretrain`.
+pub fn step(o: StepOptions) -> Result<()> {
+    use candle_core::Tensor;
+    let resnet = moco_models::ResNetConfig {
+        width: o.width,
+        in_channels: o.channels,
+        ..moco_models::ResNetConfig::from_arch(&o.arch)?
+    };
+    let spec = moco_models::EncoderSpec {
+        resnet,
+        head: moco_models::HeadKind::Linear { dim: 128 },
+    };
+    let config = moco_core::MocoConfig {
+        queue_size: o.queue_size,
+        batch_size: o.batch_size,
+        ..moco_core::MocoConfig::v1()
+    };
+    let mut moco = moco_core::Moco::new(config, &o.device, |vb| moco_models::encoder(spec, vb))?;
+    let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
+    let x1 = Tensor::randn(0f32, 1., shape, &o.device)?;
+    let x2 = Tensor::randn(0f32, 1., shape, &o.device)?;
+    let warmup = 2;
+    let mut times = vec![];
+    for i in 0..warmup + o.steps {
+        let t0 = Instant::now();
+        moco.train_step(&x1, &x2, 0.03, 0.999)?;
+        o.device.synchronize()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let ips = o.batch_size as f64 / median;
+    let rss = peak_rss_mb();
+    println!(
+        "MoCo step {} width {} {}x{}x{} batch {} K {}: {:.1} images/s (median of {} steps, {:.3} s/step), peak RSS {}",
+        o.arch, o.width, o.image_size, o.image_size, o.channels, o.batch_size, o.queue_size, ips, o.steps, median,
+        rss.map_or("unknown".into(), |r| format!("{r:.0} MB"))
+    );
+    if o.json {
+        println!(
+            "{}",
+            serde_json::json!({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": median, "steps": o.steps})
+        );
+    }
+    Ok(())
+}

@@ -282,6 +282,33 @@ impl EvalArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Images/s and peak memory of full MoCo training steps on random input.
+    Step {
+        /// Architecture.
+        #[arg(long, default_value = "resnet18-small")]
+        arch: String,
+        /// Width of the first stage.
+        #[arg(long, default_value_t = 64)]
+        width: usize,
+        #[arg(long, default_value_t = 32)]
+        image_size: usize,
+        #[arg(long, default_value_t = 3)]
+        channels: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Queue size K.
+        #[arg(long, default_value_t = 4096)]
+        queue_size: usize,
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// cpu, cuda, cuda:N or metal.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print a last line {"images_per_s": ..., "peak_rss_mb": ...}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Images/s of the data pipeline: decode, two augmented crops, batching.
     Data {
         /// fashion-mnist, mnist, cifar10, cifar100, stl10, folder or default.
@@ -410,6 +437,27 @@ fn main() -> Result<()> {
             };
             evaluate::linear_eval(common.common()?, cfg, cached_features, out)?
         }
+        Command::Bench(BenchCommand::Step {
+            arch,
+            width,
+            image_size,
+            channels,
+            batch_size,
+            queue_size,
+            steps,
+            device,
+            json,
+        }) => bench::step(bench::StepOptions {
+            arch,
+            width,
+            image_size,
+            channels,
+            batch_size,
+            queue_size,
+            steps,
+            device: device::parse(&device)?,
+            json,
+        })?,
         Command::Bench(BenchCommand::Data {
             dataset,
             data_dir,

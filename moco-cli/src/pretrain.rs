@@ -406,8 +406,12 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
     let save = |moco: &Moco<Encoder>, epoch: usize| -> Result<()> {
         let mut m = meta.clone();
         m.insert("epoch".into(), epoch.to_string());
-        moco.save_checkpoint(&ckpt, m)
-            .with_context(|| format!("writing {}", ckpt.display()))
+        match moco.save_checkpoint(&ckpt, m) {
+            Err(e @ moco_core::Error::NonFiniteWeights { .. }) => {
+                bail!("{e}; the last good checkpoint is {}", ckpt.display())
+            }
+            r => r.with_context(|| format!("writing {}", ckpt.display())),
+        }
     };
     if !quiet {
         eprintln!(

@@ -41,6 +41,10 @@ pub enum Error {
     #[error("the loss is {value} at step {step}: training stopped (lower the learning rate, check the data)")]
     NonFiniteLoss { step: u64, value: f32 },
 
+    /// A parameter became NaN or infinite; training stops there.
+    #[error("parameter `{name}` is not finite after step {step}: training diverged (lower the learning rate)")]
+    NonFiniteWeights { step: u64, name: String },
+
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {

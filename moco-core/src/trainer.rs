@@ -348,9 +348,30 @@ impl<E: ModuleT> Moco<E> {
         Ok(out)
     }
 
+    /// An error naming the first query parameter holding a NaN or an infinity (a run that
+    /// diverged). Checked before every checkpoint, so a saved checkpoint is always finite.
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, var) in self.encoders.query_parameters() {
+            let s = var
+                .as_detached_tensor()
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            if !s.is_finite() {
+                return Err(Error::NonFiniteWeights {
+                    step: self.step,
+                    name,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Writes [`state_tensors`](Self::state_tensors) atomically to `path`, with the step counter
     /// and resolved configuration in the metadata, plus `extra` metadata.
+    /// Refuses (see [`check_finite`](Self::check_finite)) when the weights are not finite.
     pub fn save_checkpoint(&self, path: &Path, extra: HashMap<String, String>) -> Result<()> {
+        self.check_finite()?;
         let mut meta = extra;
         meta.insert("step".into(), self.step.to_string());
         meta.insert(

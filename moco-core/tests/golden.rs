@@ -328,3 +328,24 @@ fn checkpoint_resume_equals_uninterrupted_training() {
         assert_eq!(to_f64(ta), to_f64(&sb[k]), "`{k}` differs after resume");
     }
 }
+
+#[test]
+fn non_finite_weights_are_refused_before_a_checkpoint() {
+    let gold = golden();
+    let moco = model(&gold, LossKind::Queue);
+    moco.check_finite().unwrap();
+    let (name, var) = moco
+        .encoders()
+        .query_parameters()
+        .into_iter()
+        .next()
+        .unwrap();
+    let poisoned = var.as_tensor().affine(0.0, f64::NAN).unwrap();
+    var.set(&poisoned).unwrap();
+    let err = moco.check_finite().unwrap_err().to_string();
+    assert!(err.contains(&name), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    assert!(moco.save_checkpoint(&path, HashMap::new()).is_err());
+    assert!(!path.exists(), "nothing is written");
+}

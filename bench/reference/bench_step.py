@@ -1,0 +1,105 @@
+"""PyTorch's side of `moco bench step`: the same full MoCo training step, written from the official
+MoCo semantics (moco/builder.py and the single-GPU CIFAR demo): query forward+backward, key
+forward on a shuffled batch (shuffle-BN on one device) then unshuffled, InfoNCE with the queue,
+SGD (lr 0.03, momentum 0.9, wd 1e-4), momentum update m = 0.999, enqueue. The encoder is
+torchvision's ResNet with the small-image stem for `-small` architectures and a width multiplier,
+fc = Linear(features, 128). Random input; median time of the timed steps after 2 warm-up steps.
+
+python3 bench/reference/bench_step.py --arch resnet18-small --width 16 --image-size 28 --channels 1 --batch-size 64 [--json]
+"""
+import argparse
+import copy
+import json
+import resource
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+p = argparse.ArgumentParser()
+p.add_argument("--arch", default="resnet18-small")
+p.add_argument("--width", type=int, default=64)
+p.add_argument("--image-size", type=int, default=32)
+p.add_argument("--channels", type=int, default=3)
+p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--queue-size", type=int, default=4096)
+p.add_argument("--steps", type=int, default=5)
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--json", action="store_true")
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+torch.manual_seed(0)
+
+base = a.arch.replace("-small", "")
+small = a.arch.endswith("-small")
+block, layers = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
+}[base]
+
+
+def encoder():
+    w = a.width
+    m = torchvision.models.resnet.ResNet(block, layers)
+    m.inplanes = w
+    m.conv1 = nn.Conv2d(a.channels, w, 3, 1, 1, bias=False) if small else nn.Conv2d(a.channels, w, 7, 2, 3, bias=False)
+    m.bn1 = nn.BatchNorm2d(w)
+    if small:
+        m.maxpool = nn.Identity()
+    m.layer1 = m._make_layer(block, w, layers[0])
+    m.layer2 = m._make_layer(block, 2 * w, layers[1], stride=2)
+    m.layer3 = m._make_layer(block, 4 * w, layers[2], stride=2)
+    m.layer4 = m._make_layer(block, 8 * w, layers[3], stride=2)
+    m.fc = nn.Linear(8 * w * block.expansion, 128)
+    return m
+
+
+q_enc = encoder()
+k_enc = copy.deepcopy(q_enc)
+for param in k_enc.parameters():
+    param.requires_grad = False
+queue = F.normalize(torch.randn(128, a.queue_size), dim=0)
+ptr = 0
+opt = torch.optim.SGD(q_enc.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
+shape = (a.batch_size, a.channels, a.image_size, a.image_size)
+x1, x2 = torch.randn(shape), torch.randn(shape)
+
+
+def step():
+    global ptr
+    q = F.normalize(q_enc(x1), dim=1)
+    with torch.no_grad():
+        idx = torch.randperm(a.batch_size)
+        k = F.normalize(k_enc(x2[idx]), dim=1)[torch.argsort(idx)]
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = torch.einsum("nc,ck->nk", q, queue)
+    logits = torch.cat([l_pos, l_neg], dim=1) / 0.07
+    loss = F.cross_entropy(logits, torch.zeros(a.batch_size, dtype=torch.long))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for pq, pk in zip(q_enc.parameters(), k_enc.parameters()):
+            pk.mul_(0.999).add_(pq.detach(), alpha=0.001)
+        n = a.batch_size
+        cols = [(ptr + i) % a.queue_size for i in range(n)]
+        queue[:, cols] = k.T
+        ptr = (ptr + n) % a.queue_size
+
+
+times = []
+for i in range(2 + a.steps):
+    t0 = time.perf_counter()
+    step()
+    if i >= 2:
+        times.append(time.perf_counter() - t0)
+times.sort()
+med = times[len(times) // 2]
+ips = a.batch_size / med
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"PyTorch {torch.__version__} MoCo step {a.arch} width {a.width} {a.image_size}x{a.image_size}x{a.channels} batch {a.batch_size}: {ips:.1f} images/s ({med:.3f} s/step), peak RSS {rss:.0f} MB")
+if a.json:
+    print(json.dumps({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": med}))
