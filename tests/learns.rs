@@ -23,11 +23,12 @@ fn knn_after(out: &std::path::Path, extra: &[&str]) -> f64 {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    // The last kNN evaluation of the run.
     let last = metrics
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["knn_top1"].as_f64())
-        .last();
+        .find_map(|v| v["knn_top1"].as_f64());
     last.unwrap()
 }
 

@@ -571,6 +571,24 @@ impl Pipeline {
         let img = self.ops.iter().fold(img, |im, op| op.apply(im, rng));
         img.to_chw_normalized(&self.normalize.mean, &self.normalize.std, out);
     }
+
+    /// Runs the steps on a borrowed image (the first step reads it without a copy when it is a
+    /// crop or resize) and writes the normalised CHW floats into `out`
+    /// (`channels * size * size` values).
+    pub fn apply_into(&self, img: &Image, rng: &mut StdRng, out: &mut [f32]) {
+        let mut ops = self.ops.iter();
+        let first = match ops.next() {
+            Some(Op::RandomResizedCrop { size, scale, ratio }) => {
+                let (i, j, h, w) = resized_crop_params(img.width, img.height, *scale, *ratio, rng);
+                resized_crop(img, i, j, h, w, *size)
+            }
+            Some(Op::Resize { size }) => crate::image::resize_shorter(img, *size),
+            Some(op) => op.apply(img.clone(), rng),
+            None => img.clone(),
+        };
+        let img = ops.fold(first, |im, op| op.apply(im, rng));
+        img.write_chw_normalized(&self.normalize.mean, &self.normalize.std, out);
+    }
 }
 
 fn jitter(b: f64, c: f64, s: f64, h: f64) -> Op {
@@ -861,6 +879,28 @@ mod tests {
             .contains("v9"));
         let v3 = TwoCrop::preset("v3", 16, Normalize::imagenet()).unwrap();
         assert_ne!(v3.query, v3.key, "v3 is asymmetric");
+    }
+
+    #[test]
+    fn apply_into_equals_apply_for_every_preset() {
+        let mut pipes: Vec<Pipeline> = vec![
+            eval(Some(12), 32, Normalize::imagenet()),
+            linear_train(12, Normalize::imagenet()),
+        ];
+        for name in ["v1", "v2", "cifar", "v3"] {
+            let t = TwoCrop::preset(name, 12, Normalize::imagenet()).unwrap();
+            pipes.push(t.query);
+            pipes.push(t.key);
+        }
+        for (k, p) in pipes.iter().enumerate() {
+            for seed in 0..5 {
+                let mut a = vec![];
+                p.apply(img(), &mut StdRng::seed_from_u64(seed), &mut a);
+                let mut b = vec![0f32; a.len()];
+                p.apply_into(&img(), &mut StdRng::seed_from_u64(seed), &mut b);
+                assert_eq!(a, b, "pipeline {k}, seed {seed}");
+            }
+        }
     }
 
     #[test]

@@ -118,20 +118,22 @@ impl Image {
     /// CHW float values `(pixel / 255 - mean[c]) / std[c]` (`ToTensor` then `Normalize`),
     /// appended to `out`.
     pub fn to_chw_normalized(&self, mean: &[f32], std: &[f32], out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(start + self.width * self.height * self.channels, 0.0);
+        self.write_chw_normalized(mean, std, &mut out[start..]);
+    }
+
+    /// Like [`to_chw_normalized`](Self::to_chw_normalized), into a slice of exactly
+    /// `channels * height * width` values.
+    pub fn write_chw_normalized(&self, mean: &[f32], std: &[f32], out: &mut [f32]) {
         let c = self.channels;
         let plane = self.width * self.height;
-        out.reserve(plane * c);
-        for ch in 0..c {
+        for (ch, dst) in out.chunks_exact_mut(plane).enumerate().take(c) {
             let (m, s) = (mean[ch % mean.len()], std[ch % std.len()]);
             // Written as torchvision computes it: x = p / 255, then (x - m) / s.
-            out.extend(
-                self.data
-                    .iter()
-                    .skip(ch)
-                    .step_by(c)
-                    .take(plane)
-                    .map(|&p| (p as f32 / 255.0 - m) / s),
-            );
+            for (d, &p) in dst.iter_mut().zip(self.data.iter().skip(ch).step_by(c)) {
+                *d = (p as f32 / 255.0 - m) / s;
+            }
         }
     }
 }

@@ -104,32 +104,52 @@ pub fn make_batch<D: Dataset + ?Sized>(
         Views::One(p) => vec![p],
         Views::Two(t) => vec![&t.query, &t.key],
     };
-    let per: Vec<(Vec<Vec<f32>>, u32, usize)> = indices
-        .par_iter()
-        .map(|&i| {
+    let b = indices.len();
+    let c = dataset.channels();
+    // Each sample writes its views straight into the batch buffers (no per-sample copies).
+    let mut bufs: Vec<Vec<f32>> = pipes
+        .iter()
+        .map(|p| vec![0f32; b * c * p.size * p.size])
+        .collect();
+    let mut slots: Vec<Vec<&mut [f32]>> = vec![];
+    for (buf, p) in bufs.iter_mut().zip(&pipes) {
+        slots.push(buf.chunks_exact_mut(c * p.size * p.size).collect());
+    }
+    // slots[v][k]: view v of sample k -> per sample: [view 0, view 1, ...]
+    let mut per_sample: Vec<Vec<&mut [f32]>> =
+        (0..b).map(|_| Vec::with_capacity(pipes.len())).collect();
+    for view in slots {
+        for (k, slot) in view.into_iter().enumerate() {
+            per_sample[k].push(slot);
+        }
+    }
+    let labels: Vec<u32> = per_sample
+        .into_par_iter()
+        .zip(indices.par_iter())
+        .map(|(mut outs, &i)| {
             let (img, label) = dataset.get(i)?;
-            let mut outs = Vec::with_capacity(pipes.len());
-            for (v, p) in pipes.iter().enumerate() {
-                let mut buf = Vec::new();
-                p.apply(img.clone(), &mut sample_rng(seed, epoch, i, v), &mut buf);
-                outs.push(buf);
+            if img.channels != c {
+                return Err(Error::config(
+                    "dataset",
+                    format!(
+                        "sample {i} has {} channel(s), the dataset {c}",
+                        img.channels
+                    ),
+                ));
             }
-            Ok((outs, label, img.channels))
+            for (v, (p, out)) in pipes.iter().zip(outs.iter_mut()).enumerate() {
+                p.apply_into(&img, &mut sample_rng(seed, epoch, i, v), out);
+            }
+            Ok(label)
         })
         .collect::<Result<_>>()?;
-    let b = indices.len();
     let mut tensors = vec![];
-    for (v, p) in pipes.iter().enumerate() {
-        let c = per.first().map(|x| x.2).unwrap_or(1);
-        let mut buf = Vec::with_capacity(b * c * p.size * p.size);
-        for s in &per {
-            buf.extend_from_slice(&s.0[v]);
-        }
+    for (buf, p) in bufs.into_iter().zip(&pipes) {
         tensors.push(Tensor::from_vec(buf, (b, c, p.size, p.size), &Device::Cpu)?);
     }
     Ok(Batch {
         views: tensors,
-        labels: per.iter().map(|s| s.1).collect(),
+        labels,
         indices: indices.to_vec(),
     })
 }
