@@ -73,9 +73,9 @@ impl Default for RunConfig {
                 epochs: 3,
                 lr: 0.06,
                 augmentation: moco_core::AugmentationPreset::V1,
+                bn_splits: 4,
                 ..MocoConfig::cifar()
-            }
-            .with_bn_splits(4),
+            },
             arch: "resnet18-small".into(),
             width: 8,
             dataset: "default".into(),
@@ -90,16 +90,6 @@ impl Default for RunConfig {
             checkpoint_every: 50,
             max_steps: None,
         }
-    }
-}
-
-trait WithSplits {
-    fn with_bn_splits(self, s: usize) -> Self;
-}
-impl WithSplits for MocoConfig {
-    fn with_bn_splits(mut self, s: usize) -> Self {
-        self.bn_splits = s;
-        self
     }
 }
 
