@@ -1,6 +1,7 @@
 //! `moco extract`: pooled backbone features of every image in a folder.
 
 use std::collections::{BTreeMap, HashMap};
+
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +13,7 @@ use rayon::prelude::*;
 /// Options of `moco extract`.
 #[derive(Debug)]
 pub struct Options<'a> {
-    pub weights: &'a Path,
+    pub weights: &'a str,
     pub arch: Option<&'a str>,
     pub input: &'a Path,
     pub out: &'a Path,
@@ -23,45 +24,28 @@ pub struct Options<'a> {
 
 /// Loads the encoder, runs the evaluation transform and the frozen backbone over the images.
 pub fn run(o: Options) -> Result<()> {
-    let file = moco_core::io::load(o.weights, &Device::Cpu).context("--weights")?;
-    let spec = match (
-        o.arch,
-        moco_models::spec_from_metadata(o.weights, &file.metadata),
-    ) {
-        (None, Ok(spec)) => spec,
-        (Some(arch), meta) => {
-            // The explicit architecture wins; the head and shapes still come from the file.
-            let mut detected = moco_models::checkpoint::detect_spec(&file.tensors)
-                .map_err(|m| anyhow::anyhow!("{}: {m}", o.weights.display()))?;
-            let want = moco_models::ResNetConfig::from_arch(arch).context("--arch")?;
-            if (want.depth, want.small) != (detected.resnet.depth, detected.resnet.small) {
-                bail!(
-                    "--arch {arch}, but {} holds a {}",
-                    o.weights.display(),
-                    detected.resnet.arch()
-                );
-            }
-            if let Ok(m) = meta {
-                detected.head = m.head;
-            }
-            detected
+    // The same weights sources as every other command (safetensors, run folder, .pth.tar,
+    // hf://); the architecture comes from the metadata or the tensors.
+    let w = crate::weights::Weights::read(o.weights)?;
+    if let Some(arch) = o.arch {
+        let want = moco_models::ResNetConfig::from_arch(arch).context("--arch")?;
+        if (want.depth, want.small) != (w.spec.resnet.depth, w.spec.resnet.small) {
+            bail!(
+                "--arch {arch}, but {} holds a {}",
+                w.source.display(),
+                w.spec.resnet.arch()
+            );
         }
-        (None, Err(_)) => moco_models::checkpoint::detect_spec(&file.tensors).map_err(|m| {
-            anyhow::anyhow!(
-                "{}: no architecture in the metadata, and none detected: {m}; pass --arch",
-                o.weights.display()
-            )
-        })?,
-    };
+    }
+    let spec = w.spec;
     if spec.resnet.in_channels != 3 {
         bail!(
             "{}: the model takes {} input channel(s); `moco extract` feeds RGB images",
-            o.weights.display(),
+            w.source.display(),
             spec.resnet.in_channels
         );
     }
-    let tensors: HashMap<String, Tensor> = file.tensors;
-    let (enc, _, _) = moco_models::encoder_from_tensors(spec, &tensors, &o.device, o.weights)?;
+    let enc = w.frozen(&o.device)?;
     let files = image_files(o.input).context("--input")?;
     if files.is_empty() {
         bail!(

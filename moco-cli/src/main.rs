@@ -54,9 +54,10 @@ enum Command {
     },
     /// Pooled backbone features of every image in a folder (sorted by file name).
     Extract {
-        /// Encoder weights (safetensors from `moco convert` or a pretraining run).
+        /// Encoder weights: safetensors (moco convert / export / a run), a run folder, an official
+        /// .pth.tar, or hf://OWNER/NAME[@REV].
         #[arg(long)]
-        weights: PathBuf,
+        weights: String,
         /// Architecture, when the weights file does not record it (resnet50, resnet18-small, ...).
         #[arg(long)]
         arch: Option<String>,
