@@ -43,6 +43,10 @@ pub struct MocoConfig {
     pub dim: usize,
     /// MLP projection head (MoCo v2) instead of a linear one.
     pub mlp: bool,
+    /// MoCo v3's heads (`--moco-mlp-dim`): a 2-layer projector with BatchNorm and this hidden
+    /// width on both encoders, and a 2-layer predictor after the query encoder only. Takes
+    /// precedence over `mlp`.
+    pub mlp_dim: Option<usize>,
     /// Queue size K (number of negatives).
     pub queue_size: usize,
     /// Key encoder momentum m.
@@ -59,6 +63,10 @@ pub struct MocoConfig {
     pub bn_splits: usize,
     /// Base learning rate.
     pub lr: f64,
+    /// `lr` is given per 256 images and the run uses `lr * batch_size / 256` (MoCo v3).
+    pub lr_per_256: bool,
+    /// LARS trust coefficient (MoCo v3: 0.001); `None` for SGD.
+    pub lars: Option<f64>,
     /// SGD momentum.
     pub sgd_momentum: f64,
     /// Weight decay.
@@ -91,6 +99,7 @@ impl MocoConfig {
             preset: "v1".into(),
             dim: 128,
             mlp: false,
+            mlp_dim: None,
             queue_size: 65536,
             momentum: 0.999,
             momentum_schedule: MomentumSchedule::Constant,
@@ -99,6 +108,8 @@ impl MocoConfig {
             shuffle_bn: true,
             bn_splits: 1,
             lr: 0.03,
+            lr_per_256: false,
+            lars: None,
             sgd_momentum: 0.9,
             weight_decay: 1e-4,
             nesterov: false,
@@ -140,27 +151,76 @@ impl MocoConfig {
         }
     }
 
-    /// A preset by name: `v1`, `v2` or `cifar`.
+    /// MoCo v3 with a ResNet (the official 100-epoch ResNet-50 recipe): no queue, symmetric
+    /// in-batch loss at T 1.0, projector 2048-4096-256 and predictor 256-4096-256, m 0.99 rising
+    /// to 1 along a cosine, LARS (trust 0.001, momentum 0.9, wd 1e-6) at lr 0.6 per 256 images,
+    /// 10 warm-up epochs then a per-iteration cosine, batch 4096, asymmetric v3 augmentations.
+    /// The official code synchronises BatchNorm across GPUs instead of shuffling it.
+    pub fn v3() -> Self {
+        Self {
+            preset: "v3".into(),
+            dim: 256,
+            mlp: false,
+            mlp_dim: Some(4096),
+            queue_size: 0,
+            momentum: 0.99,
+            momentum_schedule: MomentumSchedule::Cosine,
+            temperature: 1.0,
+            loss: LossKind::InBatch,
+            shuffle_bn: false,
+            bn_splits: 1,
+            lr: 0.6,
+            lr_per_256: true,
+            lars: Some(0.001),
+            sgd_momentum: 0.9,
+            weight_decay: 1e-6,
+            nesterov: false,
+            lr_schedule: LrSchedule {
+                decay: crate::schedule::LrDecay::Cosine {
+                    per_iteration: true,
+                },
+                warmup_epochs: 10.0,
+            },
+            epochs: 100,
+            batch_size: 4096,
+            augmentation: AugmentationPreset::V3,
+            seed: 0,
+        }
+    }
+
+    /// A preset by name: `v1`, `v2`, `cifar` or `v3`.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "v1" => Ok(Self::v1()),
             "v2" => Ok(Self::v2()),
             "cifar" => Ok(Self::cifar()),
+            "v3" => Ok(Self::v3()),
             other => Err(Error::config(
                 "preset",
-                format!("unknown preset `{other}` (expected one of: v1, v2, cifar)"),
+                format!("unknown preset `{other}` (expected one of: v1, v2, cifar, v3)"),
             )),
         }
     }
 
-    /// The optimizer settings at the base learning rate.
+    /// The learning rate the run uses at the top of its schedule: `lr`, times
+    /// `batch_size / 256` when `lr_per_256` is set.
+    pub fn effective_lr(&self) -> f64 {
+        if self.lr_per_256 {
+            self.lr * self.batch_size as f64 / 256.0
+        } else {
+            self.lr
+        }
+    }
+
+    /// The optimizer settings at the effective learning rate.
     pub fn sgd(&self) -> SgdConfig {
         SgdConfig {
-            lr: self.lr,
+            lr: self.effective_lr(),
             momentum: self.sgd_momentum,
             dampening: 0.0,
             weight_decay: self.weight_decay,
             nesterov: self.nesterov,
+            lars: self.lars,
         }
     }
 
@@ -177,6 +237,12 @@ impl MocoConfig {
         positive("lr", self.lr)?;
         if self.dim == 0 {
             return Err(Error::config("dim", "must be at least 1"));
+        }
+        if self.mlp_dim == Some(0) {
+            return Err(Error::config("mlp_dim", "must be at least 1"));
+        }
+        if let Some(eta) = self.lars {
+            positive("lars", eta)?;
         }
         if self.batch_size == 0 {
             return Err(Error::config("batch_size", "must be at least 1"));
@@ -258,7 +324,19 @@ mod tests {
             ),
             (4096, 0.99, 0.1, 0.06, 5e-4, 512)
         );
-        for p in ["v1", "v2", "cifar"] {
+        let v3 = MocoConfig::v3();
+        assert_eq!(
+            (v3.dim, v3.mlp_dim, v3.temperature, v3.lars, v3.weight_decay),
+            (256, Some(4096), 1.0, Some(0.001), 1e-6)
+        );
+        assert_eq!(
+            (v3.loss, v3.batch_size, v3.epochs),
+            (LossKind::InBatch, 4096, 100)
+        );
+        // 0.6 per 256 images at batch 4096: 9.6, the official effective rate.
+        assert!((v3.effective_lr() - 9.6).abs() < 1e-12);
+        assert!((v3.sgd().lr - 9.6).abs() < 1e-12 && v3.sgd().lars == Some(0.001));
+        for p in ["v1", "v2", "cifar", "v3"] {
             MocoConfig::preset(p).unwrap().validate().unwrap();
         }
         assert!(MocoConfig::preset("v9")

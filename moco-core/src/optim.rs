@@ -1,4 +1,5 @@
-//! SGD with momentum, dampening, Nesterov and weight decay: exactly `torch.optim.SGD`'s update.
+//! SGD with momentum, dampening, Nesterov and weight decay: exactly `torch.optim.SGD`'s update,
+//! and MoCo v3's LARS (layer-wise adaptive rate scaling) as an option of the same optimizer.
 //! (candle-nn's `SGD` has no momentum or weight decay.)
 
 use std::collections::BTreeMap;
@@ -22,6 +23,9 @@ pub struct SgdConfig {
     pub weight_decay: f64,
     /// Nesterov momentum.
     pub nesterov: bool,
+    /// LARS with this trust coefficient (MoCo v3 uses 0.001); `None` for plain SGD.
+    #[serde(default)]
+    pub lars: Option<f64>,
 }
 
 impl Default for SgdConfig {
@@ -33,6 +37,7 @@ impl Default for SgdConfig {
             dampening: 0.0,
             weight_decay: 1e-4,
             nesterov: false,
+            lars: None,
         }
     }
 }
@@ -47,6 +52,11 @@ impl Default for SgdConfig {
 /// p = p - lr * g
 /// ```
 /// Parameters without a gradient in a step are skipped, their buffers untouched.
+///
+/// With `lars: Some(eta)` it is MoCo v3's LARS: parameters of two or more dimensions (weights)
+/// get the weight decay, then their update is scaled by `eta * |p| / |g|` (by 1 when either
+/// norm is 0); parameters of one dimension (biases, BatchNorm) get neither weight decay nor
+/// scaling. The momentum step is then the one above with zero dampening.
 #[derive(Debug)]
 pub struct Sgd {
     params: Vec<(String, Var)>,
@@ -62,6 +72,20 @@ impl Sgd {
                 "nesterov",
                 "Nesterov momentum requires a momentum and zero dampening",
             ));
+        }
+        if config.lars.is_some() && (config.nesterov || config.dampening != 0.0) {
+            return Err(Error::config(
+                "lars",
+                "LARS takes neither Nesterov momentum nor dampening",
+            ));
+        }
+        if let Some(eta) = config.lars {
+            if !(eta.is_finite() && eta > 0.0) {
+                return Err(Error::config(
+                    "lars",
+                    format!("the trust coefficient must be positive, got {eta}"),
+                ));
+            }
         }
         for (key, v) in [
             ("lr", config.lr),
@@ -127,8 +151,20 @@ impl Sgd {
             let Some(grad) = grads.get(p) else { continue };
             let pt = p.as_detached_tensor();
             let mut g = grad.detach();
-            if c.weight_decay != 0.0 {
+            // LARS leaves one-dimensional parameters (biases, BatchNorm) alone.
+            let lars = c.lars.filter(|_| pt.rank() > 1);
+            if c.weight_decay != 0.0 && (c.lars.is_none() || lars.is_some()) {
                 g = (g + (&pt * c.weight_decay)?)?;
+            }
+            if let Some(eta) = lars {
+                let norm = |t: &Tensor| -> Result<f32> {
+                    Ok(t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)
+                };
+                let (pn, gn) = (norm(&pt)?, norm(&g)?);
+                if pn > 0.0 && gn > 0.0 {
+                    // float32 like torch: eta * |p| / |g|.
+                    g = (g * f64::from(eta as f32 * pn / gn))?;
+                }
             }
             if c.momentum != 0.0 {
                 let b = match buf.take() {

@@ -172,7 +172,7 @@ impl<E: ModuleT> Moco<E> {
         let c = &self.config;
         let lr = c
             .lr_schedule
-            .lr(c.lr, epoch, iter, iters_per_epoch, c.epochs);
+            .lr(c.effective_lr(), epoch, iter, iters_per_epoch, c.epochs);
         let m = c
             .momentum_schedule
             .momentum(c.momentum, epoch, iter, iters_per_epoch, c.epochs);

@@ -254,6 +254,7 @@ fn sgd_matches_torch_optim_sgd() {
         dampening: 0.0,
         weight_decay: 1e-4,
         nesterov: false,
+        lars: None,
     };
     let plain = sgd_trajectory(&gold, base);
     assert_close("sgd.plain", &plain, g(&gold, "sgd.plain"));
@@ -273,6 +274,58 @@ fn sgd_matches_torch_optim_sgd() {
         },
     );
     assert_close("sgd.dampening", &damp, g(&gold, "sgd.dampening"));
+}
+
+#[test]
+fn lars_matches_moco_v3_definition() {
+    let gold = golden();
+    let names = ["w", "b", "z"];
+    let vars: Vec<(String, Var)> = names
+        .iter()
+        .map(|n| {
+            let v = Var::from_tensor(g(&gold, &format!("lars.{n}0"))).unwrap();
+            (n.to_string(), v)
+        })
+        .collect();
+    let cfg = SgdConfig {
+        lr: 0.5,
+        momentum: 0.9,
+        dampening: 0.0,
+        weight_decay: 1e-2,
+        nesterov: false,
+        lars: Some(0.001),
+    };
+    let mut opt = Sgd::new_named(vars.clone(), cfg).unwrap();
+    let mut traj: Vec<Vec<Tensor>> = vec![vec![]; 3];
+    for i in 0..5 {
+        let mut loss = Tensor::new(0f32, &Device::Cpu).unwrap();
+        for (n, v) in &vars {
+            let gi = g(&gold, &format!("lars.{n}_grads")).get(i).unwrap();
+            loss = (loss + (v.as_tensor() * gi).unwrap().sum_all().unwrap()).unwrap();
+        }
+        opt.step_grads(&loss.backward().unwrap()).unwrap();
+        for (t, (_, v)) in traj.iter_mut().zip(&vars) {
+            t.push(v.as_tensor().copy().unwrap());
+        }
+    }
+    for (n, t) in names.iter().zip(traj) {
+        let name = format!("lars.{n}");
+        assert_close(&name, &Tensor::stack(&t, 0).unwrap(), g(&gold, &name));
+    }
+    // The bias moved by plain momentum SGD with no decay: p0 - lr * g0 after one step.
+    let b1 =
+        (g(&gold, "lars.b0") - (g(&gold, "lars.b_grads").get(0).unwrap() * 0.5).unwrap()).unwrap();
+    assert_close("lars.b step 1", &b1, &g(&gold, "lars.b").get(0).unwrap());
+    // Nesterov or dampening with LARS is refused, naming the setting.
+    let bad = Sgd::new_named(
+        vec![],
+        SgdConfig {
+            nesterov: true,
+            ..cfg
+        },
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("lars"), "{bad}");
 }
 
 #[test]

@@ -99,6 +99,7 @@ impl Classifier {
             dampening: 0.0,
             weight_decay: cfg.weight_decay,
             nesterov: false,
+            lars: None,
         };
         Ok(Self {
             fc: Linear::new(w, Some(b)),

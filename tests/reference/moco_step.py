@@ -17,6 +17,8 @@ What it records
 - The symmetric loss of the official CIFAR demo for step 0 (both views as queries).
 - In-batch InfoNCE (MoCo v3, scale 2T) on fixed q, k, and its gradient wrt q.
 - 5 steps of torch.optim.SGD with momentum 0.9, weight decay 1e-4: plain, Nesterov, dampening 0.1.
+- 5 steps of MoCo v3's LARS (lr 0.5, wd 1e-2, momentum 0.9, trust 0.001) on a weight, a bias
+  (no decay, no scaling) and an all-zero weight (|p| = 0: unscaled first step).
 - Learning-rate schedules: MultiStepLR, per-epoch cosine (CosineAnnealingLR), and MoCo v3's
   per-iteration warm-up + cosine through LambdaLR.
 """
@@ -177,6 +179,44 @@ def v3(i):
 
 
 out["sched.warmup_cosine_iter"] = lrs(lambda o: torch.optim.lr_scheduler.LambdaLR(o, v3), EPOCHS * IPE)
+
+
+
+# MoCo v3's LARS, written from its definition: parameters with more than one dimension get the
+# weight decay, then their update is scaled by trust * |p| / |dp| (1 when either norm is 0);
+# one-dimensional ones get neither. Then mu = momentum * mu + dp, p -= lr * mu.
+def lars_step(params, lr, wd, momentum, trust, state):
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            dp = p.grad
+            if p.ndim > 1:
+                dp = dp.add(p, alpha=wd)
+                pn, un = torch.norm(p), torch.norm(dp)
+                one = torch.ones_like(pn)
+                q = torch.where(pn > 0.0, torch.where(un > 0, trust * pn / un, one), one)
+                dp = dp.mul(q)
+            mu = state.setdefault(i, torch.zeros_like(p))
+            mu.mul_(momentum).add_(dp)
+            p.add_(mu, alpha=-lr)
+
+
+lw, lb, lz = torch.randn(3, 4), torch.randn(4), torch.zeros(2, 3)
+lgrads = [torch.randn(5, 3, 4), torch.randn(5, 4), torch.randn(5, 2, 3)]
+for name, t in zip(["w", "b", "z"], [lw, lb, lz]):
+    out[f"lars.{name}0"] = t.clone()
+for name, t in zip(["w", "b", "z"], lgrads):
+    out[f"lars.{name}_grads"] = t.clone()
+lparams = [t.clone().requires_grad_(True) for t in (lw, lb, lz)]
+lstate, ltraj = {}, [[], [], []]
+for i in range(5):
+    for p in lparams:
+        p.grad = None
+    sum((p * g[i]).sum() for p, g in zip(lparams, lgrads)).backward()
+    lars_step(lparams, lr=0.5, wd=1e-2, momentum=0.9, trust=0.001, state=lstate)
+    for traj, p in zip(ltraj, lparams):
+        traj.append(p.detach().clone())
+for name, traj in zip(["w", "b", "z"], ltraj):
+    out[f"lars.{name}"] = torch.stack(traj)
 
 path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moco_step.safetensors")
 save_file({k: v.contiguous() for k, v in out.items()}, path)
