@@ -175,6 +175,66 @@ fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
 }
 
 #[test]
+fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let v3 = [
+        "--preset",
+        "v3",
+        "--moco-mlp-dim",
+        "32",
+        "--moco-dim",
+        "16",
+        "--warmup-epochs",
+        "0.5",
+    ];
+    pretrain(&a, &[&v3[..], &["--max-steps", "6"]].concat());
+    pretrain(&b, &[&v3[..], &["--max-steps", "3"]].concat());
+    pretrain(&b, &["--resume", "--max-steps", "6"]);
+    let ckpt = a.join("checkpoint-last.safetensors");
+    let (ta, tb) = (
+        tensors(&ckpt),
+        tensors(&b.join("checkpoint-last.safetensors")),
+    );
+    let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
+    // The predictor trains with the query encoder (and has LARS buffers); the key has none.
+    assert!(names.contains(&"encoder_q.predictor.0.weight"), "{names:?}");
+    assert!(names.contains(&"optimizer.momentum_buffer.predictor.0.weight"));
+    assert!(!names.iter().any(|n| n.starts_with("encoder_k.predictor")));
+    assert!(!names.contains(&"queue"), "v3 has no queue");
+    assert!(
+        names.contains(&"encoder_q.fc.4.running_mean"),
+        "v3 projector, last BN"
+    );
+    assert_eq!(ta.len(), tb.len());
+    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!(ka, kb);
+        assert!(va == vb, "`{ka}` differs after the resume");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["moco"]["loss"], "in_batch");
+    assert_eq!(config["moco"]["lars"], 0.001);
+    // lr 0.6 per 256 images at batch 16, warming up over half an epoch.
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(a.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let lr = first["lr"].as_f64().unwrap();
+    assert!(lr > 0.0 && lr < 0.6 * 16.0 / 256.0, "{first}");
+    // The backbone evaluates from the run folder; the predictor is left out of the encoder.
+    let o = moco()
+        .args(["knn", "--weights", a.to_str().unwrap(), "--workers", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
 fn bad_settings_fail_before_any_training() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r");
@@ -190,6 +250,12 @@ fn bad_settings_fail_before_any_training() {
         String::from_utf8_lossy(&o.stderr).to_string()
     };
     assert!(run(&["--preset", "v9"]).contains("v9"));
+    // v3 warms up for 10 epochs: a shorter run must say so.
+    let e = run(&["--preset", "v3", "--epochs", "3"]);
+    assert!(e.contains("warmup_epochs"), "{e}");
+    let e = run(&["--preset", "v3", "--symmetric"]);
+    assert!(e.contains("--symmetric"), "{e}");
+    assert!(run(&["--optimizer", "adam"]).contains("--optimizer adam"));
     assert!(run(&["--arch", "resnet19"]).contains("resnet19"));
     let e = run(&["--queue-size", "32", "--batch-size", "64"]);
     assert!(e.contains("K=32") && e.contains("64"), "{e}");

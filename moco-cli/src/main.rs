@@ -150,7 +150,7 @@ struct PretrainArgs {
     /// A TOML file with a RunConfig (see `moco config`); flags and --preset override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Preset: v1, v2 or cifar (overrides the config file).
+    /// Preset: v1, v2, cifar or v3 (overrides the config file).
     #[arg(long)]
     preset: Option<String>,
     /// fashion-mnist, mnist, cifar10, cifar100, stl10, folder or default (embedded).
@@ -169,7 +169,7 @@ struct PretrainArgs {
     epochs: Option<usize>,
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Base learning rate.
+    /// Base learning rate (per 256 images with --preset v3: the run uses lr x batch / 256).
     #[arg(long)]
     lr: Option<f64>,
     /// Queue size K.
@@ -196,6 +196,15 @@ struct PretrainArgs {
     /// Symmetric loss (both views as queries).
     #[arg(long)]
     symmetric: bool,
+    /// MoCo v3 heads: projector and predictor MLPs with this hidden width.
+    #[arg(long)]
+    moco_mlp_dim: Option<usize>,
+    /// Linear learning-rate warm-up, in epochs.
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
+    /// sgd or lars (MoCo v3's LARS, trust coefficient 0.001).
+    #[arg(long)]
+    optimizer: Option<String>,
     /// BatchNorm splits (shuffle-BN on one device).
     #[arg(long)]
     bn_splits: Option<usize>,
@@ -384,6 +393,9 @@ fn main() -> Result<()> {
                 aug_plus: a.aug_plus,
                 cos: a.cos,
                 symmetric: a.symmetric,
+                moco_mlp_dim: a.moco_mlp_dim,
+                warmup_epochs: a.warmup_epochs,
+                optimizer: a.optimizer.clone(),
                 bn_splits: a.bn_splits,
                 workers: a.workers,
                 seed: a.seed,

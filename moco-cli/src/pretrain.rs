@@ -102,7 +102,12 @@ impl RunConfig {
             bn_splits: self.moco.bn_splits,
             ..ResNetConfig::from_arch(&self.arch).context("--arch")?
         };
-        let head = if self.moco.mlp {
+        let head = if let Some(hidden) = self.moco.mlp_dim {
+            HeadKind::V3 {
+                hidden,
+                dim: self.moco.dim,
+            }
+        } else if self.moco.mlp {
             HeadKind::Mlp { dim: self.moco.dim }
         } else {
             HeadKind::Linear { dim: self.moco.dim }
@@ -130,6 +135,9 @@ pub struct Overrides {
     pub aug_plus: bool,
     pub cos: bool,
     pub symmetric: bool,
+    pub moco_mlp_dim: Option<usize>,
+    pub warmup_epochs: Option<f64>,
+    pub optimizer: Option<String>,
     pub bn_splits: Option<usize>,
     pub workers: Option<usize>,
     pub seed: Option<u64>,
@@ -153,9 +161,6 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
         None => RunConfig::default(),
     };
     if let Some(p) = &o.preset {
-        if p == "v3" {
-            bail!("--preset v3: MoCo v3 trains with LARS and a ViT-style recipe, which moco-rs does not implement yet (the in-batch loss, cosine momentum and v3 augmentations exist in the libraries)");
-        }
         c.moco = MocoConfig {
             seed: c.moco.seed,
             ..MocoConfig::preset(p).context("--preset")?
@@ -188,7 +193,20 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
         m.lr_schedule = moco_core::LrSchedule::cosine();
     }
     if o.symmetric {
+        if m.loss == LossKind::InBatch {
+            bail!("--symmetric: the in-batch loss of this configuration (MoCo v3) is symmetric already and has no queue");
+        }
         m.loss = LossKind::SymmetricQueue;
+    }
+    if o.moco_mlp_dim.is_some() {
+        m.mlp_dim = o.moco_mlp_dim;
+    }
+    set!(m.lr_schedule.warmup_epochs, o.warmup_epochs);
+    match o.optimizer.as_deref() {
+        None => {}
+        Some("sgd") => m.lars = None,
+        Some("lars") => m.lars = Some(m.lars.unwrap_or(0.001)),
+        Some(other) => bail!("--optimizer {other}: expected `sgd` or `lars`"),
     }
     if o.dataset.is_some() && o.data_dir.is_none() && o.dataset.as_deref() != Some("default") {
         c.data_dir = None;
@@ -216,9 +234,6 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
     ResNetConfig::from_arch(&c.arch).context("--arch")?;
     if c.width == 0 || c.log_every == 0 {
         bail!("--width and the logging interval must be positive");
-    }
-    if c.moco.loss == LossKind::InBatch {
-        bail!("the in-batch (MoCo v3) loss is not available in `moco pretrain` yet");
     }
     Ok(c)
 }
@@ -382,6 +397,12 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
     let ipe = loader.batches_per_epoch();
 
     let mut moco = Moco::new(c.moco.clone(), device, |vb| moco_models::encoder(spec, vb))?;
+    if let Some(hidden) = c.moco.mlp_dim {
+        // MoCo v3: a predictor after the query encoder, trained with it, never averaged.
+        let dim = c.moco.dim;
+        moco =
+            moco.with_predictor(|vb| moco_models::head::v3_mlp(2, dim, hidden, dim, false, vb))?;
+    }
     if resume {
         moco.load_checkpoint(&ckpt)
             .with_context(|| format!("--resume from {}", ckpt.display()))?;

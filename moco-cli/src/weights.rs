@@ -49,6 +49,8 @@ impl Weights {
             tensors = tensors
                 .into_iter()
                 .filter_map(|(k, v)| k.strip_prefix("encoder_q.").map(|s| (s.to_string(), v)))
+                // MoCo v3's predictor follows the query encoder only in training.
+                .filter(|(k, _)| !k.starts_with("predictor."))
                 .collect();
         }
         let spec = match moco_models::spec_from_metadata(&path, &file.metadata) {
