@@ -8,6 +8,7 @@ mod evaluate;
 mod export;
 mod extract;
 mod hub;
+mod plot;
 mod pretrain;
 mod progress;
 mod weights;
@@ -42,6 +43,14 @@ enum Command {
     },
     /// Print the default pretraining configuration as TOML (a starting point for --config).
     ConfigRun,
+    /// Draw a run's training curves (loss, acc1, lr per step; kNN top-1 per epoch) into PNG files.
+    Plot {
+        /// The run directory (holding metrics.jsonl).
+        run: PathBuf,
+        /// Where to write the PNG files (default: the run directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Convert an official MoCo checkpoint (checkpoint_*.pth.tar, zip or legacy torch.save) into a
     /// safetensors encoder with torchvision names.
     Convert {
@@ -356,6 +365,11 @@ fn main() -> Result<()> {
                 "{}",
                 toml::to_string_pretty(&pretrain::RunConfig::default())?
             );
+        }
+        Command::Plot { run, out } => {
+            for f in plot::run(&run, out.as_deref())? {
+                println!("{}", f.display());
+            }
         }
         Command::Convert { input, out } => convert::run(&input, &out)?,
         Command::Extract {
