@@ -4,6 +4,8 @@
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
+use crate::cpu_batch_norm;
+
 /// BatchNorm over dimension 1 of an (N, C, ...) input: `BatchNorm1d` on (N, C), `BatchNorm2d` on
 /// (N, C, H, W). Variables: `weight`, `bias` (when affine), `running_mean`, `running_var`.
 ///
@@ -113,6 +115,9 @@ impl BatchNorm {
                 "batch norm in training mode needs more than one value per channel, got input {dims:?} in {s} group(s)"
             )
         }
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return self.forward_train_cpu(&x.contiguous()?);
+        }
         // x: (N/s, s, C, L): sample i*s + j is element [i, j] (group j).
         let xs = x.to_dtype(DType::F32)?.reshape((n / s, s, c, l))?;
         // Statistics are reduced in f64, as PyTorch's CPU kernel accumulates them in double:
@@ -133,16 +138,43 @@ impl BatchNorm {
                 .broadcast_mul(&w.reshape((1, 1, c, 1))?)?
                 .broadcast_add(&b.reshape((1, 1, c, 1))?)?;
         }
-        // Running statistics: the mean over groups of each group's update (unbiased variance).
+        self.update_running(&mean.reshape((s, c))?, &var.reshape((s, c))?, count as f64)?;
+        y.reshape(dims)?.to_dtype(x.dtype())
+    }
+
+    /// Training mode on float32 CPU tensors: the fused kernels of [`crate::cpu_batch_norm`],
+    /// same arithmetic as the generic path.
+    fn forward_train_cpu(&self, x: &Tensor) -> Result<Tensor> {
+        let (s, c) = (self.splits, self.channels);
+        let st = cpu_batch_norm::stats(x, s)?;
+        let count = st.count as f64;
+        let dev = x.device();
+        self.update_running(
+            &Tensor::from_slice(&st.mean, (s, c), dev)?,
+            &Tensor::from_slice(&st.var, (s, c), dev)?,
+            count,
+        )?;
+        let (w, b) = match &self.weight_bias {
+            Some((w, b)) => (w.clone(), b.clone()),
+            None => (
+                Tensor::ones(c, DType::F32, dev)?,
+                Tensor::zeros(c, DType::F32, dev)?,
+            ),
+        };
+        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, s)
+    }
+
+    /// Running statistics: the mean over groups of each group's update (unbiased variance).
+    /// `mean` and `var` (biased) are (groups, C).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: f64) -> Result<()> {
         let m = self.momentum;
-        let batch_mean = mean.detach().reshape((s, c))?.mean(0)?;
-        let batch_var =
-            (var.detach().reshape((s, c))? * (count as f64 / (count as f64 - 1.0)))?.mean(0)?;
+        let batch_mean = mean.detach().mean(0)?;
+        let batch_var = (var.detach() * (count / (count - 1.0)))?.mean(0)?;
         let rm = ((self.running_mean.as_detached_tensor() * (1.0 - m))? + (batch_mean * m)?)?;
         let rv = ((self.running_var.as_detached_tensor() * (1.0 - m))? + (batch_var * m)?)?;
         self.running_mean.set(&rm)?;
         self.running_var.set(&rv)?;
-        y.reshape(dims)?.to_dtype(x.dtype())
+        Ok(())
     }
 
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
@@ -178,6 +210,121 @@ impl ModuleT for BatchNorm {
             self.forward_train(x)
         } else {
             self.forward_eval(x)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (
+            a.to_dtype(DType::F32).unwrap(),
+            b.to_dtype(DType::F32).unwrap(),
+        );
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / scale
+    }
+
+    /// The fused CPU kernel (float32 input) against the generic candle-op path (the same
+    /// values as float64, which takes the generic path): output, running statistics and the
+    /// gradients wrt input, weight and bias, plain and split, 4-D and 2-D, affine or not.
+    #[test]
+    fn fused_cpu_kernel_matches_the_generic_path_through_backprop() {
+        let dev = Device::Cpu;
+        for (dims, splits, affine) in [
+            (vec![8, 5, 3, 4], 1, true),
+            (vec![8, 5, 3, 4], 4, true),
+            (vec![6, 7], 2, true),
+            (vec![6, 7], 1, false),
+        ] {
+            let c = dims[1];
+            let make = || {
+                let vars = VarMap::new();
+                let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+                let cfg = BatchNormConfig {
+                    splits,
+                    affine,
+                    ..Default::default()
+                };
+                let bn = batch_norm(c, cfg, vb).unwrap();
+                if let Some((w, b)) = &bn.weight_bias {
+                    // Non-trivial scale and shift.
+                    for (t, v) in [(w, 1.5f64), (b, -0.25)] {
+                        let var = vars
+                            .data()
+                            .lock()
+                            .unwrap()
+                            .values()
+                            .find(|var| var.as_tensor().id() == t.id())
+                            .cloned()
+                            .unwrap();
+                        var.set(
+                            &((Tensor::randn(0f32, 1.0, c, &dev).unwrap() * 0.1).unwrap() + v)
+                                .unwrap(),
+                        )
+                        .unwrap();
+                    }
+                }
+                (bn, vars)
+            };
+            let (fast, fv) = make();
+            let (slow, sv) = make();
+            // Same parameters in both.
+            for (k, v) in fv.data().lock().unwrap().iter() {
+                sv.data().lock().unwrap()[k].set(v.as_tensor()).unwrap();
+            }
+            let x = Var::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap();
+            let x = Var::from_tensor(&(x.as_tensor() + 0.5).unwrap()).unwrap();
+            let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let ya = fast.forward_t(x.as_tensor(), true).unwrap();
+            let yb = slow.forward_t(x64.as_tensor(), true).unwrap();
+            let what = format!("{dims:?} splits {splits} affine {affine}");
+            assert!(max_rel(&ya, &yb) < 1e-5, "{what}: output");
+            for (a, b) in [
+                (fast.running_mean(), slow.running_mean()),
+                (fast.running_var(), slow.running_var()),
+            ] {
+                assert!(
+                    max_rel(a.as_tensor(), b.as_tensor()) < 1e-6,
+                    "{what}: running stats"
+                );
+            }
+            let mix = Tensor::randn(0f32, 1.0, ya.shape(), &dev).unwrap();
+            let ga = (&ya * &mix).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&yb * mix.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gx = ga.get(x.as_tensor()).unwrap();
+            assert!(
+                max_rel(gx, gb.get(x64.as_tensor()).unwrap()) < 1e-4,
+                "{what}: grad input"
+            );
+            if let (Some((wa, ba)), Some((wb, bb))) = (&fast.weight_bias, &slow.weight_bias) {
+                for (a, b, name) in [(wa, wb, "weight"), (ba, bb, "bias")] {
+                    let (a, b) = (ga.get(a).unwrap(), gb.get(b).unwrap());
+                    assert!(
+                        max_rel(a, b) < 1e-5,
+                        "{what}: grad {name} {}",
+                        max_rel(a, b)
+                    );
+                }
+            }
         }
     }
 }

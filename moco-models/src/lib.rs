@@ -13,6 +13,8 @@
 
 pub mod batch_norm;
 pub mod checkpoint;
+pub mod cpu_batch_norm;
+pub mod cpu_conv;
 mod error;
 pub mod head;
 pub mod resnet;

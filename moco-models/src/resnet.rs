@@ -144,7 +144,7 @@ fn conv(
 
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+        crate::cpu_conv::conv2d(x, &self.weight, self.padding, self.stride, 1)
     }
 }
 

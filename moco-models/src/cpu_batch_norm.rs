@@ -1,0 +1,261 @@
+//! Training-mode BatchNorm for float32 tensors on the CPU as one candle custom op with its own
+//! backward: statistics in one parallel pass per channel (accumulated in f64 like PyTorch's CPU
+//! kernel), normalisation and affine in one pass, and the closed-form gradient in two, where
+//! candle's generic ops take a dozen passes and allocations each way.
+//!
+//! Split BatchNorm (the official demo's `SplitBatchNorm`) is supported: with `s` splits, sample
+//! `n` belongs to group `n % s`, and every (group, channel) pair has its own statistics.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Per (group, channel) batch statistics of an (N, C, L) input: mean and biased variance,
+/// indexed `group * C + channel`.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+    /// Values per (group, channel): N / s * L.
+    pub count: usize,
+}
+
+fn dims3(dims: &[usize]) -> (usize, usize, usize) {
+    (dims[0], dims[1], dims[2..].iter().product())
+}
+
+fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
+    // The caller made `t` contiguous; this copies it out once (cheap next to the passes).
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(v[a..b].to_vec()),
+        _ => candle_core::bail!("batch norm (cpu): expected a contiguous float32 CPU tensor"),
+    }
+}
+
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("batch norm (cpu): expected a contiguous float32 CPU tensor"),
+    }
+}
+
+/// Mean and biased variance of each (group, channel) of the contiguous (N, C, ...) tensor `x`:
+/// the mean summed in f64, the variance from the values centred on the float32 mean, squared and
+/// summed in f64 (the same arithmetic as the generic path).
+pub fn stats(x: &Tensor, splits: usize) -> Result<Stats> {
+    let (n, c, l) = dims3(x.dims());
+    let s = splits;
+    let count = n / s * l;
+    let per_channel: Vec<(Vec<f32>, Vec<f32>)> = with_f32(x, |x| {
+        (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let mut mean = vec![0f32; s];
+                let mut var = vec![0f32; s];
+                for g in 0..s {
+                    let planes = (g..n).step_by(s).map(|i| &x[(i * c + ch) * l..][..l]);
+                    let sum: f64 = planes
+                        .clone()
+                        .map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>())
+                        .sum();
+                    let m = (sum / count as f64) as f32;
+                    let sq: f64 = planes
+                        .map(|p| {
+                            p.iter()
+                                .map(|&v| {
+                                    let d = f64::from(v - m);
+                                    d * d
+                                })
+                                .sum::<f64>()
+                        })
+                        .sum();
+                    mean[g] = m;
+                    var[g] = (sq / count as f64) as f32;
+                }
+                (mean, var)
+            })
+            .collect()
+    })?;
+    let mut mean = vec![0f32; s * c];
+    let mut var = vec![0f32; s * c];
+    for (ch, (m, v)) in per_channel.into_iter().enumerate() {
+        for g in 0..s {
+            mean[g * c + ch] = m[g];
+            var[g * c + ch] = v[g];
+        }
+    }
+    Ok(Stats { mean, var, count })
+}
+
+/// `y = (x - mean) / sqrt(var + eps) * weight + bias` with the batch statistics `stats`;
+/// its backward is BatchNorm's, the statistics depending on `x`.
+struct Normalize {
+    stats: Arc<Stats>,
+    inv_std: Arc<Vec<f32>>,
+    splits: usize,
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "moco-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let get = |s: &'_ CpuStorage, l: &Layout| -> Result<Vec<f32>> {
+            match (s, l.contiguous_offsets()) {
+                (CpuStorage::F32(v), Some((a, b))) => Ok(v[a..b].to_vec()),
+                _ => candle_core::bail!("batch norm (cpu): expected contiguous float32"),
+            }
+        };
+        let (CpuStorage::F32(xv), Some((xa, xb))) = (s1, l1.contiguous_offsets()) else {
+            candle_core::bail!("batch norm (cpu): expected a contiguous float32 input")
+        };
+        let x = &xv[xa..xb];
+        let (w, b) = (get(s2, l2)?, get(s3, l3)?);
+        let (_, c, l) = dims3(l1.dims());
+        let s = self.splits;
+        // y = x * a + d per (group, channel).
+        let (a, d): (Vec<f32>, Vec<f32>) = (0..s * c)
+            .map(|gc| {
+                let ch = gc % c;
+                let a = self.inv_std[gc] * w[ch];
+                (a, b[ch] - self.stats.mean[gc] * a)
+            })
+            .unzip();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(l)
+            .zip(x.par_chunks(l))
+            .enumerate()
+            .for_each(|(plane, (y, x))| {
+                let (n, ch) = (plane / c, plane % c);
+                let gc = (n % s) * c + ch;
+                let (a, d) = (a[gc], d[gc]);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * a + d;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gy = gy.contiguous()?;
+        let (n, c, l) = dims3(x.dims());
+        let s = self.splits;
+        let m = self.stats.count as f64;
+        let wv = cpu_f32(w)?;
+        // Per (group, channel): sum(gy) and sum(gy * xhat), in f64.
+        let sums: Vec<(Vec<f64>, Vec<f64>)> = with_f32(x, |xv| {
+            with_f32(&gy, |gv| {
+                (0..c)
+                    .into_par_iter()
+                    .map(|ch| {
+                        let mut sg = vec![0f64; s];
+                        let mut sgx = vec![0f64; s];
+                        for i in 0..n {
+                            let g = i % s;
+                            let gc = g * c + ch;
+                            let (mean, inv) = (self.stats.mean[gc], self.inv_std[gc]);
+                            let o = (i * c + ch) * l;
+                            let (xp, gp) = (&xv[o..o + l], &gv[o..o + l]);
+                            let (mut a, mut bsum) = (0f64, 0f64);
+                            for (&xv, &gv) in xp.iter().zip(gp) {
+                                a += f64::from(gv);
+                                bsum += f64::from(gv * ((xv - mean) * inv));
+                            }
+                            sg[g] += a;
+                            sgx[g] += bsum;
+                        }
+                        (sg, sgx)
+                    })
+                    .collect()
+            })
+        })??;
+        let gx = if x.track_op() {
+            let mut out = vec![0f32; n * c * l];
+            with_f32(x, |xv| {
+                with_f32(&gy, |gv| {
+                    out.par_chunks_mut(l).enumerate().for_each(|(plane, o)| {
+                        let (i, ch) = (plane / c, plane % c);
+                        let g = i % s;
+                        let gc = g * c + ch;
+                        let (mean, inv) = (self.stats.mean[gc], self.inv_std[gc]);
+                        let k = wv[ch] * inv;
+                        let mg = (sums[ch].0[g] / m) as f32;
+                        let mgx = (sums[ch].1[g] / m) as f32;
+                        let off = plane * l;
+                        for ((o, &xv), &gv) in
+                            o.iter_mut().zip(&xv[off..off + l]).zip(&gv[off..off + l])
+                        {
+                            let xhat = (xv - mean) * inv;
+                            *o = k * (gv - mg - xhat * mgx);
+                        }
+                    })
+                })
+            })??;
+            Some(Tensor::from_vec(out, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            let v: Vec<f32> = sums
+                .iter()
+                .map(|(_, sgx)| sgx.iter().sum::<f64>() as f32)
+                .collect();
+            Some(Tensor::from_vec(v, c, w.device())?)
+        } else {
+            None
+        };
+        let gb = if b.track_op() {
+            let v: Vec<f32> = sums
+                .iter()
+                .map(|(sg, _)| sg.iter().sum::<f64>() as f32)
+                .collect();
+            Some(Tensor::from_vec(v, c, b.device())?)
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+/// Normalises the contiguous float32 CPU tensor `x` (N, C, ...) with the batch statistics
+/// `stats` (from [`stats`] on the same `x`), scales by `weight` and shifts by `bias` (C each).
+/// Differentiable wrt all three, with the statistics' dependence on `x` included.
+pub fn normalize(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stats: Stats,
+    eps: f64,
+    splits: usize,
+) -> Result<Tensor> {
+    let inv_std = stats
+        .var
+        .iter()
+        .map(|&v| 1.0 / (v + eps as f32).sqrt())
+        .collect();
+    let op = Normalize {
+        stats: Arc::new(stats),
+        inv_std: Arc::new(inv_std),
+        splits,
+    };
+    x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
