@@ -116,7 +116,7 @@ impl BatchNorm {
             )
         }
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return self.forward_train_cpu(&x.contiguous()?);
+            return self.forward_train_cpu(&x.contiguous()?, false);
         }
         // x: (N/s, s, C, L): sample i*s + j is element [i, j] (group j).
         let xs = x.to_dtype(DType::F32)?.reshape((n / s, s, c, l))?;
@@ -144,7 +144,7 @@ impl BatchNorm {
 
     /// Training mode on float32 CPU tensors: the fused kernels of [`crate::cpu_batch_norm`],
     /// same arithmetic as the generic path.
-    fn forward_train_cpu(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_train_cpu(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (s, c) = (self.splits, self.channels);
         let st = cpu_batch_norm::stats(x, s)?;
         let count = st.count as f64;
@@ -161,7 +161,21 @@ impl BatchNorm {
                 Tensor::zeros(c, DType::F32, dev)?,
             ),
         };
-        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, s)
+        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, s, relu)
+    }
+
+    /// `relu(forward_t(x, train))`, fused into one kernel in training mode on float32 CPU
+    /// tensors.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check(x)?;
+        if train && x.device().is_cpu() && x.dtype() == DType::F32 {
+            let n = x.dim(0)?;
+            let l: usize = x.dims()[2..].iter().product();
+            if n % self.splits == 0 && (n / self.splits) * l >= 2 {
+                return self.forward_train_cpu(&x.contiguous()?, true);
+            }
+        }
+        self.forward_t(x, train)?.relu()
     }
 
     /// Running statistics: the mean over groups of each group's update (unbiased variance).
@@ -289,9 +303,23 @@ mod tests {
             let x = Var::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap();
             let x = Var::from_tensor(&(x.as_tensor() + 0.5).unwrap()).unwrap();
             let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-            let ya = fast.forward_t(x.as_tensor(), true).unwrap();
-            let yb = slow.forward_t(x64.as_tensor(), true).unwrap();
-            let what = format!("{dims:?} splits {splits} affine {affine}");
+            // The fused ReLU on the 4-D cases, against candle's relu after the generic path.
+            let relu = dims.len() == 4;
+            let (ya, yb) = if relu {
+                (
+                    fast.forward_relu_t(x.as_tensor(), true).unwrap(),
+                    slow.forward_t(x64.as_tensor(), true)
+                        .unwrap()
+                        .relu()
+                        .unwrap(),
+                )
+            } else {
+                (
+                    fast.forward_t(x.as_tensor(), true).unwrap(),
+                    slow.forward_t(x64.as_tensor(), true).unwrap(),
+                )
+            };
+            let what = format!("{dims:?} splits {splits} affine {affine} relu {relu}");
             assert!(max_rel(&ya, &yb) < 1e-5, "{what}: output");
             for (a, b) in [
                 (fast.running_mean(), slow.running_mean()),

@@ -96,6 +96,8 @@ struct Normalize {
     stats: Arc<Stats>,
     inv_std: Arc<Vec<f32>>,
     splits: usize,
+    /// Followed by a ReLU (fused: one pass forward, the mask read from the output backward).
+    relu: bool,
 }
 
 impl CustomOp3 for Normalize {
@@ -141,8 +143,14 @@ impl CustomOp3 for Normalize {
                 let (n, ch) = (plane / c, plane % c);
                 let gc = (n % s) * c + ch;
                 let (a, d) = (a[gc], d[gc]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * a + d;
+                if self.relu {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x * a + d).max(0.0);
+                    }
+                } else {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = x * a + d;
+                    }
                 }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -153,10 +161,28 @@ impl CustomOp3 for Normalize {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gy = gy.contiguous()?;
+        // Through the fused ReLU first: the gradient passes where the output is positive.
+        let gy = if self.relu {
+            let masked = with_f32(y, |yv| {
+                with_f32(&gy.contiguous()?, |gv| {
+                    let mut out = vec![0f32; gv.len()];
+                    out.par_chunks_mut(4096)
+                        .zip(gv.par_chunks(4096).zip(yv.par_chunks(4096)))
+                        .for_each(|(o, (g, y))| {
+                            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                                *o = if y > 0.0 { g } else { 0.0 };
+                            }
+                        });
+                    out
+                })
+            })??;
+            Tensor::from_vec(masked, y.shape(), y.device())?
+        } else {
+            gy.contiguous()?
+        };
         let (n, c, l) = dims3(x.dims());
         let s = self.splits;
         let m = self.stats.count as f64;
@@ -239,6 +265,7 @@ impl CustomOp3 for Normalize {
 /// Normalises the contiguous float32 CPU tensor `x` (N, C, ...) with the batch statistics
 /// `stats` (from [`stats`] on the same `x`), scales by `weight` and shifts by `bias` (C each).
 /// Differentiable wrt all three, with the statistics' dependence on `x` included.
+/// With `relu`, a ReLU follows in the same pass.
 pub fn normalize(
     x: &Tensor,
     weight: &Tensor,
@@ -246,6 +273,7 @@ pub fn normalize(
     stats: Stats,
     eps: f64,
     splits: usize,
+    relu: bool,
 ) -> Result<Tensor> {
     let inv_std = stats
         .var
@@ -256,6 +284,7 @@ pub fn normalize(
         stats: Arc::new(stats),
         inv_std: Arc::new(inv_std),
         splits,
+        relu,
     };
     x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }

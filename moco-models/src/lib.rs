@@ -15,6 +15,7 @@ pub mod batch_norm;
 pub mod checkpoint;
 pub mod cpu_batch_norm;
 pub mod cpu_conv;
+pub mod cpu_elementwise;
 mod error;
 pub mod head;
 pub mod resnet;

@@ -218,16 +218,17 @@ impl Block {
         let last = self.convs.len() - 1;
         let mut y = x.clone();
         for (i, (c, b)) in self.convs.iter().enumerate() {
-            y = b.forward_t(&c.forward(&y)?, train)?;
-            if i < last {
-                y = y.relu()?;
-            }
+            y = if i < last {
+                b.forward_relu_t(&c.forward(&y)?, train)?
+            } else {
+                b.forward_t(&c.forward(&y)?, train)?
+            };
         }
         let identity = match &self.downsample {
             Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        (y + identity)?.relu()
+        crate::cpu_elementwise::add_relu(&y, &identity)
     }
 }
 
@@ -295,7 +296,7 @@ impl ResNet {
                 x.dims()
             )
         }
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if !self.config.small {
             y = max_pool_3x3_s2_p1(&y)?;
         }
