@@ -9,7 +9,11 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use crate::scratch::filled;
 
 /// Per (group, channel) batch statistics of an (N, C, L) input: mean and biased variance,
 /// indexed `group * C + channel`.
@@ -135,24 +139,23 @@ impl CustomOp3 for Normalize {
                 (a, b[ch] - self.stats.mean[gc] * a)
             })
             .unzip();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(l)
-            .zip(x.par_chunks(l))
-            .enumerate()
-            .for_each(|(plane, (y, x))| {
-                let (n, ch) = (plane / c, plane % c);
-                let gc = (n % s) * c + ch;
-                let (a, d) = (a[gc], d[gc]);
-                if self.relu {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = (x * a + d).max(0.0);
-                    }
-                } else {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x * a + d;
-                    }
+        let fill = |plane: usize, y: &mut [MaybeUninit<f32>]| {
+            let x = &x[plane * l..][..l];
+            let (n, ch) = (plane / c, plane % c);
+            let gc = (n % s) * c + ch;
+            let (a, d) = (a[gc], d[gc]);
+            if self.relu {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    y.write((x * a + d).max(0.0));
                 }
-            });
+            } else {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    y.write(x * a + d);
+                }
+            }
+        };
+        // SAFETY: every plane of y is written element by element.
+        let y = unsafe { filled(x.len(), l, fill) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -168,15 +171,14 @@ impl CustomOp3 for Normalize {
         let gy = if self.relu {
             let masked = with_f32(y, |yv| {
                 with_f32(&gy.contiguous()?, |gv| {
-                    let mut out = vec![0f32; gv.len()];
-                    out.par_chunks_mut(4096)
-                        .zip(gv.par_chunks(4096).zip(yv.par_chunks(4096)))
-                        .for_each(|(o, (g, y))| {
-                            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                                *o = if y > 0.0 { g } else { 0.0 };
-                            }
-                        });
-                    out
+                    let fill = |i: usize, o: &mut [MaybeUninit<f32>]| {
+                        let (g, y) = (&gv[i * 4096..], &yv[i * 4096..]);
+                        for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                            o.write(if y > 0.0 { g } else { 0.0 });
+                        }
+                    };
+                    // SAFETY: every chunk is written element by element.
+                    unsafe { filled(gv.len(), 4096, fill) }
                 })
             })??;
             Tensor::from_vec(masked, y.shape(), y.device())?
@@ -215,10 +217,9 @@ impl CustomOp3 for Normalize {
             })
         })??;
         let gx = if x.track_op() {
-            let mut out = vec![0f32; n * c * l];
-            with_f32(x, |xv| {
+            let out = with_f32(x, |xv| {
                 with_f32(&gy, |gv| {
-                    out.par_chunks_mut(l).enumerate().for_each(|(plane, o)| {
+                    let fill = |plane: usize, o: &mut [MaybeUninit<f32>]| {
                         let (i, ch) = (plane / c, plane % c);
                         let g = i % s;
                         let gc = g * c + ch;
@@ -231,9 +232,11 @@ impl CustomOp3 for Normalize {
                             o.iter_mut().zip(&xv[off..off + l]).zip(&gv[off..off + l])
                         {
                             let xhat = (xv - mean) * inv;
-                            *o = k * (gv - mg - xhat * mgx);
+                            o.write(k * (gv - mg - xhat * mgx));
                         }
-                    })
+                    };
+                    // SAFETY: every plane is written element by element.
+                    unsafe { filled(n * c * l, l, fill) }
                 })
             })??;
             Some(Tensor::from_vec(out, x.shape(), x.device())?)

@@ -11,6 +11,9 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+use crate::scratch::{self, with_scratch};
 
 /// Geometry of one convolution: input (N, C, H, W), weight (O, C/groups, KH, KW).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,96 +76,68 @@ impl Geometry {
     fn out_plane(&self) -> usize {
         self.ho * self.wo
     }
-    /// A 1x1 convolution with stride 1 and no padding reads the input as its im2col matrix.
-    fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
-    }
 }
 
-/// `im2col` of one group of one sample: `x` is (C/groups, H, W), `col` is (C/groups x KH x KW,
-/// HO x WO), zero where the window leaves the padded input.
-fn im2col(g: &Geometry, x: &[f32], col: &mut [f32]) {
-    let (ho, wo, s, p) = (g.ho, g.wo, g.stride, g.padding);
-    let mut row = 0;
-    for c in 0..g.cg() {
-        let plane = &x[c * g.in_plane()..(c + 1) * g.in_plane()];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let dst = &mut col[row * ho * wo..(row + 1) * ho * wo];
-                row += 1;
-                // Output columns whose input column is inside: ow*s + kj - p in [0, W).
-                let ow_lo = p.saturating_sub(kj).div_ceil(s).min(wo);
-                let ow_hi = if g.w + p > kj {
-                    ((g.w + p - kj - 1) / s + 1).min(wo)
-                } else {
-                    0
-                }
-                .max(ow_lo);
-                for oh in 0..ho {
-                    let d = &mut dst[oh * wo..(oh + 1) * wo];
-                    let ih = (oh * s + ki) as isize - p as isize;
-                    if ih < 0 || ih >= g.h as isize {
-                        d.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    d[..ow_lo].fill(0.0);
-                    d[ow_hi..].fill(0.0);
-                    if ow_hi == ow_lo {
-                        continue;
-                    }
-                    if s == 1 {
-                        let iw0 = ow_lo + kj - p;
-                        d[ow_lo..ow_hi].copy_from_slice(&src[iw0..iw0 + (ow_hi - ow_lo)]);
-                    } else {
-                        for (ow, v) in d[ow_lo..ow_hi].iter_mut().enumerate() {
-                            *v = src[(ow + ow_lo) * s + kj - p];
-                        }
-                    }
-                }
+/// The output columns `ow` whose input column `ow * s + kj - p` lies inside `[0, W)`.
+fn valid_cols(g: &Geometry, kj: usize) -> (usize, usize) {
+    let (s, p) = (g.stride, g.padding);
+    let lo = p.saturating_sub(kj).div_ceil(s).min(g.wo);
+    let hi = if g.w + p > kj {
+        ((g.w + p - kj - 1) / s + 1).min(g.wo)
+    } else {
+        0
+    };
+    (lo, hi.max(lo))
+}
+
+/// Row `(c, ki, kj)` of the im2col matrix of one sample: `plane` is input channel `c`
+/// (H x W), `dst` the HO x WO values `x[c, oh * s + ki - p, ow * s + kj - p]` (0 outside).
+fn im2col_row(g: &Geometry, plane: &[f32], ki: usize, kj: usize, dst: &mut [f32]) {
+    let (wo, s, p) = (g.wo, g.stride, g.padding);
+    let (lo, hi) = valid_cols(g, kj);
+    for (oh, d) in dst.chunks_exact_mut(wo).enumerate() {
+        let ih = (oh * s + ki) as isize - p as isize;
+        if ih < 0 || ih >= g.h as isize || hi == lo {
+            d.fill(0.0);
+            continue;
+        }
+        let src = &plane[ih as usize * g.w..][..g.w];
+        d[..lo].fill(0.0);
+        d[hi..].fill(0.0);
+        if s == 1 {
+            let i0 = lo + kj - p;
+            for (d, &v) in d[lo..hi].iter_mut().zip(&src[i0..]) {
+                *d = v;
+            }
+        } else {
+            for (ow, d) in (lo..hi).zip(&mut d[lo..hi]) {
+                *d = src[ow * s + kj - p];
             }
         }
     }
 }
 
-/// The adjoint of [`im2col`]: adds `col` (C/groups x KH x KW, HO x WO) into `x` (C/groups, H, W).
-fn col2im(g: &Geometry, col: &[f32], x: &mut [f32]) {
-    let (ho, wo, s, p) = (g.ho, g.wo, g.stride, g.padding);
-    let mut row = 0;
-    for c in 0..g.cg() {
-        let plane = &mut x[c * g.in_plane()..(c + 1) * g.in_plane()];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let src = &col[row * ho * wo..(row + 1) * ho * wo];
-                row += 1;
-                let ow_lo = p.saturating_sub(kj).div_ceil(s).min(wo);
-                let ow_hi = if g.w + p > kj {
-                    ((g.w + p - kj - 1) / s + 1).min(wo)
-                } else {
-                    0
-                }
-                .max(ow_lo);
-                for oh in 0..ho {
-                    let ih = (oh * s + ki) as isize - p as isize;
-                    if ih < 0 || ih >= g.h as isize || ow_hi == ow_lo {
-                        continue;
-                    }
-                    let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    let sr = &src[oh * wo..(oh + 1) * wo];
-                    if s == 1 {
-                        let iw0 = ow_lo + kj - p;
-                        for (d, v) in dst[iw0..iw0 + (ow_hi - ow_lo)]
-                            .iter_mut()
-                            .zip(&sr[ow_lo..ow_hi])
-                        {
-                            *d += v;
-                        }
-                    } else {
-                        for ow in ow_lo..ow_hi {
-                            dst[ow * s + kj - p] += sr[ow];
-                        }
-                    }
-                }
+/// The adjoint of [`im2col_row`]: adds `src` (HO x WO) into `plane` (H x W).
+fn col2im_row(g: &Geometry, src: &[f32], ki: usize, kj: usize, plane: &mut [f32]) {
+    let (wo, s, p) = (g.wo, g.stride, g.padding);
+    let (lo, hi) = valid_cols(g, kj);
+    if hi == lo {
+        return;
+    }
+    for (oh, sr) in src.chunks_exact(wo).enumerate() {
+        let ih = (oh * s + ki) as isize - p as isize;
+        if ih < 0 || ih >= g.h as isize {
+            continue;
+        }
+        let dst = &mut plane[ih as usize * g.w..][..g.w];
+        if s == 1 {
+            let i0 = lo + kj - p;
+            for (d, &v) in dst[i0..i0 + (hi - lo)].iter_mut().zip(&sr[lo..hi]) {
+                *d += v;
+            }
+        } else {
+            for ow in lo..hi {
+                dst[ow * s + kj - p] += sr[ow];
             }
         }
     }
@@ -194,8 +169,8 @@ impl View {
     }
 }
 
-/// `dst (m x n, row-major) = [dst +] a (m x k) * b (k x n)`, single-threaded (the callers are
-/// parallel over samples).
+/// `dst (m x n, row-major) = [dst +] a (m x k) * b (k x n)`, on the calling thread (the
+/// callers run one per chunk of samples, in parallel).
 fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accumulate: bool) {
     assert!(dst.len() >= m * n, "matmul: destination too small");
     // SAFETY: `dst` holds m x n elements (checked above); `a` and `b` come from slices that
@@ -235,94 +210,131 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// Samples per GEMM. Several samples share one GEMM so that the weight is packed once per
+/// chunk instead of once per sample (it dominates in the deep layers, where a sample has few
+/// output positions), while a chunk's im2col matrix stays cache-sized (256 K floats) and there
+/// are at least two chunks per thread to balance the load.
+fn chunk_len(g: &Geometry) -> usize {
+    const BUDGET: usize = 256 << 10;
+    let per_thread = g.n.div_ceil(2 * rayon::current_num_threads()).max(1);
+    (BUDGET / (g.k() * g.out_plane()).max(1)).clamp(1, per_thread)
+}
+
+/// The im2col matrix of group `gi` of samples `xs` (each C x H x W) into `col`
+/// (K x B * HO * WO: sample b in columns b * HO * WO ..).
+fn im2col_chunk(g: &Geometry, xs: &[f32], gi: usize, col: &mut [f32]) {
+    let (ip, op, cg) = (g.in_plane(), g.out_plane(), g.cg());
+    let b = xs.len() / (g.c * ip);
+    let ld = b * op;
+    for (r, row) in col[..g.k() * ld].chunks_exact_mut(ld).enumerate() {
+        let (c, kk) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
+        let (ki, kj) = (kk / g.kw, kk % g.kw);
+        for (i, dst) in row.chunks_exact_mut(op).enumerate() {
+            im2col_row(g, &xs[(i * g.c + gi * cg + c) * ip..][..ip], ki, kj, dst);
+        }
+    }
+}
+
+/// Rows `gi * O/groups ..` of the samples `ts` (each O x HO*WO) as an (O/groups) x
+/// (B * HO*WO) matrix.
+fn gather_rows(g: &Geometry, ts: &[f32], gi: usize, out: &mut [f32]) {
+    let (op, og) = (g.out_plane(), g.og());
+    let b = ts.len() / (g.o * op);
+    for (o, row) in out[..og * b * op].chunks_exact_mut(b * op).enumerate() {
+        for (i, dst) in row.chunks_exact_mut(op).enumerate() {
+            dst.copy_from_slice(&ts[(i * g.o + gi * og + o) * op..][..op]);
+        }
+    }
+}
+
 fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
-    let (k, og, cg) = (g.k(), g.og(), g.cg());
-    let (ip, op) = (g.in_plane(), g.out_plane());
-    let mut y = vec![0f32; g.n * g.o * op];
-    y.par_chunks_mut(g.o * op)
-        .zip(x.par_chunks(g.c * ip))
-        .for_each_init(
-            || vec![0f32; if g.pointwise() { 0 } else { k * op }],
-            |col, (y, x)| {
-                for gi in 0..g.groups {
-                    let xg = &x[gi * cg * ip..(gi + 1) * cg * ip];
-                    let wg = &w[gi * og * k..(gi + 1) * og * k];
-                    let rhs: &[f32] = if g.pointwise() {
-                        xg
-                    } else {
-                        im2col(g, xg, col.as_mut_slice());
-                        col.as_slice()
-                    };
-                    let yg = &mut y[gi * og * op..(gi + 1) * og * op];
-                    matmul(yg, og, op, k, View::rows(wg, k), View::rows(rhs, op), false);
+    let (k, og, ip, op) = (g.k(), g.og(), g.in_plane(), g.out_plane());
+    let chunk = chunk_len(g);
+    let fill = |ci: usize, y: &mut [MaybeUninit<f32>]| {
+        let x = &x[ci * chunk * g.c * ip..][..y.len() / (g.o * op) * g.c * ip];
+        let b = x.len() / (g.c * ip);
+        let ld = b * op;
+        with_scratch(k * ld, og * ld, |col, yc| {
+            for gi in 0..g.groups {
+                im2col_chunk(g, x, gi, col);
+                let wg = &w[gi * og * k..(gi + 1) * og * k];
+                matmul(yc, og, ld, k, View::rows(wg, k), View::rows(col, ld), false);
+                // Scatter the (O/groups) x (b * HO*WO) result into NCHW.
+                for o in 0..og {
+                    for i in 0..b {
+                        let dst = &mut y[(i * g.o + gi * og + o) * op..][..op];
+                        scratch::write(dst, &yc[o * ld + i * op..][..op]);
+                    }
                 }
-            },
-        );
-    y
+            }
+        })
+    };
+    // SAFETY: every (sample, output channel) plane of each chunk is written by the scatter.
+    unsafe { scratch::filled(g.n * g.o * op, chunk * g.o * op, fill) }
 }
 
 fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
-    let (k, og, cg) = (g.k(), g.og(), g.cg());
-    let (ip, op) = (g.in_plane(), g.out_plane());
+    let (k, og, cg, ip, op) = (g.k(), g.og(), g.cg(), g.in_plane(), g.out_plane());
+    let chunk = chunk_len(g);
     let mut gx = vec![0f32; g.n * g.c * ip];
-    gx.par_chunks_mut(g.c * ip)
-        .zip(gy.par_chunks(g.o * op))
-        .for_each_init(
-            || vec![0f32; if g.pointwise() { 0 } else { k * op }],
-            |col, (gx, gy)| {
+    gx.par_chunks_mut(chunk * g.c * ip)
+        .zip(gy.par_chunks(chunk * g.o * op))
+        .for_each(|(gx, gy)| {
+            let b = gy.len() / (g.o * op);
+            let ld = b * op;
+            with_scratch(k * ld, og * ld, |dcol, gyc| {
                 for gi in 0..g.groups {
-                    let gyg = &gy[gi * og * op..(gi + 1) * og * op];
-                    // W_g^T (K x O/groups) times gy_g (O/groups x HO*WO).
+                    gather_rows(g, gy, gi, gyc);
+                    // W_g^T (K x O/groups) times gy_g (O/groups x b * HO*WO).
                     let wt = View::transposed(&w[gi * og * k..(gi + 1) * og * k], k);
-                    let gxg = &mut gx[gi * cg * ip..(gi + 1) * cg * ip];
-                    if g.pointwise() {
-                        matmul(gxg, k, op, og, wt, View::rows(gyg, op), false);
-                    } else {
-                        matmul(col, k, op, og, wt, View::rows(gyg, op), false);
-                        col2im(g, col, gxg);
+                    matmul(dcol, k, ld, og, wt, View::rows(gyc, ld), false);
+                    for i in 0..b {
+                        for c in 0..cg {
+                            let plane = &mut gx[(i * g.c + gi * cg + c) * ip..][..ip];
+                            for ki in 0..g.kh {
+                                for kj in 0..g.kw {
+                                    let r = (c * g.kh + ki) * g.kw + kj;
+                                    col2im_row(g, &dcol[r * ld + i * op..][..op], ki, kj, plane);
+                                }
+                            }
+                        }
                     }
                 }
-            },
-        );
+            })
+        });
     gx
 }
 
 fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
-    let (k, og, cg) = (g.k(), g.og(), g.cg());
-    let (ip, op) = (g.in_plane(), g.out_plane());
+    let (k, og, ip, op) = (g.k(), g.og(), g.in_plane(), g.out_plane());
+    let chunk = chunk_len(g);
     let len = g.o * k;
-    (0..g.n)
-        .into_par_iter()
+    x.par_chunks(chunk * g.c * ip)
+        .zip(gy.par_chunks(chunk * g.o * op))
         .fold(
-            || {
-                let col = vec![0f32; if g.pointwise() { 0 } else { k * op }];
-                (vec![0f32; len], col)
-            },
-            |(mut gw, mut col), i| {
-                let (x, gy) = (&x[i * g.c * ip..], &gy[i * g.o * op..]);
-                for gi in 0..g.groups {
-                    let xg = &x[gi * cg * ip..(gi + 1) * cg * ip];
-                    let rhs = if g.pointwise() {
-                        xg
-                    } else {
-                        im2col(g, xg, &mut col);
-                        &col[..]
-                    };
-                    // gy_g (O/groups x HO*WO) times col^T (HO*WO x K).
-                    matmul(
-                        &mut gw[gi * og * k..(gi + 1) * og * k],
-                        og,
-                        k,
-                        op,
-                        View::rows(&gy[gi * og * op..(gi + 1) * og * op], op),
-                        View::transposed(rhs, op),
-                        true,
-                    );
-                }
-                (gw, col)
+            || vec![0f32; len],
+            |mut gw, (x, gy)| {
+                let b = gy.len() / (g.o * op);
+                let ld = b * op;
+                with_scratch(k * ld, og * ld, |col, gyc| {
+                    for gi in 0..g.groups {
+                        im2col_chunk(g, x, gi, col);
+                        gather_rows(g, gy, gi, gyc);
+                        // gy_g (O/groups x b * HO*WO) times col^T (b * HO*WO x K).
+                        matmul(
+                            &mut gw[gi * og * k..(gi + 1) * og * k],
+                            og,
+                            k,
+                            ld,
+                            View::rows(gyc, ld),
+                            View::transposed(col, ld),
+                            true,
+                        );
+                    }
+                });
+                gw
             },
         )
-        .map(|(gw, _)| gw)
         .reduce(
             || vec![0f32; len],
             |mut a, b| {

@@ -3,7 +3,9 @@
 //! allocate a zero gradient to accumulate into for each input).
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+use crate::scratch::filled;
 
 const CHUNK: usize = 4096;
 
@@ -33,14 +35,14 @@ impl CustomOp2 for AddRelu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32s(s1, l1)?, f32s(s2, l2)?);
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(y, (a, b))| {
-                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                    *y = (a + b).max(0.0);
-                }
-            });
+        let fill = |i: usize, y: &mut [MaybeUninit<f32>]| {
+            let (a, b) = (&a[i * CHUNK..], &b[i * CHUNK..]);
+            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                y.write((a + b).max(0.0));
+            }
+        };
+        // SAFETY: each chunk of y is written element by element (a and b are as long as y).
+        let y = unsafe { filled(a.len(), CHUNK, fill) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -71,14 +73,14 @@ impl CustomOp2 for ReluGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, y) = (f32s(s1, l1)?, f32s(s2, l2)?);
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-            .for_each(|(o, (g, y))| {
-                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                    *o = if y > 0.0 { g } else { 0.0 };
-                }
-            });
+        let fill = |i: usize, o: &mut [MaybeUninit<f32>]| {
+            let (g, y) = (&g[i * CHUNK..], &y[i * CHUNK..]);
+            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                o.write(if y > 0.0 { g } else { 0.0 });
+            }
+        };
+        // SAFETY: each chunk of the output is written element by element.
+        let out = unsafe { filled(g.len(), CHUNK, fill) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

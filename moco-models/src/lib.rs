@@ -19,6 +19,7 @@ pub mod cpu_elementwise;
 mod error;
 pub mod head;
 pub mod resnet;
+mod scratch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
