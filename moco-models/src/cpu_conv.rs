@@ -95,6 +95,27 @@ fn valid_cols(g: &Geometry, kj: usize) -> (usize, usize) {
 fn im2col_row(g: &Geometry, plane: &[f32], ki: usize, kj: usize, dst: &mut [f32]) {
     let (wo, s, p) = (g.wo, g.stride, g.padding);
     let (lo, hi) = valid_cols(g, kj);
+    if s == 1 && g.ho == g.h && wo == g.w {
+        // A "same" convolution: the row is the plane shifted by (ki - p) rows and (kj - p)
+        // columns. One copy, then zeros where the shift leaves the plane or wraps a row.
+        let n = g.h * g.w;
+        let shift = (ki as isize - p as isize) * g.w as isize + kj as isize - p as isize;
+        let from = (-shift).clamp(0, n as isize) as usize;
+        let to = (n as isize - shift).clamp(0, n as isize) as usize;
+        dst[..from].fill(0.0);
+        dst[to.max(from)..].fill(0.0);
+        if to > from {
+            let a = (from as isize + shift) as usize;
+            dst[from..to].copy_from_slice(&plane[a..a + (to - from)]);
+        }
+        if lo > 0 || hi < wo {
+            for d in dst.chunks_exact_mut(wo) {
+                d[..lo].fill(0.0);
+                d[hi..].fill(0.0);
+            }
+        }
+        return;
+    }
     for (oh, d) in dst.chunks_exact_mut(wo).enumerate() {
         let ih = (oh * s + ki) as isize - p as isize;
         if ih < 0 || ih >= g.h as isize || hi == lo {
@@ -672,6 +693,10 @@ mod tests {
         check(2, 6, 8, 8, 6, (3, 3), 2, 2, 3);
         check(4, 16, 6, 6, 16, (3, 3), 1, 1, 16);
         check(1, 2, 5, 5, 3, (5, 5), 3, 2, 1);
+        // "same" convolutions (the shifted-plane im2col), odd and even kernels.
+        check(2, 5, 7, 6, 4, (5, 5), 1, 2, 1);
+        check(2, 3, 4, 9, 2, (1, 1), 1, 0, 1);
+        check(1, 2, 2, 2, 3, (3, 3), 1, 1, 1);
     }
 
     #[test]
