@@ -241,28 +241,40 @@ fn chunk_len(g: &Geometry) -> usize {
     (BUDGET / (g.k() * g.out_plane()).max(1)).clamp(1, per_thread)
 }
 
+/// The row stride of a matrix with `ld` columns: `ld`, padded when it is a multiple of 256
+/// floats. Rows a power of two apart map to the same cache sets, and the GEMM's packing walks
+/// down columns: a 16-channel 32x32 layer's gradient wrt the weight took 2.5x longer unpadded.
+fn padded(ld: usize) -> usize {
+    if ld % 256 == 0 {
+        ld + 16
+    } else {
+        ld
+    }
+}
+
 /// The im2col matrix of group `gi` of samples `xs` (each C x H x W) into `col`
-/// (K x B * HO * WO: sample b in columns b * HO * WO ..).
+/// (K x B * HO * WO: sample b in columns b * HO * WO ..; rows [`padded`] apart).
 fn im2col_chunk(g: &Geometry, xs: &[f32], gi: usize, col: &mut [f32]) {
     let (ip, op, cg) = (g.in_plane(), g.out_plane(), g.cg());
     let b = xs.len() / (g.c * ip);
-    let ld = b * op;
-    for (r, row) in col[..g.k() * ld].chunks_exact_mut(ld).enumerate() {
+    let ldp = padded(b * op);
+    for (r, row) in col[..g.k() * ldp].chunks_exact_mut(ldp).enumerate() {
         let (c, kk) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
         let (ki, kj) = (kk / g.kw, kk % g.kw);
-        for (i, dst) in row.chunks_exact_mut(op).enumerate() {
+        for (i, dst) in row[..b * op].chunks_exact_mut(op).enumerate() {
             im2col_row(g, &xs[(i * g.c + gi * cg + c) * ip..][..ip], ki, kj, dst);
         }
     }
 }
 
 /// Rows `gi * O/groups ..` of the samples `ts` (each O x HO*WO) as an (O/groups) x
-/// (B * HO*WO) matrix.
+/// (B * HO*WO) matrix, rows [`padded`] apart.
 fn gather_rows(g: &Geometry, ts: &[f32], gi: usize, out: &mut [f32]) {
     let (op, og) = (g.out_plane(), g.og());
     let b = ts.len() / (g.o * op);
-    for (o, row) in out[..og * b * op].chunks_exact_mut(b * op).enumerate() {
-        for (i, dst) in row.chunks_exact_mut(op).enumerate() {
+    let ldp = padded(b * op);
+    for (o, row) in out[..og * ldp].chunks_exact_mut(ldp).enumerate() {
+        for (i, dst) in row[..b * op].chunks_exact_mut(op).enumerate() {
             dst.copy_from_slice(&ts[(i * g.o + gi * og + o) * op..][..op]);
         }
     }
@@ -274,12 +286,20 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
     let fill = |ci: usize, y: &mut [MaybeUninit<f32>]| {
         let x = &x[ci * chunk * g.c * ip..][..y.len() / (g.o * op) * g.c * ip];
         let b = x.len() / (g.c * ip);
-        let ld = b * op;
-        with_scratch(k * ld, og * ld, |col, yc| {
+        let (ld, ldp) = (b * op, padded(b * op));
+        with_scratch(k * ldp, og * ld, |col, yc| {
             for gi in 0..g.groups {
                 im2col_chunk(g, x, gi, col);
                 let wg = &w[gi * og * k..(gi + 1) * og * k];
-                matmul(yc, og, ld, k, View::rows(wg, k), View::rows(col, ld), false);
+                matmul(
+                    yc,
+                    og,
+                    ld,
+                    k,
+                    View::rows(wg, k),
+                    View::rows(col, ldp),
+                    false,
+                );
                 // Scatter the (O/groups) x (b * HO*WO) result into NCHW.
                 for o in 0..og {
                     for i in 0..b {
@@ -302,13 +322,13 @@ fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
         .zip(gy.par_chunks(chunk * g.o * op))
         .for_each(|(gx, gy)| {
             let b = gy.len() / (g.o * op);
-            let ld = b * op;
-            with_scratch(k * ld, og * ld, |dcol, gyc| {
+            let (ld, ldp) = (b * op, padded(b * op));
+            with_scratch(k * ld, og * ldp, |dcol, gyc| {
                 for gi in 0..g.groups {
                     gather_rows(g, gy, gi, gyc);
                     // W_g^T (K x O/groups) times gy_g (O/groups x b * HO*WO).
                     let wt = View::transposed(&w[gi * og * k..(gi + 1) * og * k], k);
-                    matmul(dcol, k, ld, og, wt, View::rows(gyc, ld), false);
+                    matmul(dcol, k, ld, og, wt, View::rows(gyc, ldp), false);
                     for i in 0..b {
                         for c in 0..cg {
                             let plane = &mut gx[(i * g.c + gi * cg + c) * ip..][..ip];
@@ -336,8 +356,8 @@ fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
             || vec![0f32; len],
             |mut gw, (x, gy)| {
                 let b = gy.len() / (g.o * op);
-                let ld = b * op;
-                with_scratch(k * ld, og * ld, |col, gyc| {
+                let (ld, ldp) = (b * op, padded(b * op));
+                with_scratch(k * ldp, og * ldp, |col, gyc| {
                     for gi in 0..g.groups {
                         im2col_chunk(g, x, gi, col);
                         gather_rows(g, gy, gi, gyc);
@@ -347,8 +367,8 @@ fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
                             og,
                             k,
                             ld,
-                            View::rows(gyc, ld),
-                            View::transposed(col, ld),
+                            View::rows(gyc, ldp),
+                            View::transposed(col, ldp),
                             true,
                         );
                     }
