@@ -3,7 +3,7 @@ MoCo semantics (moco/builder.py and the single-GPU CIFAR demo): query forward+ba
 forward on a shuffled batch (shuffle-BN on one device) then unshuffled, InfoNCE with the queue,
 SGD (lr 0.03, momentum 0.9, wd 1e-4), momentum update m = 0.999, enqueue. The encoder is
 torchvision's ResNet with the small-image stem for `-small` architectures and a width multiplier,
-fc = Linear(features, 128). Random input; median time of the timed steps after 2 warm-up steps.
+fc = Linear(features, 128) (with --mlp, MoCo v2's Linear-ReLU-Linear head and T 0.2). Random input; median time of the timed steps after 2 warm-up steps.
 
 python3 bench/reference/bench_step.py --arch resnet18-small --width 16 --image-size 28 --channels 1 --batch-size 64 [--json]
 """
@@ -27,6 +27,7 @@ p.add_argument("--channels", type=int, default=3)
 p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--queue-size", type=int, default=4096)
 p.add_argument("--steps", type=int, default=5)
+p.add_argument("--mlp", action="store_true", help="MoCo v2: MLP head, T 0.2")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--json", action="store_true")
 a = p.parse_args()
@@ -53,7 +54,8 @@ def encoder():
     m.layer2 = m._make_layer(block, 2 * w, layers[1], stride=2)
     m.layer3 = m._make_layer(block, 4 * w, layers[2], stride=2)
     m.layer4 = m._make_layer(block, 8 * w, layers[3], stride=2)
-    m.fc = nn.Linear(8 * w * block.expansion, 128)
+    f = 8 * w * block.expansion
+    m.fc = nn.Sequential(nn.Linear(f, f), nn.ReLU(), nn.Linear(f, 128)) if a.mlp else nn.Linear(f, 128)
     return m
 
 
@@ -76,7 +78,7 @@ def step():
         k = F.normalize(k_enc(x2[idx]), dim=1)[torch.argsort(idx)]
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
     l_neg = torch.einsum("nc,ck->nk", q, queue)
-    logits = torch.cat([l_pos, l_neg], dim=1) / 0.07
+    logits = torch.cat([l_pos, l_neg], dim=1) / (0.2 if a.mlp else 0.07)
     loss = F.cross_entropy(logits, torch.zeros(a.batch_size, dtype=torch.long))
     opt.zero_grad()
     loss.backward()

@@ -81,6 +81,7 @@ pub struct StepOptions {
     pub channels: usize,
     pub batch_size: usize,
     pub queue_size: usize,
+    pub mlp: bool,
     pub steps: usize,
     pub device: candle_core::Device,
     pub json: bool,
@@ -98,12 +99,20 @@ pub fn step(o: StepOptions) -> Result<()> {
     };
     let spec = moco_models::EncoderSpec {
         resnet,
-        head: moco_models::HeadKind::Linear { dim: 128 },
+        head: if o.mlp {
+            moco_models::HeadKind::Mlp { dim: 128 }
+        } else {
+            moco_models::HeadKind::Linear { dim: 128 }
+        },
     };
     let config = moco_core::MocoConfig {
         queue_size: o.queue_size,
         batch_size: o.batch_size,
-        ..moco_core::MocoConfig::v1()
+        ..if o.mlp {
+            moco_core::MocoConfig::v2()
+        } else {
+            moco_core::MocoConfig::v1()
+        }
     };
     let mut moco = moco_core::Moco::new(config, &o.device, |vb| moco_models::encoder(spec, vb))?;
     let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
@@ -124,8 +133,8 @@ pub fn step(o: StepOptions) -> Result<()> {
     let ips = o.batch_size as f64 / median;
     let rss = peak_rss_mb();
     println!(
-        "MoCo step {} width {} {}x{}x{} batch {} K {}: {:.1} images/s (median of {} steps, {:.3} s/step), peak RSS {}",
-        o.arch, o.width, o.image_size, o.image_size, o.channels, o.batch_size, o.queue_size, ips, o.steps, median,
+        "MoCo {} step {} width {} {}x{}x{} batch {} K {}: {:.1} images/s (median of {} steps, {:.3} s/step), peak RSS {}",
+        if o.mlp { "v2" } else { "v1" }, o.arch, o.width, o.image_size, o.image_size, o.channels, o.batch_size, o.queue_size, ips, o.steps, median,
         rss.map_or("unknown".into(), |r| format!("{r:.0} MB"))
     );
     if o.json {

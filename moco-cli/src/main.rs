@@ -329,6 +329,9 @@ enum BenchCommand {
         /// Queue size K.
         #[arg(long, default_value_t = 4096)]
         queue_size: usize,
+        /// MoCo v2's step: MLP head and T 0.2 (default: v1's linear head, T 0.07).
+        #[arg(long)]
+        mlp: bool,
         /// Timed steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 5)]
         steps: usize,
@@ -495,6 +498,7 @@ fn main() -> Result<()> {
             channels,
             batch_size,
             queue_size,
+            mlp,
             steps,
             device,
             json,
@@ -505,6 +509,7 @@ fn main() -> Result<()> {
             channels,
             batch_size,
             queue_size,
+            mlp,
             steps,
             device: device::parse(&device)?,
             json,
