@@ -348,7 +348,10 @@ fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
 
 fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
     let (k, og, ip, op) = (g.k(), g.og(), g.in_plane(), g.out_plane());
-    let chunk = chunk_len(g);
+    // Each chunk adds into the whole O x K gradient: at least 512 columns per GEMM, so the deep
+    // layers (a large weight, few output positions) do not re-read it for every few samples.
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = chunk_len(g).max(512usize.div_ceil(op).min(g.n.div_ceil(threads)));
     let len = g.o * k;
     x.par_chunks(chunk * g.c * ip)
         .zip(gy.par_chunks(chunk * g.o * op))
@@ -524,6 +527,41 @@ impl CustomOp2 for Conv2dGradWeight {
         );
         Ok((CpuStorage::F32(gw), Shape::from(self.w_dims.to_vec())))
     }
+}
+
+/// The gradients of `conv2d(x, w, padding, stride, groups)` wrt `x` and `w` given the gradient
+/// `gy` of its output, with this module's CPU kernels (float32, contiguous on the CPU): what the
+/// backward pass of [`conv2d`] runs, callable directly (benchmarks, custom autograd).
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    padding: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (x, w, gy) = (x.contiguous()?, w.contiguous()?, gy.contiguous()?);
+    let (a, b, c, d) = x.dims4()?;
+    let gx = gy.apply_op2_no_bwd(
+        &w,
+        &Conv2dGradInput {
+            stride,
+            padding,
+            groups,
+            x_dims: [a, b, c, d],
+        },
+    )?;
+    let (a, b, c, d) = w.dims4()?;
+    let gw = x.apply_op2_no_bwd(
+        &gy,
+        &Conv2dGradWeight {
+            stride,
+            padding,
+            groups,
+            w_dims: [a, b, c, d],
+        },
+    )?;
+    Ok((gx, gw))
 }
 
 /// `conv2d(x, w)` with dilation 1: the kernels of this module for float32 on the CPU, candle's
