@@ -25,6 +25,7 @@ ap.add_argument("--full", action="store_true")
 ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
 ap.add_argument("--subset", type=int, default=10000)
 ap.add_argument("--epochs", type=int, default=3)
+ap.add_argument("--seed", type=int, default=0, help="seed of both runs (initialisation, data order, augmentations)")
 args = ap.parse_args()
 if args.full:
     data = ["--dataset", "fashion-mnist", "--data-dir", args.data_dir]
@@ -34,7 +35,7 @@ if args.full:
 else:
     data, pre, ref_data = ["--dataset", "default"], [], []
     print(f"embedded subset: 4000 train / 1000 test images, {args.epochs} epochs", flush=True)
-epochs = ["--epochs", str(args.epochs)]
+epochs = ["--epochs", str(args.epochs), "--seed", str(args.seed)]
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(root)
