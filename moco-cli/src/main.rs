@@ -48,7 +48,7 @@ struct Cli {
 enum Command {
     /// Print a preset's fully resolved configuration as JSON (a starting point for a config file).
     Config {
-        /// The preset: v1, v2 or cifar.
+        /// The preset: v1, v2, cifar or v3.
         #[arg(long, default_value = "v2")]
         preset: String,
     },

@@ -63,7 +63,7 @@ pub struct RunConfig {
 impl Default for RunConfig {
     /// The first-run default: a small ResNet-18 (width 8) on the embedded Fashion-MNIST subset,
     /// the CIFAR demo's recipe (K 2048 for the smaller batch) with MoCo v1's crops (scale 0.2-1;
-    /// the demo's 0.08 is too small at 28x28), about three minutes on two CPU cores.
+    /// the demo's 0.08 is too small at 28x28), about 15 seconds on two CPU cores.
     fn default() -> Self {
         Self {
             moco: MocoConfig {
