@@ -232,25 +232,9 @@ impl ModuleT for BatchNorm {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::test_util::max_rel;
     use candle_core::Device;
     use candle_nn::VarMap;
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b) = (
-            a.to_dtype(DType::F32).unwrap(),
-            b.to_dtype(DType::F32).unwrap(),
-        );
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap() / scale
-    }
 
     /// The fused CPU kernel (float32 input) against the generic candle-op path (the same
     /// values as float64, which takes the generic path): output, running statistics and the

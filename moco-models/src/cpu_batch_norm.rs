@@ -13,6 +13,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use crate::cpu_elementwise::relu_grad;
 use crate::scratch::filled;
 
 /// Per (group, channel) batch statistics of an (N, C, L) input: mean and biased variance,
@@ -185,18 +186,7 @@ impl CustomOp3 for Normalize {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Through the fused ReLU first: the gradient passes where the output is positive.
         let gy = if self.relu {
-            let masked = with_f32(y, |yv| {
-                with_f32(&gy.contiguous()?, |gv| {
-                    let fill = |i: usize, o: &mut [MaybeUninit<f32>]| {
-                        let (g, y) = (&gv[i * 4096..], &yv[i * 4096..]);
-                        for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                            o.write(if y > 0.0 { g } else { 0.0 });
-                        }
-                    };
-                    // SAFETY: every chunk is written element by element.
-                    unsafe { filled(gv.len(), 4096, fill) }
-                })
-            })??;
+            let masked = with_f32(y, |yv| with_f32(&gy.contiguous()?, |gv| relu_grad(gv, yv)))??;
             Tensor::from_vec(masked, y.shape(), y.device())?
         } else {
             gy.contiguous()?

@@ -395,20 +395,21 @@ struct Conv2d {
     groups: usize,
 }
 
-/// gx = d conv2d(x, w) / dx applied to gy; the input's dims are carried along.
-struct Conv2dGradInput {
-    stride: usize,
-    padding: usize,
-    groups: usize,
-    x_dims: [usize; 4],
+/// Which gradient a [`Conv2dGrad`] computes, with the dims of that operand.
+#[derive(Clone, Copy)]
+enum Wrt {
+    /// `gx` from `(gy, w)`.
+    Input([usize; 4]),
+    /// `gw` from `(x, gy)`.
+    Weight([usize; 4]),
 }
 
-/// gw = d conv2d(x, w) / dw applied to gy; the weight's dims are carried along.
-struct Conv2dGradWeight {
+/// A gradient of conv2d(x, w) applied to the output gradient gy.
+struct Conv2dGrad {
     stride: usize,
     padding: usize,
     groups: usize,
-    w_dims: [usize; 4],
+    wrt: Wrt,
 }
 
 impl CustomOp2 for Conv2d {
@@ -442,22 +443,22 @@ impl CustomOp2 for Conv2d {
         };
         // No gradient for an input that nothing upstream needs (the images).
         let gx = if x.track_op() {
-            let op = Conv2dGradInput {
+            let op = Conv2dGrad {
                 stride: self.stride,
                 padding: self.padding,
                 groups: self.groups,
-                x_dims: dims4(x)?,
+                wrt: Wrt::Input(dims4(x)?),
             };
             Some(gy.apply_op2_no_bwd(w, &op)?)
         } else {
             None
         };
         let gw = if w.track_op() {
-            let op = Conv2dGradWeight {
+            let op = Conv2dGrad {
                 stride: self.stride,
                 padding: self.padding,
                 groups: self.groups,
-                w_dims: dims4(w)?,
+                wrt: Wrt::Weight(dims4(w)?),
             };
             Some(x.apply_op2_no_bwd(&gy, &op)?)
         } else {
@@ -467,9 +468,12 @@ impl CustomOp2 for Conv2d {
     }
 }
 
-impl CustomOp2 for Conv2dGradInput {
+impl CustomOp2 for Conv2dGrad {
     fn name(&self) -> &'static str {
-        "moco-conv2d-grad-input"
+        match self.wrt {
+            Wrt::Input(_) => "moco-conv2d-grad-input",
+            Wrt::Weight(_) => "moco-conv2d-grad-weight",
+        }
     }
 
     fn cpu_fwd(
@@ -479,53 +483,33 @@ impl CustomOp2 for Conv2dGradInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(
-            &self.x_dims,
-            l2.dims(),
-            self.stride,
-            self.padding,
-            self.groups,
-        )?;
-        if l1.dims() != [g.n, g.o, g.ho, g.wo] {
-            candle_core::bail!("conv2d grad-input: gradient shape {:?}", l1.dims())
+        // (x dims, w dims, the output gradient's layout)
+        let (xd, wd, gl) = match self.wrt {
+            Wrt::Input(x) => (x.to_vec(), l2.dims().to_vec(), l1),
+            Wrt::Weight(w) => (l1.dims().to_vec(), w.to_vec(), l2),
+        };
+        let g = Geometry::new(&xd, &wd, self.stride, self.padding, self.groups)?;
+        if gl.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!("{}: output gradient of shape {:?}", self.name(), gl.dims())
         }
-        let gx = grad_input(
-            &g,
-            slice(s1, l1, "output gradient")?,
-            slice(s2, l2, "weight")?,
-        );
-        Ok((CpuStorage::F32(gx), Shape::from(self.x_dims.to_vec())))
-    }
-}
-
-impl CustomOp2 for Conv2dGradWeight {
-    fn name(&self) -> &'static str {
-        "moco-conv2d-grad-weight"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(
-            l1.dims(),
-            &self.w_dims,
-            self.stride,
-            self.padding,
-            self.groups,
-        )?;
-        if l2.dims() != [g.n, g.o, g.ho, g.wo] {
-            candle_core::bail!("conv2d grad-weight: gradient shape {:?}", l2.dims())
-        }
-        let gw = grad_weight(
-            &g,
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "output gradient")?,
-        );
-        Ok((CpuStorage::F32(gw), Shape::from(self.w_dims.to_vec())))
+        Ok(match self.wrt {
+            Wrt::Input(x) => {
+                let gx = grad_input(
+                    &g,
+                    slice(s1, l1, "output gradient")?,
+                    slice(s2, l2, "weight")?,
+                );
+                (CpuStorage::F32(gx), Shape::from(x.to_vec()))
+            }
+            Wrt::Weight(w) => {
+                let gw = grad_weight(
+                    &g,
+                    slice(s1, l1, "input")?,
+                    slice(s2, l2, "output gradient")?,
+                );
+                (CpuStorage::F32(gw), Shape::from(w.to_vec()))
+            }
+        })
     }
 }
 
@@ -544,21 +528,21 @@ pub fn conv2d_backward(
     let (a, b, c, d) = x.dims4()?;
     let gx = gy.apply_op2_no_bwd(
         &w,
-        &Conv2dGradInput {
+        &Conv2dGrad {
             stride,
             padding,
             groups,
-            x_dims: [a, b, c, d],
+            wrt: Wrt::Input([a, b, c, d]),
         },
     )?;
     let (a, b, c, d) = w.dims4()?;
     let gw = x.apply_op2_no_bwd(
         &gy,
-        &Conv2dGradWeight {
+        &Conv2dGrad {
             stride,
             padding,
             groups,
-            w_dims: [a, b, c, d],
+            wrt: Wrt::Weight([a, b, c, d]),
         },
     )?;
     Ok((gx, gw))
@@ -588,20 +572,8 @@ pub fn conv2d(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::test_util::max_rel;
     use candle_core::{Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap() / scale
-    }
 
     /// Direct-loop reference in f64: y, and the gradients of sum(y * mix) wrt x and w.
     #[allow(clippy::type_complexity)]

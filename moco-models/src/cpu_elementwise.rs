@@ -15,12 +15,32 @@ struct AddRelu;
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("add_relu (cpu): expected contiguous float32 tensors"),
+        _ => candle_core::bail!("add_relu (cpu): expected contiguous float32 tensors of one shape"),
     }
 }
 
 /// `out = g where y > 0, else 0`.
 struct ReluGrad;
+
+/// `f(a[i], b[i])` for every i, in parallel chunks, into a fresh vector (`b` at least as long
+/// as `a`).
+pub(crate) fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    assert!(b.len() >= a.len(), "zip_map: second operand too short");
+    let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
+        let (a, b) = (&a[i * CHUNK..], &b[i * CHUNK..]);
+        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            o.write(f(a, b));
+        }
+    };
+    // SAFETY: chunk i of the output has the length of a[i * CHUNK..] (or CHUNK), and `a` and
+    // `b` are at least that long from there, so every element of it is written.
+    unsafe { filled(a.len(), CHUNK, fill) }
+}
+
+/// The gradient through a ReLU: `g` where its output `y` is positive, else 0.
+pub(crate) fn relu_grad(g: &[f32], y: &[f32]) -> Vec<f32> {
+    zip_map(g, y, |g, y| if y > 0.0 { g } else { 0.0 })
+}
 
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
@@ -34,15 +54,7 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (f32s(s1, l1)?, f32s(s2, l2)?);
-        let fill = |i: usize, y: &mut [MaybeUninit<f32>]| {
-            let (a, b) = (&a[i * CHUNK..], &b[i * CHUNK..]);
-            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                y.write((a + b).max(0.0));
-            }
-        };
-        // SAFETY: each chunk of y is written element by element (a and b are as long as y).
-        let y = unsafe { filled(a.len(), CHUNK, fill) };
+        let y = zip_map(f32s(s1, l1)?, f32s(s2, l2)?, |a, b| (a + b).max(0.0));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -72,15 +84,7 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, y) = (f32s(s1, l1)?, f32s(s2, l2)?);
-        let fill = |i: usize, o: &mut [MaybeUninit<f32>]| {
-            let (g, y) = (&g[i * CHUNK..], &y[i * CHUNK..]);
-            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                o.write(if y > 0.0 { g } else { 0.0 });
-            }
-        };
-        // SAFETY: each chunk of the output is written element by element.
-        let out = unsafe { filled(g.len(), CHUNK, fill) };
+        let out = relu_grad(f32s(s1, l1)?, f32s(s2, l2)?);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -101,6 +105,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::test_util::max_rel;
     use candle_core::{Device, Var};
 
     #[test]
@@ -111,17 +116,7 @@ mod tests {
         let mix = Tensor::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
         let ours = add_relu(a.as_tensor(), b.as_tensor()).unwrap();
         let theirs = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
-        let diff = |x: &Tensor, y: &Tensor| {
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert_eq!(diff(&ours, &theirs), 0.0);
+        assert_eq!(max_rel(&ours, &theirs), 0.0);
         let ga = (&ours * &mix)
             .unwrap()
             .sum_all()
@@ -135,7 +130,7 @@ mod tests {
             .backward()
             .unwrap();
         for v in [&a, &b] {
-            assert_eq!(diff(ga.get(v).unwrap(), gb.get(v).unwrap()), 0.0);
+            assert_eq!(max_rel(ga.get(v).unwrap(), gb.get(v).unwrap()), 0.0);
         }
         // A frozen input gets no gradient.
         let c = Tensor::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();

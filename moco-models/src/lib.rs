@@ -20,6 +20,8 @@ mod error;
 pub mod head;
 pub mod resnet;
 mod scratch;
+#[cfg(test)]
+mod test_util;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
