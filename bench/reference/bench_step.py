@@ -28,6 +28,7 @@ p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--queue-size", type=int, default=4096)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--mlp", action="store_true", help="MoCo v2: MLP head, T 0.2")
+p.add_argument("--device", default="cpu", help="cpu or cuda")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--json", action="store_true")
 a = p.parse_args()
@@ -59,27 +60,28 @@ def encoder():
     return m
 
 
-q_enc = encoder()
+dev = torch.device(a.device)
+q_enc = encoder().to(dev)
 k_enc = copy.deepcopy(q_enc)
 for param in k_enc.parameters():
     param.requires_grad = False
-queue = F.normalize(torch.randn(128, a.queue_size), dim=0)
+queue = F.normalize(torch.randn(128, a.queue_size, device=dev), dim=0)
 ptr = 0
 opt = torch.optim.SGD(q_enc.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
 shape = (a.batch_size, a.channels, a.image_size, a.image_size)
-x1, x2 = torch.randn(shape), torch.randn(shape)
+x1, x2 = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
 
 
 def step():
     global ptr
     q = F.normalize(q_enc(x1), dim=1)
     with torch.no_grad():
-        idx = torch.randperm(a.batch_size)
+        idx = torch.randperm(a.batch_size, device=dev)
         k = F.normalize(k_enc(x2[idx]), dim=1)[torch.argsort(idx)]
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
     l_neg = torch.einsum("nc,ck->nk", q, queue)
     logits = torch.cat([l_pos, l_neg], dim=1) / (0.2 if a.mlp else 0.07)
-    loss = F.cross_entropy(logits, torch.zeros(a.batch_size, dtype=torch.long))
+    loss = F.cross_entropy(logits, torch.zeros(a.batch_size, dtype=torch.long, device=dev))
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -96,12 +98,16 @@ times = []
 for i in range(2 + a.steps):
     t0 = time.perf_counter()
     step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     if i >= 2:
         times.append(time.perf_counter() - t0)
 times.sort()
 med = times[len(times) // 2]
 ips = a.batch_size / med
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if dev.type == "cuda":
+    rss = torch.cuda.max_memory_allocated() / 2**20  # peak GPU memory instead
 print(f"PyTorch {torch.__version__} MoCo step {a.arch} width {a.width} {a.image_size}x{a.image_size}x{a.channels} batch {a.batch_size}: {ips:.1f} images/s ({med:.3f} s/step), peak RSS {rss:.0f} MB")
 if a.json:
     print(json.dumps({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": med}))

@@ -145,3 +145,83 @@ pub fn step(o: StepOptions) -> Result<()> {
     }
     Ok(())
 }
+
+/// Options of `moco check-device`.
+#[derive(Debug)]
+pub struct CheckOptions {
+    pub arch: String,
+    pub width: usize,
+    pub image_size: usize,
+    pub channels: usize,
+    pub batch_size: usize,
+    pub device: candle_core::Device,
+    pub tolerance: f64,
+}
+
+/// `moco check-device`: one MoCo step (v2 head, shuffle-BN, SGD, momentum update, enqueue) on
+/// `--device` and the same step on the CPU, from the same seeded weights, queue and input;
+/// compares the loss and every updated tensor (query and key encoders, queue, optimizer state).
+/// Fails when the largest difference, relative to the tensor's scale, exceeds the tolerance.
+pub fn check_device(o: CheckOptions) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    let spec = moco_models::EncoderSpec {
+        resnet: moco_models::ResNetConfig {
+            width: o.width,
+            in_channels: o.channels,
+            ..moco_models::ResNetConfig::from_arch(&o.arch)?
+        },
+        head: moco_models::HeadKind::Mlp { dim: 128 },
+    };
+    let config = moco_core::MocoConfig {
+        queue_size: 4 * o.batch_size,
+        batch_size: o.batch_size,
+        ..moco_core::MocoConfig::v2()
+    };
+    let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
+    let x1 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
+    let x2 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
+    let run = |device: &Device| -> Result<(f32, std::collections::BTreeMap<String, Tensor>)> {
+        // Same seed: the same initial weights and queue on every device.
+        let mut moco =
+            moco_core::Moco::new(config.clone(), device, |vb| moco_models::encoder(spec, vb))?;
+        let out = moco.train_step(&x1.to_device(device)?, &x2.to_device(device)?, 0.03, 0.99)?;
+        let state = moco
+            .state_tensors()?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        Ok((out.loss, state))
+    };
+    let (loss_dev, dev_state) = run(&o.device)?;
+    let (loss_cpu, cpu_state) = run(&Device::Cpu)?;
+    let mut worst = (String::from("loss"), rel(loss_dev as f64, loss_cpu as f64));
+    for (name, c) in &cpu_state {
+        let d = dev_state
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("`{name}` missing from the {:?} run", o.device))?;
+        let scale = c.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6) as f64;
+        let diff = (d - c)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale;
+        if diff > worst.1 || diff.is_nan() {
+            worst = (name.clone(), diff);
+        }
+    }
+    println!(
+        "one MoCo v2 step on {:?} vs the CPU ({} {}x{}x{}, batch {}): loss {loss_dev:.6} vs {loss_cpu:.6}; {} tensors compared, largest relative difference {:.2e} in `{}` (tolerance {:.0e})",
+        o.device, o.arch, o.image_size, o.image_size, o.channels, o.batch_size,
+        cpu_state.len(), worst.1, worst.0, o.tolerance
+    );
+    if worst.1.is_nan() || worst.1 > o.tolerance {
+        bail!(
+            "`{}` differs by {:.2e} (relative) between {:?} and the CPU, above the tolerance {:.0e}",
+            worst.0,
+            worst.1,
+            o.device,
+            o.tolerance
+        );
+    }
+    Ok(())
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-6)
+}

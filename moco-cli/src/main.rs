@@ -54,6 +54,26 @@ enum Command {
     },
     /// Print the default pretraining configuration as TOML (a starting point for --config).
     ConfigRun,
+    /// One MoCo step on --device next to the same step on the CPU (same weights, queue, input):
+    /// loss and every updated tensor must agree within the tolerance.
+    CheckDevice {
+        /// cuda, cuda:N or metal (cpu compares the CPU with itself).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, default_value = "resnet18-small")]
+        arch: String,
+        #[arg(long, default_value_t = 16)]
+        width: usize,
+        #[arg(long, default_value_t = 32)]
+        image_size: usize,
+        #[arg(long, default_value_t = 3)]
+        channels: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Largest relative difference allowed.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f64,
+    },
     /// Draw a run's training curves (loss, acc1, lr per step; kNN top-1 per epoch) into PNG files.
     Plot {
         /// The run directory (holding metrics.jsonl).
@@ -393,6 +413,23 @@ fn main() -> Result<()> {
                 toml::to_string_pretty(&pretrain::RunConfig::default())?
             );
         }
+        Command::CheckDevice {
+            device,
+            arch,
+            width,
+            image_size,
+            channels,
+            batch_size,
+            tolerance,
+        } => bench::check_device(bench::CheckOptions {
+            arch,
+            width,
+            image_size,
+            channels,
+            batch_size,
+            device: device::parse(&device)?,
+            tolerance,
+        })?,
         Command::Plot { run, out } => {
             for f in plot::run(&run, out.as_deref())? {
                 println!("{}", f.display());

@@ -353,12 +353,20 @@ fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
     let chunk = chunk_len(g).max(512usize.div_ceil(op).min(g.n.div_ceil(threads)));
     let len = g.o * k;
-    x.par_chunks(chunk * g.c * ip)
-        .zip(gy.par_chunks(chunk * g.o * op))
-        .fold(
-            || vec![0f32; len],
-            |mut gw, (x, gy)| {
-                let b = gy.len() / (g.o * op);
+    // A fixed split of the chunks into one run per thread, each summing its chunks in order,
+    // the runs then added in order: the same bits on every call (rayon's fold/reduce would
+    // associate the sums differently from call to call).
+    let n_chunks = g.n.div_ceil(chunk);
+    let parts = threads.min(n_chunks).max(1);
+    let partials: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let mut gw = vec![0f32; len];
+            for ci in p * n_chunks / parts..(p + 1) * n_chunks / parts {
+                let (s0, s1) = (ci * chunk, ((ci + 1) * chunk).min(g.n));
+                let x = &x[s0 * g.c * ip..s1 * g.c * ip];
+                let gy = &gy[s0 * g.o * op..s1 * g.o * op];
+                let b = s1 - s0;
                 let (ld, ldp) = (b * op, padded(b * op));
                 with_scratch(k * ldp, og * ldp, |col, gyc| {
                     for gi in 0..g.groups {
@@ -376,16 +384,16 @@ fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
                         );
                     }
                 });
-                gw
-            },
-        )
-        .reduce(
-            || vec![0f32; len],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+            }
+            gw
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut gw = parts.next().unwrap_or_else(|| vec![0f32; len]);
+    for p in parts {
+        gw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
+    gw
 }
 
 /// y = conv2d(x, w).

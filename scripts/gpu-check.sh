@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The CUDA checks, in two halves.
+#
+# Here (with Rust, no GPU):   scripts/gpu-check.sh --prepare
+#   builds the CUDA binary (scripts/build-cuda.sh), strips and compresses it into
+#   target/gpu/moco.gz (about 25 MB: small enough to travel with the working tree).
+# There (a GPU, its driver, PyTorch with CUDA 13; no Rust):   scripts/gpu-check.sh
+#   with target/gpu/moco.gz carried along. Finds the CUDA 13 runtime libraries of the PyTorch
+#   environment (site-packages/nvidia/cu13/lib) instead of carrying them, then
+#   1. `moco check-device --device cuda`: one MoCo v2 step on the GPU next to the same step on
+#      the CPU (same seeded weights, queue and input): loss and every updated tensor within 1e-3;
+#   2. `moco bench step --device cuda` next to bench/reference/bench_step.py --device cuda:
+#      resnet50 at 224x224 (batch 256, K 65536, v2 head) and the small ResNet-18 (width 64,
+#      32x32, batch 256).
+# Everything is logged to target/gpu/gpu-check.log (and $OUT, when set, receives a copy).
+# Budget: about 10 minutes; each step has its own timeout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+  scripts/build-cuda.sh
+  mkdir -p target/gpu
+  strip -o target/gpu/moco "${CARGO_TARGET_DIR:-target/cuda}/release/moco"
+  gzip -f target/gpu/moco
+  ls -la target/gpu/moco.gz
+  exit 0
+fi
+
+log=target/gpu/gpu-check.log
+mkdir -p target/gpu
+exec > >(tee "$log") 2>&1
+if [ -n "${OUT:-}" ]; then
+  trap 'cp "$log" "$OUT/" 2>/dev/null || true' EXIT
+fi
+
+bin=target/gpu/moco
+if [ ! -x "$bin" ]; then
+  [ -f "$bin.gz" ] || { echo "no $bin.gz: run scripts/gpu-check.sh --prepare on the build machine and carry target/gpu/moco.gz"; exit 1; }
+  gunzip -c "$bin.gz" > "$bin"
+  chmod +x "$bin"
+fi
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+cu13=$(python3 -c 'import nvidia, os; [print(os.path.join(p, "cu13", "lib")) for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "cu13", "lib"))]' 2>/dev/null | head -1)
+if [ -z "$cu13" ]; then
+  echo "no nvidia/cu13/lib in this Python's site-packages: install PyTorch's CUDA 13 wheels"
+  exit 1
+fi
+export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "CUDA libraries from $cu13"
+"$bin" --version
+
+echo "== 1. one MoCo step, CUDA vs CPU"
+timeout 180 "$bin" check-device --device cuda --arch resnet18-small --width 16 --image-size 32 --batch-size 32
+
+echo "== 2. training step throughput, moco-rs vs PyTorch on this GPU"
+bench() {
+  echo "-- $*"
+  timeout 150 "$bin" bench step --device cuda "$@" --json | tail -2 || echo "moco-rs: failed or timed out"
+  timeout 150 python3 bench/reference/bench_step.py --device cuda "$@" --json | tail -2 || echo "PyTorch: failed or timed out"
+}
+bench --arch resnet18-small --width 64 --image-size 32 --channels 3 --batch-size 256 --steps 10
+bench --arch resnet50 --width 64 --image-size 224 --channels 3 --batch-size 256 --queue-size 65536 --mlp --steps 5
+echo "== done"

@@ -1,0 +1,42 @@
+//! `moco check-device`: one MoCo step on a device next to the same step on the CPU. Here (no
+//! GPU) the CPU is compared with itself: the two runs must agree bit for bit, which is also the
+//! determinism a resumed run relies on (the convolution's weight gradient sums over samples in a
+//! fixed order).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use moco_tests::moco;
+
+#[test]
+fn the_same_step_twice_on_the_cpu_is_bit_identical() {
+    let o = moco()
+        .args([
+            "check-device",
+            "--device",
+            "cpu",
+            "--width",
+            "8",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "16",
+            "--tolerance",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("largest relative difference 0.00e0"), "{out}");
+    // A backend not compiled in is an error naming the feature.
+    let o = moco()
+        .args(["check-device", "--device", "metal"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--features metal"));
+}
