@@ -14,7 +14,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::cpu_elementwise::relu_grad;
-use crate::scratch::filled;
+use crate::scratch::{f32_slice, filled};
 
 /// Per (group, channel) batch statistics of an (N, C, L) input: mean and biased variance,
 /// indexed `group * C + channel`.
@@ -28,15 +28,6 @@ pub struct Stats {
 
 fn dims3(dims: &[usize]) -> (usize, usize, usize) {
     (dims[0], dims[1], dims[2..].iter().product())
-}
-
-fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
-    // The caller made `t` contiguous; this copies it out once (cheap next to the passes).
-    let (s, l) = t.storage_and_layout();
-    match (&*s, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(v[a..b].to_vec()),
-        _ => candle_core::bail!("batch norm (cpu): expected a contiguous float32 CPU tensor"),
-    }
 }
 
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -135,17 +126,9 @@ impl CustomOp3 for Normalize {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let get = |s: &'_ CpuStorage, l: &Layout| -> Result<Vec<f32>> {
-            match (s, l.contiguous_offsets()) {
-                (CpuStorage::F32(v), Some((a, b))) => Ok(v[a..b].to_vec()),
-                _ => candle_core::bail!("batch norm (cpu): expected contiguous float32"),
-            }
-        };
-        let (CpuStorage::F32(xv), Some((xa, xb))) = (s1, l1.contiguous_offsets()) else {
-            candle_core::bail!("batch norm (cpu): expected a contiguous float32 input")
-        };
-        let x = &xv[xa..xb];
-        let (w, b) = (get(s2, l2)?, get(s3, l3)?);
+        let what = "batch norm (cpu)";
+        let x = f32_slice(s1, l1, what)?;
+        let (w, b) = (f32_slice(s2, l2, what)?, f32_slice(s3, l3, what)?);
         let (_, c, l) = dims3(l1.dims());
         let s = self.splits;
         // y = x * a + d per (group, channel).
@@ -194,7 +177,7 @@ impl CustomOp3 for Normalize {
         let (n, c, l) = dims3(x.dims());
         let s = self.splits;
         let m = self.stats.count as f64;
-        let wv = cpu_f32(w)?;
+        let wv = with_f32(w, <[f32]>::to_vec)?;
         // Per (group, channel): sum(gy) and sum(gy * xhat), in f64.
         let sums: Vec<(Vec<f64>, Vec<f64>)> = with_f32(x, |xv| {
             with_f32(&gy, |gv| {

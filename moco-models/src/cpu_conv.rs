@@ -221,16 +221,6 @@ fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accum
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("conv2d ({what}): only float32 is supported")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("conv2d ({what}): the tensor must be contiguous"),
-    }
-}
-
 /// Samples per GEMM. Several samples share one GEMM so that the weight is packed once per
 /// chunk instead of once per sample (it dominates in the deep layers, where a sample has few
 /// output positions), while a chunk's im2col matrix stays cache-sized (256 K floats) and there
@@ -433,7 +423,11 @@ impl CustomOp2 for Conv2d {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding, self.groups)?;
-        let y = forward(&g, slice(s1, l1, "input")?, slice(s2, l2, "weight")?);
+        let y = forward(
+            &g,
+            scratch::f32_slice(s1, l1, "conv2d (input)")?,
+            scratch::f32_slice(s2, l2, "conv2d (weight)")?,
+        );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -504,16 +498,16 @@ impl CustomOp2 for Conv2dGrad {
             Wrt::Input(x) => {
                 let gx = grad_input(
                     &g,
-                    slice(s1, l1, "output gradient")?,
-                    slice(s2, l2, "weight")?,
+                    scratch::f32_slice(s1, l1, "conv2d (output gradient)")?,
+                    scratch::f32_slice(s2, l2, "conv2d (weight)")?,
                 );
                 (CpuStorage::F32(gx), Shape::from(x.to_vec()))
             }
             Wrt::Weight(w) => {
                 let gw = grad_weight(
                     &g,
-                    slice(s1, l1, "input")?,
-                    slice(s2, l2, "output gradient")?,
+                    scratch::f32_slice(s1, l1, "conv2d (input)")?,
+                    scratch::f32_slice(s2, l2, "conv2d (output gradient)")?,
                 );
                 (CpuStorage::F32(gw), Shape::from(w.to_vec()))
             }

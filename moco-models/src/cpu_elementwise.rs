@@ -5,19 +5,12 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::mem::MaybeUninit;
 
-use crate::scratch::filled;
+use crate::scratch::{f32_slice, filled};
 
 const CHUNK: usize = 4096;
 
 /// `relu(a + b)`: the residual connection of a ResNet block.
 struct AddRelu;
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("add_relu (cpu): expected contiguous float32 tensors of one shape"),
-    }
-}
 
 /// `out = g where y > 0, else 0`.
 struct ReluGrad;
@@ -54,7 +47,11 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = zip_map(f32s(s1, l1)?, f32s(s2, l2)?, |a, b| (a + b).max(0.0));
+        let y = zip_map(
+            f32_slice(s1, l1, "add_relu")?,
+            f32_slice(s2, l2, "add_relu")?,
+            |a, b| (a + b).max(0.0),
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -84,7 +81,10 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = relu_grad(f32s(s1, l1)?, f32s(s2, l2)?);
+        let out = relu_grad(
+            f32_slice(s1, l1, "relu_grad")?,
+            f32_slice(s2, l2, "relu_grad")?,
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
+use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
 
 thread_local! {
@@ -56,5 +57,15 @@ pub(crate) unsafe fn filled(
 pub(crate) fn write(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         d.write(s);
+    }
+}
+
+/// The float32 values of a contiguous CPU storage as a slice; an error naming the op and operand
+/// otherwise (`what`: e.g. "conv2d (weight)").
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{what}: the tensor must be contiguous"),
+        _ => candle_core::bail!("{what}: only float32 is supported"),
     }
 }
