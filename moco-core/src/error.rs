@@ -45,6 +45,10 @@ pub enum Error {
     #[error("parameter `{name}` is not finite after step {step}: training diverged (lower the learning rate)")]
     NonFiniteWeights { step: u64, name: String },
 
+    /// A collective operation between the processes of a distributed run failed.
+    #[error("distributed run, rank {rank}: {msg}")]
+    Dist { rank: usize, msg: String },
+
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {

@@ -8,6 +8,7 @@
 //!   variables paired by name, with no autograd graph on the key side;
 //! - [`loss`]: InfoNCE against the queue, its symmetric form, and in-batch InfoNCE (MoCo v3);
 //! - [`BatchShuffle`]: shuffle-BN on one device;
+//! - [`dist`]: data-parallel training over several processes (TCP on CPUs, NCCL on GPUs);
 //! - [`Sgd`]: `torch.optim.SGD` with momentum, Nesterov and weight decay;
 //! - [`schedule`]: step, cosine and warm-up learning rates, cosine momentum;
 //! - [`MocoConfig`]: every setting, with the official presets;
@@ -33,6 +34,7 @@
 //! ```
 
 pub mod config;
+pub mod dist;
 mod error;
 pub mod init;
 pub mod io;
@@ -45,6 +47,7 @@ pub mod shuffle;
 pub mod trainer;
 
 pub use config::{AugmentationPreset, LossKind, MocoConfig};
+pub use dist::{Collective, DistConfig, SingleProcess, TcpGroup};
 pub use error::{Error, Result};
 pub use loss::{in_batch_info_nce, info_nce, l2_normalize, symmetric_info_nce, ContrastiveOutput};
 pub use momentum::{is_batch_norm_buffer, MomentumEncoder};

@@ -109,14 +109,33 @@ pub fn in_batch_info_nce(
     temperature: f64,
     scale: f64,
 ) -> Result<ContrastiveOutput> {
+    in_batch_info_nce_gathered(q, k, 0, temperature, scale)
+}
+
+/// In-batch InfoNCE with the keys of every process of a data-parallel run: `k_all` (M x C) holds
+/// all ranks' keys in rank order and this rank's positives are rows `offset..offset + N`
+/// (MoCo v3's `concat_all_gather` and `labels = arange(N) + N * rank`). With one process it is
+/// [`in_batch_info_nce`].
+pub fn in_batch_info_nce_gathered(
+    q: &Tensor,
+    k_all: &Tensor,
+    offset: usize,
+    temperature: f64,
+    scale: f64,
+) -> Result<ContrastiveOutput> {
     check_temperature(temperature)?;
     let (n, c) = q.dims2().map_err(|_| bad("queries", "N x C", q))?;
-    if k.dims() != [n, c] {
-        return Err(bad("keys", &format!("{n} x {c} (as the queries)"), k));
+    let m = k_all.dim(0).unwrap_or(0);
+    if k_all.rank() != 2 || k_all.dim(1)? != c || m < offset + n {
+        return Err(bad(
+            "keys",
+            &format!("M x {c} with M >= {} (the positives' rows)", offset + n),
+            k_all,
+        ));
     }
-    // logits: N x N
-    let logits = (q.matmul(&k.detach().t()?)? / temperature)?;
-    let labels = Tensor::arange(0u32, n as u32, q.device())?;
+    // logits: N x M
+    let logits = (q.matmul(&k_all.detach().t()?)? / temperature)?;
+    let labels = Tensor::arange(offset as u32, (offset + n) as u32, q.device())?;
     let loss = (candle_nn::loss::cross_entropy(&logits, &labels)? * scale)?;
     let (acc1, acc5) = positive_accuracy(&logits, Some(&labels))?;
     Ok(ContrastiveOutput {

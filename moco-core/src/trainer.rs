@@ -11,9 +11,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::config::{LossKind, MocoConfig};
+use crate::dist::{Collective, SingleProcess};
 use crate::init::seeded_var_builder;
 use crate::loss::{
-    in_batch_info_nce, info_nce, l2_normalize, symmetric_info_nce, ContrastiveOutput,
+    in_batch_info_nce_gathered, info_nce, l2_normalize, symmetric_info_nce, ContrastiveOutput,
 };
 use crate::momentum::{set_checked, MomentumEncoder};
 use crate::optim::Sgd;
@@ -63,6 +64,7 @@ pub struct Moco<E: ModuleT> {
     queue: Option<Queue>,
     optimizer: Sgd,
     step: u64,
+    comm: Box<dyn Collective>,
 }
 
 impl<E: ModuleT> std::fmt::Debug for Moco<E> {
@@ -115,6 +117,7 @@ impl<E: ModuleT> Moco<E> {
             queue,
             optimizer,
             step: 0,
+            comm: Box::new(SingleProcess),
         })
     }
 
@@ -136,6 +139,82 @@ impl<E: ModuleT> Moco<E> {
         sgd.lr = lr;
         self.optimizer = Sgd::new_named(self.encoders.query_parameters(), sgd)?;
         Ok(self)
+    }
+
+    /// Makes this model one rank of a data-parallel run (see [`crate::dist`]), as the official
+    /// code's `DistributedDataParallel`: every rank takes its share of each global batch; the
+    /// query encoder's gradients are averaged over the ranks before each update; shuffle-BN
+    /// shuffles the keys' images across all ranks (gather, one permutation, each rank encodes
+    /// its slice, gather, unshuffle); the keys of all ranks are enqueued (every rank keeps the
+    /// same queue), and MoCo v3's in-batch loss takes all ranks' keys as negatives.
+    /// BatchNorm statistics are per rank (no SyncBN), as in the official MoCo v1/v2.
+    ///
+    /// Rank 0's weights, key encoder and queue are broadcast to the others here, so every rank
+    /// starts from the same state (a resumed run: load the checkpoint first, on every rank).
+    pub fn with_collective(mut self, comm: Box<dyn Collective>) -> Result<Self> {
+        if comm.world_size() > 1 {
+            // By name: every rank must broadcast the variables in the same order.
+            let vars: BTreeMap<String, candle_core::Var> = self
+                .encoders
+                .query_varmap()
+                .data()
+                .lock()
+                .map_err(|_| Error::config("vars", "poisoned lock"))?
+                .clone()
+                .into_iter()
+                .collect();
+            for var in vars.values() {
+                var.set(&comm.broadcast(var.as_tensor(), 0)?)?;
+            }
+            let mut key = self.encoders.key_tensors();
+            for t in key.values_mut() {
+                *t = comm.broadcast(t, 0)?;
+            }
+            self.encoders.load_key(&key)?;
+            if let Some(q) = &self.queue {
+                let keys = comm.broadcast(q.keys(), 0)?;
+                let labels = q.labels().cloned();
+                self.queue = Some(Queue::from_parts(keys, q.ptr(), labels)?);
+            }
+        }
+        self.comm = comm;
+        Ok(self)
+    }
+
+    /// The process group (world size 1 unless [`with_collective`](Self::with_collective)).
+    pub fn collective(&self) -> &dyn Collective {
+        &*self.comm
+    }
+
+    /// Checks that every rank holds the same query weights (compares per-parameter sums
+    /// across ranks); an error names the first parameter that differs. A no-op on one process.
+    pub fn check_in_sync(&self) -> Result<()> {
+        let world = self.comm.world_size();
+        if world == 1 {
+            return Ok(());
+        }
+        let params = self.encoders.query_parameters();
+        let sums = params
+            .iter()
+            .map(|(_, v)| v.as_tensor().to_dtype(DType::F64)?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let all = self
+            .comm
+            .all_gather(&Tensor::stack(&sums, 0)?.to_dtype(DType::F32)?)?
+            .reshape((world, params.len()))?
+            .to_vec2::<f32>()?;
+        for (r, row) in all.iter().enumerate().skip(1) {
+            if let Some(i) = (0..params.len()).find(|&i| row[i].to_bits() != all[0][i].to_bits()) {
+                return Err(Error::Dist {
+                    rank: self.comm.rank(),
+                    msg: format!(
+                        "ranks 0 and {r} hold different values of `{}` after step {} (sums {} and {})",
+                        params[i].0, self.step, all[0][i], row[i]
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -189,9 +268,21 @@ impl<E: ModuleT> Moco<E> {
     }
 
     /// k = normalize(f_k(x)): N x C, detached. With shuffle-BN the batch is permuted before the
-    /// key encoder and restored after it. `shuffle_seed` picks the permutation.
+    /// key encoder and restored after it. `shuffle_seed` picks the permutation. In a
+    /// data-parallel run the permutation runs over the images of all ranks (the same one on
+    /// every rank): each rank encodes its slice of the shuffled global batch.
     pub fn encode_key(&self, x: &Tensor, shuffle_seed: u64) -> Result<Tensor> {
-        let k = if self.config.shuffle_bn {
+        let (world, rank) = (self.comm.world_size(), self.comm.rank());
+        let k = if self.config.shuffle_bn && world > 1 {
+            let n = x.dim(0)?;
+            let all = self.comm.all_gather(x)?; // world*N x ...
+            let mut rng = StdRng::seed_from_u64(shuffle_seed);
+            let perm = BatchShuffle::new(world * n, &mut rng, x.device())?;
+            let mine = perm.shuffle(&all)?.narrow(0, rank * n, n)?;
+            let k = l2_normalize(&self.key.forward_t(&mine, true)?, 1)?.detach();
+            let k_all = self.comm.all_gather(&k)?; // in shuffled order
+            perm.unshuffle(&k_all)?.narrow(0, rank * n, n)?
+        } else if self.config.shuffle_bn {
             let mut rng = StdRng::seed_from_u64(shuffle_seed);
             let perm = BatchShuffle::new(x.dim(0)?, &mut rng, x.device())?;
             // x: N x ... shuffled; k: N x C in shuffled order, then restored.
@@ -222,7 +313,8 @@ impl<E: ModuleT> Moco<E> {
                 let q = self.encode_query(x1)?; // N x C
                 let k = self.encode_key(x2, self.shuffle_seed(2))?; // N x C
                 let output = info_nce(&q, &k, queue.keys(), t)?;
-                Ok(Forward { output, keys: k })
+                let keys = self.comm.all_gather(&k)?;
+                Ok(Forward { output, keys })
             }
             LossKind::SymmetricQueue => {
                 let queue = self.queue_ref()?;
@@ -231,8 +323,9 @@ impl<E: ModuleT> Moco<E> {
                 let k1 = self.encode_key(x1, self.shuffle_seed(1))?;
                 let k2 = self.encode_key(x2, self.shuffle_seed(2))?;
                 let output = symmetric_info_nce(&q1, &k2, &q2, &k1, queue.keys(), t)?;
-                // keys: 2N x C, enqueued after both losses.
-                let keys = Tensor::cat(&[&k1, &k2], 0)?;
+                // keys: 2N x C (all ranks' k1, then all ranks' k2), enqueued after both losses.
+                let keys =
+                    Tensor::cat(&[self.comm.all_gather(&k1)?, self.comm.all_gather(&k2)?], 0)?;
                 Ok(Forward { output, keys })
             }
             LossKind::InBatch => {
@@ -240,8 +333,11 @@ impl<E: ModuleT> Moco<E> {
                 let q2 = self.encode_query(x2)?;
                 let k1 = self.encode_key(x1, self.shuffle_seed(1))?;
                 let k2 = self.encode_key(x2, self.shuffle_seed(2))?;
-                let a = in_batch_info_nce(&q1, &k2, t, 2.0 * t)?;
-                let b = in_batch_info_nce(&q2, &k1, t, 2.0 * t)?;
+                // Negatives: the keys of every rank; this rank's positives start at rank * N.
+                let offset = self.comm.rank() * q1.dim(0)?;
+                let (k1, k2) = (self.comm.all_gather(&k1)?, self.comm.all_gather(&k2)?);
+                let a = in_batch_info_nce_gathered(&q1, &k2, offset, t, 2.0 * t)?;
+                let b = in_batch_info_nce_gathered(&q2, &k1, offset, t, 2.0 * t)?;
                 let output = ContrastiveOutput {
                     loss: (&a.loss + &b.loss)?,
                     logits: a.logits,
@@ -271,29 +367,76 @@ impl<E: ModuleT> Moco<E> {
     ) -> Result<StepOutput> {
         // 1-2. forward and loss
         let fwd = self.forward_loss(x1, x2)?;
-        let loss = fwd.output.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let (loss, acc1, acc5) = self.mean_over_ranks(&fwd.output)?;
         if !loss.is_finite() {
             return Err(Error::NonFiniteLoss {
                 step: self.step,
                 value: loss,
             });
         }
-        // 3. backward
-        let grads = fwd.output.loss.backward()?;
+        // 3. backward (gradients averaged over the ranks)
+        let mut grads = fwd.output.loss.backward()?;
+        self.average_gradients(&mut grads)?;
         // 4-6. SGD step, momentum update, enqueue
         self.update(&grads, &fwd.keys, lr, momentum)?;
         self.step += 1;
         Ok(StepOutput {
             loss,
-            acc1: fwd.output.acc1,
-            acc5: fwd.output.acc5,
+            acc1,
+            acc5,
             lr,
             momentum,
         })
     }
 
+    /// Loss and accuracies averaged over the ranks (the same on every rank, so that a
+    /// non-finite loss stops every rank at the same step).
+    fn mean_over_ranks(&self, o: &ContrastiveOutput) -> Result<(f32, f32, f32)> {
+        let loss = o.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let world = self.comm.world_size();
+        if world == 1 {
+            return Ok((loss, o.acc1, o.acc5));
+        }
+        let v = Tensor::new(&[loss, o.acc1, o.acc5], &self.device)?;
+        let v = (self.comm.all_reduce_sum(&v)? / world as f64)?.to_vec1::<f32>()?;
+        Ok((v[0], v[1], v[2]))
+    }
+
+    /// Replaces every query gradient by its mean over the ranks: one all-reduce over all
+    /// gradients flattened into one buffer (DDP's bucket, here a single one).
+    pub fn average_gradients(&self, grads: &mut GradStore) -> Result<()> {
+        let world = self.comm.world_size();
+        if world == 1 {
+            return Ok(());
+        }
+        let mut flat = vec![];
+        let mut vars = vec![];
+        for (_, var) in self.optimizer.params() {
+            if let Some(g) = grads.get(var) {
+                flat.push(g.flatten_all()?.to_dtype(DType::F32)?);
+                vars.push(var);
+            }
+        }
+        if flat.is_empty() {
+            return Ok(());
+        }
+        let mean = (self.comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)? / world as f64)?;
+        let mut at = 0;
+        for var in vars {
+            let n = var.elem_count();
+            let g = mean
+                .narrow(0, at, n)?
+                .reshape(var.shape())?
+                .to_dtype(var.dtype())?;
+            grads.insert(var, g);
+            at += n;
+        }
+        Ok(())
+    }
+
     /// The second half of a step, after the backward pass: SGD step on the query encoder's
     /// parameters at `lr`, momentum update of the key encoder with `momentum`, enqueue of `keys`.
+    /// In a data-parallel run `grads` must be averaged first ([`average_gradients`](Self::average_gradients)).
     /// Does not advance the step counter ([`train_step`](Self::train_step) does).
     pub fn update(
         &mut self,
