@@ -160,6 +160,7 @@ pub struct Loader<D: Dataset + 'static> {
     views: Arc<Views>,
     config: LoaderConfig,
     pool: Arc<rayon::ThreadPool>,
+    shard: (usize, usize),
 }
 
 impl<D: Dataset + 'static> std::fmt::Debug for Loader<D> {
@@ -197,7 +198,32 @@ impl<D: Dataset + 'static> Loader<D> {
             views: Arc::new(views),
             config,
             pool: Arc::new(pool),
+            shard: (0, 1),
         })
+    }
+
+    /// This process's share of every batch in a data-parallel run of `world_size` processes:
+    /// each global batch of `batch_size` samples (same order, same augmentations as in one
+    /// process) is cut into `world_size` equal slices and rank `rank` gets slice `rank`. Needs
+    /// `drop_last` and a batch size divisible by the world size.
+    pub fn shard(mut self, rank: usize, world_size: usize) -> Result<Self> {
+        if rank >= world_size {
+            return Err(Error::config(
+                "rank",
+                format!("{rank} is outside 0..{world_size}"),
+            ));
+        }
+        if self.config.batch_size % world_size != 0 || !self.config.drop_last {
+            return Err(Error::config(
+                "batch_size",
+                format!(
+                    "the global batch of {} does not split into {world_size} equal shares (it must be a multiple of the world size, with drop_last)",
+                    self.config.batch_size
+                ),
+            ));
+        }
+        self.shard = (rank, world_size);
+        Ok(self)
     }
 
     /// Batches per epoch.
@@ -229,7 +255,16 @@ impl<D: Dataset + 'static> Loader<D> {
         if self.config.drop_last && chunks.last().is_some_and(|c| c.len() < b) {
             chunks.pop();
         }
-        let chunks: Vec<Vec<usize>> = chunks.into_iter().skip(skip).collect();
+        let (rank, world) = self.shard;
+        let part = b / world;
+        let chunks: Vec<Vec<usize>> = chunks
+            .into_iter()
+            .skip(skip)
+            .map(|c| match world {
+                1 => c,
+                _ => c[rank * part..(rank + 1) * part].to_vec(),
+            })
+            .collect();
         let (tx, rx) = sync_channel(self.config.prefetch.max(1));
         let (dataset, views, pool, seed) = (
             self.dataset.clone(),
@@ -348,6 +383,50 @@ mod tests {
         let full: Vec<Vec<usize>> = loader.epoch(2, 0).map(|b| b.unwrap().indices).collect();
         let tail: Vec<Vec<usize>> = loader.epoch(2, 3).map(|b| b.unwrap().indices).collect();
         assert_eq!(&full[3..], &tail[..]);
+    }
+
+    #[test]
+    fn shards_put_together_are_the_global_batches() {
+        let make = || {
+            let views = Views::Two(TwoCrop::preset("v2", 20, Normalize::fashion_mnist()).unwrap());
+            let cfg = LoaderConfig {
+                batch_size: 12,
+                workers: 2,
+                seed: 4,
+                ..Default::default()
+            };
+            Loader::new(data(40), views, cfg).unwrap()
+        };
+        let whole: Vec<Batch> = make().epoch(1, 1).map(Result::unwrap).collect();
+        let shards: Vec<Vec<Batch>> = (0..3)
+            .map(|r| {
+                make()
+                    .shard(r, 3)
+                    .unwrap()
+                    .epoch(1, 1)
+                    .map(Result::unwrap)
+                    .collect()
+            })
+            .collect();
+        assert_eq!(whole.len(), 2);
+        for (i, w) in whole.iter().enumerate() {
+            let parts: Vec<&Batch> = shards.iter().map(|s| &s[i]).collect();
+            let idx: Vec<usize> = parts.iter().flat_map(|p| p.indices.clone()).collect();
+            assert_eq!(idx, w.indices);
+            for v in 0..2 {
+                let cat =
+                    Tensor::cat(&parts.iter().map(|p| &p.views[v]).collect::<Vec<_>>(), 0).unwrap();
+                let d = (cat - &w.views[v])
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "batch {i} view {v}");
+            }
+        }
+        let e = make().shard(0, 5).unwrap_err().to_string();
+        assert!(e.contains("multiple of the world size"), "{e}");
     }
 
     #[test]
