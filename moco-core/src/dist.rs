@@ -151,12 +151,11 @@ impl DistConfig {
 }
 
 /// Joins the group described by `config`; `device` is where this rank's tensors live (NCCL
-/// needs this rank's CUDA device). World size 1 gives [`SingleProcess`] without any rendezvous.
+/// needs this rank's CUDA device). A group of one process is a real group of its backend (its
+/// collectives run, and must change nothing: a check of the backend); use [`SingleProcess`]
+/// for plain single-process training.
 pub fn init(config: &DistConfig, device: &Device) -> Result<Box<dyn Collective>> {
     config.check()?;
-    if config.world_size == 1 {
-        return Ok(Box::new(SingleProcess));
-    }
     match config.backend {
         Backend::Tcp => Ok(Box::new(TcpGroup::join(config)?)),
         #[cfg(feature = "nccl")]

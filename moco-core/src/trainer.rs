@@ -152,7 +152,7 @@ impl<E: ModuleT> Moco<E> {
     /// Rank 0's weights, key encoder and queue are broadcast to the others here, so every rank
     /// starts from the same state (a resumed run: load the checkpoint first, on every rank).
     pub fn with_collective(mut self, comm: Box<dyn Collective>) -> Result<Self> {
-        if comm.world_size() > 1 {
+        if comm.backend() != "single" {
             // By name: every rank must broadcast the variables in the same order.
             let vars: BTreeMap<String, candle_core::Var> = self
                 .encoders
@@ -186,11 +186,18 @@ impl<E: ModuleT> Moco<E> {
         &*self.comm
     }
 
+    /// Whether the steps go through a process group's collectives: any group but
+    /// [`SingleProcess`], a group of one process included (whose collectives must then change
+    /// nothing: how the NCCL path is checked on one GPU).
+    fn distributed(&self) -> bool {
+        self.comm.backend() != "single"
+    }
+
     /// Checks that every rank holds the same query weights (compares per-parameter sums
     /// across ranks); an error names the first parameter that differs. A no-op on one process.
     pub fn check_in_sync(&self) -> Result<()> {
         let world = self.comm.world_size();
-        if world == 1 {
+        if !self.distributed() {
             return Ok(());
         }
         let params = self.encoders.query_parameters();
@@ -273,7 +280,7 @@ impl<E: ModuleT> Moco<E> {
     /// every rank): each rank encodes its slice of the shuffled global batch.
     pub fn encode_key(&self, x: &Tensor, shuffle_seed: u64) -> Result<Tensor> {
         let (world, rank) = (self.comm.world_size(), self.comm.rank());
-        let k = if self.config.shuffle_bn && world > 1 {
+        let k = if self.config.shuffle_bn && self.distributed() {
             let n = x.dim(0)?;
             let all = self.comm.all_gather(x)?; // world*N x ...
             let mut rng = StdRng::seed_from_u64(shuffle_seed);
@@ -394,7 +401,7 @@ impl<E: ModuleT> Moco<E> {
     fn mean_over_ranks(&self, o: &ContrastiveOutput) -> Result<(f32, f32, f32)> {
         let loss = o.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let world = self.comm.world_size();
-        if world == 1 {
+        if !self.distributed() {
             return Ok((loss, o.acc1, o.acc5));
         }
         let v = Tensor::new(&[loss, o.acc1, o.acc5], &self.device)?;
@@ -406,7 +413,7 @@ impl<E: ModuleT> Moco<E> {
     /// gradients flattened into one buffer (DDP's bucket, here a single one).
     pub fn average_gradients(&self, grads: &mut GradStore) -> Result<()> {
         let world = self.comm.world_size();
-        if world == 1 {
+        if !self.distributed() {
             return Ok(());
         }
         let mut flat = vec![];

@@ -139,6 +139,32 @@ fn two_ranks_equal_one_process_with_the_global_batch() {
 }
 
 #[test]
+fn a_group_of_one_changes_nothing() {
+    // What `moco check-device --dist nccl` checks on one GPU, here with the TCP backend: every
+    // collective runs (gather for shuffle-BN and the queue, all-reduce of the gradients and
+    // metrics, broadcast of the start) and the run is the single-process run, bit for bit.
+    for loss in [LossKind::Queue, LossKind::SymmetricQueue, LossKind::InBatch] {
+        let mut single = Moco::new(config(loss), &Device::Cpu, bn_encoder).unwrap();
+        let want = train(&mut single, None);
+        let got = on_threads(1, move |comm| {
+            assert_eq!(comm.backend(), "tcp");
+            let mut moco = Moco::new(config(loss), &Device::Cpu, bn_encoder)
+                .unwrap()
+                .with_collective(comm)
+                .unwrap();
+            train(&mut moco, None)
+        })
+        .unwrap()
+        .pop()
+        .unwrap();
+        assert_eq!(got.losses, want.losses, "{loss:?}");
+        for (name, t) in &want.state {
+            assert_eq!(max_diff(&got.state[name], t), 0.0, "{loss:?}: `{name}`");
+        }
+    }
+}
+
+#[test]
 fn shuffle_bn_spans_the_ranks() {
     let seed = 77;
     let (x, _) = global_batch(0);
