@@ -40,3 +40,34 @@ fn the_same_step_twice_on_the_cpu_is_bit_identical() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--features metal"));
 }
+
+#[test]
+fn a_one_process_group_leaves_the_step_unchanged() {
+    // The single-GPU NCCL check (`--dist nccl`), here with the TCP backend on the CPU: the step
+    // through every collective equals the plain step bit for bit.
+    let o = moco()
+        .args(["check-device", "--device", "cpu", "--dist", "tcp"])
+        .args(["--width", "4", "--image-size", "16", "--batch-size", "8"])
+        .args(["--tolerance", "0"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("tcp: all_reduce, all_gather and broadcast"),
+        "{out}"
+    );
+    assert!(out.contains("largest relative difference 0.00e0"), "{out}");
+    // NCCL not compiled in: an error naming the feature.
+    let o = moco()
+        .args(["check-device", "--device", "cpu", "--dist", "nccl"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--features nccl"), "{err}");
+}

@@ -156,14 +156,47 @@ pub struct CheckOptions {
     pub batch_size: usize,
     pub device: candle_core::Device,
     pub tolerance: f64,
+    pub dist: Option<String>,
 }
 
 /// `moco check-device`: one MoCo step (v2 head, shuffle-BN, SGD, momentum update, enqueue) on
 /// `--device` and the same step on the CPU, from the same seeded weights, queue and input;
 /// compares the loss and every updated tensor (query and key encoders, queue, optimizer state).
 /// Fails when the largest difference, relative to the tensor's scale, exceeds the tolerance.
+/// With `dist`, the device side runs in a one-process group of that backend (NCCL on one GPU):
+/// its all-reduce, all-gather and broadcast must return their input exactly, and the step must
+/// still match the CPU.
 pub fn check_device(o: CheckOptions) -> Result<()> {
     use candle_core::{DType, Device, Tensor};
+    let group = |device: &Device| -> Result<Option<Box<dyn moco_core::Collective>>> {
+        let Some(name) = &o.dist else { return Ok(None) };
+        let backend =
+            moco_core::dist::Backend::parse(name).map_err(|e| anyhow::anyhow!("--dist {e}"))?;
+        let config = moco_core::DistConfig {
+            backend,
+            ..moco_core::DistConfig::new(
+                1,
+                0,
+                moco_core::dist::fresh_init_file(&std::env::temp_dir()),
+            )
+        };
+        let comm = moco_core::dist::init(&config, device)
+            .map_err(|e| anyhow::anyhow!("--dist {name}: {e}"))?;
+        let x = Tensor::randn(0f32, 1., (3, 5), device)?;
+        for (op, y) in [
+            ("all_reduce", comm.all_reduce_sum(&x)?),
+            ("all_gather", comm.all_gather(&x)?),
+            ("broadcast", comm.broadcast(&x, 0)?),
+        ] {
+            let same =
+                y.dims() == x.dims() && (&y - &x)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+            if !same {
+                bail!("--dist {name}: {op} in a group of one changed its input");
+            }
+        }
+        println!("{name}: all_reduce, all_gather and broadcast in a group of one on {device:?} return their input");
+        Ok(Some(comm))
+    };
     let spec = moco_models::EncoderSpec {
         resnet: moco_models::ResNetConfig {
             width: o.width,
@@ -180,10 +213,17 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
     let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
     let x1 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
     let x2 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
-    let run = |device: &Device| -> Result<(f32, std::collections::BTreeMap<String, Tensor>)> {
+    let run = |device: &Device,
+               in_group: bool|
+     -> Result<(f32, std::collections::BTreeMap<String, Tensor>)> {
         // Same seed: the same initial weights and queue on every device.
         let mut moco =
             moco_core::Moco::new(config.clone(), device, |vb| moco_models::encoder(spec, vb))?;
+        if in_group {
+            if let Some(comm) = group(device)? {
+                moco = moco.with_collective(comm)?;
+            }
+        }
         let out = moco.train_step(&x1.to_device(device)?, &x2.to_device(device)?, 0.03, 0.99)?;
         let state = moco
             .state_tensors()?
@@ -192,8 +232,8 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
             .collect::<Result<_>>()?;
         Ok((out.loss, state))
     };
-    let (loss_dev, dev_state) = run(&o.device)?;
-    let (loss_cpu, cpu_state) = run(&Device::Cpu)?;
+    let (loss_dev, dev_state) = run(&o.device, true)?;
+    let (loss_cpu, cpu_state) = run(&Device::Cpu, false)?;
     let mut worst = (String::from("loss"), rel(loss_dev as f64, loss_cpu as f64));
     for (name, c) in &cpu_state {
         let d = dev_state

@@ -8,6 +8,7 @@ mod evaluate;
 mod export;
 mod extract;
 mod hub;
+mod launch;
 mod plot;
 mod pretrain;
 mod progress;
@@ -73,6 +74,10 @@ enum Command {
         /// Largest relative difference allowed.
         #[arg(long, default_value_t = 1e-3)]
         tolerance: f64,
+        /// Also check a data-parallel backend (nccl or tcp): the device step runs in a group of
+        /// one process of it, whose collectives must change nothing.
+        #[arg(long)]
+        dist: Option<String>,
     },
     /// Draw a run's training curves (loss, acc1, lr per step; kNN top-1 per epoch) into PNG files.
     Plot {
@@ -182,6 +187,28 @@ enum Command {
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Data-parallel pretraining: starts one `moco pretrain` process per GPU (or CPU process)
+    /// on this machine with its rank, and stops them all if one fails.
+    /// Example: `moco launch --nproc-per-node 8 -- --preset v2 --device cuda --out runs/v2`.
+    Launch {
+        /// Processes on this machine (one per GPU).
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
+        /// Machines taking part (run `moco launch` on each).
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        /// This machine's index, 0..nnodes (its processes get ranks node_rank * nproc_per_node + i).
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        /// Rendezvous file (default: a fresh one in --out; several machines: a path on a shared
+        /// file system, new for each run).
+        #[arg(long)]
+        dist_init: Option<PathBuf>,
+        /// The `moco pretrain` flags, after `--` (--out required; --dist-backend and
+        /// --dist-addr pass through).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Arguments of `moco pretrain`.
@@ -283,6 +310,8 @@ struct PretrainArgs {
     /// No progress bar; plain JSON lines.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    dist: pretrain::DistArgs,
 }
 
 /// Arguments of the evaluation commands.
@@ -421,6 +450,7 @@ fn main() -> Result<()> {
             channels,
             batch_size,
             tolerance,
+            dist,
         } => bench::check_device(bench::CheckOptions {
             arch,
             width,
@@ -429,6 +459,7 @@ fn main() -> Result<()> {
             batch_size,
             device: device::parse(&device)?,
             tolerance,
+            dist,
         })?,
         Command::Plot { run, out } => {
             for f in plot::run(&run, out.as_deref())? {
@@ -484,10 +515,17 @@ fn main() -> Result<()> {
                 checkpoint_every: a.checkpoint_every,
                 log_every: a.log_every,
             };
-            let device = device::parse(&a.device)?;
+            let device = device::parse(&a.dist.device(&a.device))?;
             if a.resume && a.out.is_none() {
                 anyhow::bail!("--resume needs --out RUN_DIR");
             }
+            if a.dist.world_size > 1 && a.out.is_none() {
+                anyhow::bail!(
+                    "--world-size {}: every process needs the same --out RUN_DIR",
+                    a.dist.world_size
+                );
+            }
+            let comm = a.dist.join(&device)?;
             let config = pretrain::resolve(a.config.as_deref(), &o)?;
             let out = a.out.clone().unwrap_or_else(|| {
                 let secs = std::time::SystemTime::now()
@@ -496,8 +534,21 @@ fn main() -> Result<()> {
                     .unwrap_or(0);
                 PathBuf::from("runs").join(format!("{}-{}-{secs}", config.dataset, config.arch))
             });
-            pretrain::run(config, &out, a.resume, &device, a.quiet)?
+            pretrain::run(config, &out, a.resume, &device, a.quiet, comm)?
         }
+        Command::Launch {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            dist_init,
+            args,
+        } => launch::run(&launch::Launch {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            dist_init,
+            args,
+        })?,
         Command::Export { run, weights, out } => {
             let (src, is_run) = export::source(run, weights)?;
             export::run(&src, is_run, &out)?

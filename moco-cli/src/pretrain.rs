@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use moco_core::dist::{Backend, Collective, DistConfig};
 use moco_core::{LossKind, Moco, MocoConfig};
 use moco_data::augment::{self, TwoCrop};
 use moco_data::datasets::{Dataset, Split};
@@ -113,6 +114,76 @@ impl RunConfig {
             HeadKind::Linear { dim: self.moco.dim }
         };
         Ok(EncoderSpec { resnet, head })
+    }
+}
+
+/// Data-parallel flags of `moco pretrain` (and what `moco launch` sets for each process).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DistArgs {
+    /// Processes of a data-parallel run (one per GPU); --batch-size is the global batch, split
+    /// equally between them.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
+    /// This process's rank, 0..world-size (rank 0 writes the run folder).
+    #[arg(long, default_value_t = 0)]
+    pub rank: usize,
+    /// This process's GPU on its machine (--device cuda becomes cuda:LOCAL_RANK; default: rank).
+    #[arg(long)]
+    pub local_rank: Option<usize>,
+    /// Rendezvous file: rank 0 writes how to reach it, the others wait for it (on a shared file
+    /// system when the processes are on several machines). Must not exist before the run.
+    #[arg(long)]
+    pub dist_init: Option<PathBuf>,
+    /// nccl (GPUs; the default with --device cuda) or tcp (CPU processes).
+    #[arg(long)]
+    pub dist_backend: Option<String>,
+    /// tcp: the address rank 0 listens on; for several machines, one of rank 0's addresses that
+    /// the others reach (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub dist_addr: String,
+}
+
+impl DistArgs {
+    /// The device string for this process: `cuda` becomes `cuda:LOCAL_RANK` in a multi-process run.
+    pub fn device(&self, device: &str) -> String {
+        if self.world_size > 1 && device == "cuda" {
+            format!("cuda:{}", self.local_rank.unwrap_or(self.rank))
+        } else {
+            device.to_string()
+        }
+    }
+
+    /// Joins the process group. World size 1 without --dist-backend: plain single-process
+    /// training; with it, a group of one (which checks the backend: the run must not change).
+    pub fn join(&self, device: &Device) -> Result<Box<dyn Collective>> {
+        if self.world_size == 1 && self.dist_backend.is_none() {
+            return Ok(Box::new(moco_core::SingleProcess));
+        }
+        let backend = match self.dist_backend.as_deref() {
+            Some(b) => Backend::parse(b).map_err(|e| anyhow::anyhow!("--dist-backend {e}"))?,
+            None if device.is_cuda() => Backend::Nccl,
+            None => Backend::Tcp,
+        };
+        if backend == Backend::Nccl && !device.is_cuda() {
+            bail!("--dist-backend nccl needs --device cuda (use tcp for CPU processes)");
+        }
+        let init_file = match &self.dist_init {
+            Some(f) => f.clone(),
+            None if self.world_size > 1 => {
+                bail!(
+                    "--world-size {}: give --dist-init FILE (or start the run with `moco launch`)",
+                    self.world_size
+                )
+            }
+            None => moco_core::dist::fresh_init_file(&std::env::temp_dir()),
+        };
+        let config = DistConfig {
+            backend,
+            listen: self.dist_addr.clone(),
+            ..DistConfig::new(self.world_size, self.rank, init_file)
+        };
+        moco_core::dist::init(&config, device)
+            .map_err(|e| anyhow::anyhow!("--world-size/--rank/--dist-init: {e}"))
     }
 }
 
@@ -322,8 +393,19 @@ fn knn_top1(
     Ok((r.top1, r.top5))
 }
 
-/// Runs (or resumes) a pretraining run in `out`.
-pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool) -> Result<()> {
+/// Runs (or resumes) a pretraining run in `out`: one process, or one rank of a data-parallel
+/// run (`comm`), where rank 0 alone writes the run folder and evaluates.
+pub fn run(
+    c: RunConfig,
+    out: &Path,
+    resume: bool,
+    device: &Device,
+    quiet: bool,
+    comm: Box<dyn Collective>,
+) -> Result<()> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
+    let quiet = quiet || !lead;
     let ckpt = out.join("checkpoint-last.safetensors");
     let config_path = out.join("config.json");
     let c = if resume {
@@ -393,8 +475,17 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
         prefetch: 2,
         seed: c.moco.seed,
     };
-    let loader = Loader::new(Arc::new(pretrain_set), views, lc)?;
+    let loader = Loader::new(Arc::new(pretrain_set), views, lc)?
+        .shard(rank, world)
+        .context("--batch-size / --world-size")?;
     let ipe = loader.batches_per_epoch();
+    let local_batch = c.moco.batch_size / world;
+    if local_batch % c.moco.bn_splits.max(1) != 0 {
+        bail!(
+            "--bn-splits {}: each process's batch ({local_batch}) must be a multiple of it",
+            c.moco.bn_splits
+        );
+    }
 
     let mut moco = Moco::new(c.moco.clone(), device, |vb| moco_models::encoder(spec, vb))?;
     if let Some(hidden) = c.moco.mlp_dim {
@@ -406,15 +497,31 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
     if resume {
         moco.load_checkpoint(&ckpt)
             .with_context(|| format!("--resume from {}", ckpt.display()))?;
-    } else {
+    } else if lead {
         moco_core::io::write_atomic(&config_path, serde_json::to_string_pretty(&c)?.as_bytes())?;
     }
+    let moco = moco.with_collective(comm)?;
+    let mut moco = moco;
     let total = (c.moco.epochs * ipe) as u64;
     let budget = c.max_steps.map_or(total, |m| m.min(total));
-    let mut metrics = Metrics::open(&out.join("metrics.jsonl"), moco.step())?;
+    let mut metrics = match lead {
+        true => Some(Metrics::open(&out.join("metrics.jsonl"), moco.step())?),
+        false => None,
+    };
+    let mut log = |line: serde_json::Value| -> Result<()> {
+        match &mut metrics {
+            Some(m) => m.write(line),
+            None => Ok(()),
+        }
+    };
     let mut meta = spec.metadata();
     meta.insert("run_config".into(), serde_json::to_string(&c)?);
     let save = |moco: &Moco<Encoder>, epoch: usize| -> Result<()> {
+        // Every rank must hold the same weights; rank 0 writes them.
+        moco.check_in_sync()?;
+        if !lead {
+            return Ok(());
+        }
         let mut m = meta.clone();
         m.insert("epoch".into(), epoch.to_string());
         match moco.save_checkpoint(&ckpt, m) {
@@ -429,6 +536,12 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
             "pretraining {} (width {}, {} head) on {}: {} epochs x {ipe} steps of {}, {}x{} crops, preset {}, run in {}",
             spec.resnet.arch(), c.width, spec.head.name(), train.describe(), c.moco.epochs, c.moco.batch_size, crop, crop, c.moco.preset, out.display()
         );
+        if world > 1 {
+            eprintln!(
+                "data-parallel over {world} processes ({} backend): {local_batch} images per process and step",
+                moco.collective().backend()
+            );
+        }
     }
     let pb = bar(budget, "pretrain", quiet);
     pb.set_position(moco.step());
@@ -457,7 +570,7 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
                 }
                 Err(e) => return Err(e.into()),
             };
-            window.1 += batch.indices.len();
+            window.1 += batch.indices.len() * world;
             let step = moco.step();
             pb.set_position(step);
             if step % c.log_every as u64 == 0 || step == budget {
@@ -468,10 +581,10 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
                     o.loss, o.acc1, ips
                 ));
                 let line = serde_json::json!({"epoch": epoch, "step": step, "loss": o.loss, "acc1": o.acc1, "acc5": o.acc5, "lr": o.lr, "momentum": o.momentum, "images_per_s": ips});
-                if quiet || pb.is_hidden() {
+                if lead && (quiet || pb.is_hidden()) {
                     println!("{line}");
                 }
-                metrics.write(line)?;
+                log(line)?;
             }
             if c.checkpoint_every > 0 && step % c.checkpoint_every as u64 == 0 {
                 save(&moco, epoch)?;
@@ -482,15 +595,15 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
         if finished_epoch {
             let done = epoch + 1;
             let last = done == c.moco.epochs || moco.step() >= budget;
-            if (c.knn_every > 0 && done % c.knn_every == 0) || last {
+            if lead && ((c.knn_every > 0 && done % c.knn_every == 0) || last) {
                 let (top1, top5) = knn_top1(moco.query(), &train, &test, size, native, &c, device)?;
                 last_knn = Some((moco.step(), top1, top5));
                 let line = serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5});
-                if quiet || pb.is_hidden() {
+                if lead && (quiet || pb.is_hidden()) {
                     println!("{line}");
                 }
                 pb.println(format!("epoch {epoch}: kNN top-1 {top1:.2}%"));
-                metrics.write(line)?;
+                log(line)?;
             }
         }
         epoch += 1;
@@ -508,13 +621,18 @@ pub fn run(c: RunConfig, out: &Path, resume: bool, device: &Device, quiet: bool)
             save(&moco, epoch)?;
         }
     }
+    if !lead {
+        return Ok(());
+    }
     // Final kNN of the query encoder, unless the last epoch just measured it.
     let (top1, top5) = match last_knn {
         Some(r) if r.0 == moco.step() => (r.1, r.2),
         _ => {
             let (top1, top5) = knn_top1(moco.query(), &train, &test, size, native, &c, device)?;
             let epoch = (moco.step() as usize).div_ceil(ipe).saturating_sub(1);
-            metrics.write(serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5}))?;
+            log(
+                serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5}),
+            )?;
             (top1, top5)
         }
     };

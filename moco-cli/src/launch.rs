@@ -1,0 +1,194 @@
+//! `moco launch`: starts the processes of a data-parallel `moco pretrain` on this machine, one
+//! per GPU (or CPU process), and watches them: when one fails, the others are stopped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// What `moco launch` was given.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Processes on this machine.
+    pub nproc_per_node: usize,
+    /// Machines in the run.
+    pub nnodes: usize,
+    /// This machine's index, 0..nnodes.
+    pub node_rank: usize,
+    /// The rendezvous file (default: a fresh file in the run folder; one machine only).
+    pub dist_init: Option<PathBuf>,
+    /// The `moco pretrain` flags shared by every process.
+    pub args: Vec<String>,
+}
+
+/// The value of `--NAME VALUE` or `--NAME=VALUE` in `args`.
+fn flag_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let long = format!("--{name}");
+    let eq = format!("--{name}=");
+    args.iter().enumerate().find_map(|(i, a)| {
+        if *a == long {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            a.strip_prefix(&eq)
+        }
+    })
+}
+
+impl Launch {
+    /// The argument lists of this machine's processes, by local rank.
+    pub fn commands(&self) -> Result<Vec<Vec<String>>> {
+        if self.nproc_per_node == 0 || self.nnodes == 0 || self.node_rank >= self.nnodes {
+            bail!(
+                "--nproc-per-node and --nnodes must be positive and --node-rank below --nnodes (got {}, {}, {})",
+                self.nproc_per_node,
+                self.nnodes,
+                self.node_rank
+            );
+        }
+        for own in ["world-size", "rank", "local-rank", "dist-init"] {
+            if flag_value(&self.args, own).is_some()
+                || self.args.iter().any(|a| a == &format!("--{own}"))
+            {
+                bail!("--{own} is set by `moco launch` for each process; leave it out of the pretrain flags");
+            }
+        }
+        let Some(out) = flag_value(&self.args, "out") else {
+            bail!("moco launch: the pretrain flags need --out RUN_DIR (every process writes to the same run)");
+        };
+        let init = match &self.dist_init {
+            Some(f) => f.clone(),
+            None if self.nnodes > 1 => {
+                bail!(
+                    "--nnodes {}: give --dist-init FILE on a file system that every machine shares",
+                    self.nnodes
+                )
+            }
+            None => {
+                let dir = PathBuf::from(out);
+                std::fs::create_dir_all(&dir).with_context(|| format!("--out {out}"))?;
+                moco_core::dist::fresh_init_file(&dir)
+            }
+        };
+        let world = self.nproc_per_node * self.nnodes;
+        Ok((0..self.nproc_per_node)
+            .map(|local| {
+                let rank = self.node_rank * self.nproc_per_node + local;
+                let mut a = vec!["pretrain".to_string()];
+                a.extend(self.args.iter().cloned());
+                a.extend([
+                    "--world-size".into(),
+                    world.to_string(),
+                    "--rank".into(),
+                    rank.to_string(),
+                    "--local-rank".into(),
+                    local.to_string(),
+                    "--dist-init".into(),
+                    init.display().to_string(),
+                ]);
+                a
+            })
+            .collect())
+    }
+}
+
+/// Starts the processes and waits for all of them; the first failure stops the rest.
+pub fn run(l: &Launch) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the moco binary")?;
+    let commands = l.commands()?;
+    let first_rank = l.node_rank * l.nproc_per_node;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    for (i, args) in commands.iter().enumerate() {
+        match Command::new(&exe).args(args).spawn() {
+            Ok(c) => children.push((first_rank + i, c)),
+            Err(e) => {
+                stop(&mut children);
+                bail!("starting rank {}: {e}", first_rank + i);
+            }
+        }
+    }
+    while !children.is_empty() {
+        let mut i = 0;
+        while i < children.len() {
+            let (rank, child) = &mut children[i];
+            match child.try_wait()? {
+                None => i += 1,
+                Some(status) if status.success() => {
+                    children.remove(i);
+                }
+                Some(status) => {
+                    let rank = *rank;
+                    children.remove(i);
+                    stop(&mut children);
+                    bail!("rank {rank} failed ({status}); the other ranks were stopped");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn stop(children: &mut Vec<(usize, Child)>) {
+    for (_, c) in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    children.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn launch(args: &[&str]) -> Launch {
+        Launch {
+            nproc_per_node: 2,
+            nnodes: 2,
+            node_rank: 1,
+            dist_init: Some("/shared/init".into()),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn ranks_follow_the_node() {
+        let c = launch(&["--out=/tmp/r", "--device", "cuda"])
+            .commands()
+            .unwrap();
+        assert_eq!(c.len(), 2);
+        let tail: Vec<&str> = c[1][4..].iter().map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "--world-size",
+                "4",
+                "--rank",
+                "3",
+                "--local-rank",
+                "1",
+                "--dist-init",
+                "/shared/init"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_launches_name_the_flag() {
+        let e = launch(&["--device", "cuda"])
+            .commands()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--out"), "{e}");
+        let e = launch(&["--out", "x", "--rank", "1"])
+            .commands()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--rank is set by `moco launch`"), "{e}");
+        let mut l = launch(&["--out", "x"]);
+        l.dist_init = None;
+        let e = l.commands().unwrap_err().to_string();
+        assert!(e.contains("--dist-init"), "{e}");
+    }
+}

@@ -1,0 +1,132 @@
+//! `moco launch`: a data-parallel run of two CPU processes (TCP backend) on the embedded data,
+//! killed (stopped by its step budget) and resumed, equal bit for bit to the uninterrupted run;
+//! rank 0 alone writes the run folder. The data-parallel arithmetic itself (two ranks = one
+//! process on the global batch) is checked in moco-core's `tests/dist.rs`.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+
+use candle_core::Device;
+use moco_tests::moco;
+
+const TINY: &[&str] = &[
+    "--width",
+    "4",
+    "--batch-size",
+    "16",
+    "--queue-size",
+    "64",
+    "--bn-splits",
+    "2",
+    "--subset",
+    "256",
+    "--knn-every",
+    "0",
+    "--workers",
+    "1",
+    "--log-every",
+    "1",
+    "--quiet",
+];
+
+fn launch(out: &Path, extra: &[&str]) -> std::process::Output {
+    let o = moco()
+        .args(["launch", "--nproc-per-node", "2", "--"])
+        .args(TINY)
+        .args(["--out", out.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "launch failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn checkpoint(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let f = moco_core::io::load(&run.join("checkpoint-last.safetensors"), &Device::Cpu).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = f
+        .tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn two_processes_resumed_equal_two_processes_uninterrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let o = launch(&a, &["--max-steps", "6"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    // One process reports: rank 0.
+    assert_eq!(stdout.matches("finished at step 6").count(), 1, "{stdout}");
+    assert_eq!(stdout.matches("\"step\":3}").count(), 1, "{stdout}");
+
+    launch(&b, &["--max-steps", "3"]);
+    launch(&b, &["--max-steps", "6", "--resume"]);
+    let (ca, cb) = (checkpoint(&a), checkpoint(&b));
+    assert_eq!(ca.len(), cb.len());
+    for ((na, va), (nb, vb)) in ca.iter().zip(&cb) {
+        assert_eq!(na, nb);
+        assert!(
+            va == vb,
+            "`{na}` differs between the resumed and the uninterrupted run"
+        );
+    }
+    let steps: Vec<u64> = std::fs::read_to_string(b.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["loss"].as_f64().map(|_| v["step"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    // The rendezvous files are gone.
+    for run in [&a, &b] {
+        let left: Vec<String> = std::fs::read_dir(run)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".moco-dist"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+#[test]
+fn bad_launches_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    // 16 images do not split into 3 processes.
+    let o = moco()
+        .args(["launch", "--nproc-per-node", "3", "--"])
+        .args(TINY)
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("multiple of the world size"), "{err}");
+    assert!(err.contains("failed") && err.contains("stopped"), "{err}");
+    // NCCL needs CUDA.
+    let o = moco()
+        .args(["pretrain", "--world-size", "2", "--dist-backend", "nccl"])
+        .args(["--dist-init", out.join("init").to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--dist-backend nccl needs --device cuda"),
+        "{err}"
+    );
+}
