@@ -9,6 +9,9 @@
 #   environment (site-packages/nvidia/cu13/lib) instead of carrying them, then
 #   1. `moco check-device --device cuda`: one MoCo v2 step on the GPU next to the same step on
 #      the CPU (same seeded weights, queue and input): loss and every updated tensor within 1e-3;
+#      then the same with `--dist nccl` (NCCL, from the PyTorch environment's nvidia/nccl/lib):
+#      the step through NCCL's all-reduce / all-gather / broadcast in a group of one;
+#      with 2+ GPUs, a short `moco launch` data-parallel pretraining over all of them;
 #   2. `moco bench step --device cuda` next to bench/reference/bench_step.py --device cuda:
 #      resnet50 at 224x224 (batch 256, K 65536, v2 head) and the small ResNet-18 (width 64,
 #      32x32, batch 256).
@@ -18,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
-  scripts/build-cuda.sh
+  FEATURES=${FEATURES:-cuda,nccl} scripts/build-cuda.sh
   mkdir -p target/gpu
   strip -o target/gpu/moco "${CARGO_TARGET_DIR:-target/cuda}/release/moco"
   gzip -f target/gpu/moco
@@ -46,12 +49,23 @@ if [ -z "$cu13" ]; then
   echo "no nvidia/cu13/lib in this Python's site-packages: install PyTorch's CUDA 13 wheels"
   exit 1
 fi
-export LD_LIBRARY_PATH=$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-echo "CUDA libraries from $cu13"
+nccl=$(python3 -c 'import nvidia, os; [print(os.path.join(p, "nccl", "lib")) for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "nccl", "lib"))]' 2>/dev/null | head -1)
+export LD_LIBRARY_PATH=$cu13${nccl:+:$nccl}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "CUDA libraries from $cu13; NCCL from ${nccl:-nowhere (no nvidia/nccl/lib)}"
 "$bin" --version
 
 echo "== 1. one MoCo step, CUDA vs CPU"
 timeout 180 "$bin" check-device --device cuda --arch resnet18-small --width 16 --image-size 32 --batch-size 32
+echo "== 1b. the same step through NCCL (a group of one process)"
+timeout 120 "$bin" check-device --device cuda --dist nccl --arch resnet18-small --width 16 --image-size 32 --batch-size 32 ||
+  echo "NCCL check failed"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  echo "== 1c. data-parallel pretraining on $gpus GPUs (NCCL)"
+  rm -rf target/gpu/ddp-run
+  timeout 240 "$bin" launch --nproc-per-node "$gpus" -- --device cuda --batch-size $((64 * gpus)) \
+    --max-steps 20 --log-every 5 --knn-every 0 --out target/gpu/ddp-run --quiet || echo "launch failed"
+fi
 
 echo "== 2. training step throughput, moco-rs vs PyTorch on this GPU"
 bench() {
