@@ -176,7 +176,7 @@ impl Queue {
         Ok(())
     }
 
-    /// The queue as named tensors: `queue` (C x K), `queue_ptr` (i64, shape [1], as the official
+    /// The queue as named tensors: `queue` (C x K), `queue_ptr` (i64, shape `[1]`, as the official
     /// buffer) and, when present, `queue_labels` (i64, K). `prefix` is prepended to each name.
     pub fn tensors(&self, prefix: &str) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
