@@ -224,11 +224,17 @@ fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accum
 /// Samples per GEMM. Several samples share one GEMM so that the weight is packed once per
 /// chunk instead of once per sample (it dominates in the deep layers, where a sample has few
 /// output positions), while a chunk's im2col matrix stays cache-sized (256 K floats) and there
-/// are at least two chunks per thread to balance the load.
+/// are at least two chunks per thread to balance the load. The chunks come in a multiple of the
+/// thread count, of near-equal sizes: a 128-channel 4x4 layer of 64 samples made 5 chunks of
+/// 14, 14, 14, 14 and 8 samples, one thread idle for a fifth of the time (balanced: forward
+/// 2.1 -> 1.9 ms, 64 channels at 7x7 1.6 -> 1.5 ms, `examples/conv_layers.rs`).
 fn chunk_len(g: &Geometry) -> usize {
     const BUDGET: usize = 256 << 10;
-    let per_thread = g.n.div_ceil(2 * rayon::current_num_threads()).max(1);
-    (BUDGET / (g.k() * g.out_plane()).max(1)).clamp(1, per_thread)
+    let threads = rayon::current_num_threads().max(1);
+    let per_thread = g.n.div_ceil(2 * threads).max(1);
+    let chunk = (BUDGET / (g.k() * g.out_plane()).max(1)).clamp(1, per_thread);
+    let n_chunks = g.n.div_ceil(chunk).div_ceil(threads) * threads;
+    g.n.div_ceil(n_chunks).max(1)
 }
 
 /// The row stride of a matrix with `ld` columns: `ld`, padded when it is a multiple of 256
