@@ -65,10 +65,7 @@ pub fn grayscale(img: &Image) -> Image {
 fn blend(degenerate: &[u8], img: &Image, alpha: f64) -> Image {
     let a = alpha as f32;
     if a == 0.0 {
-        return Image {
-            data: degenerate.to_vec(),
-            ..img.clone()
-        };
+        return img.with_data(degenerate.to_vec());
     }
     if a == 1.0 {
         return img.clone();
@@ -90,10 +87,7 @@ fn blend(degenerate: &[u8], img: &Image, alpha: f64) -> Image {
             }
         })
         .collect();
-    Image {
-        data,
-        ..img.clone()
-    }
+    img.with_data(data)
 }
 
 /// `ImageEnhance.Brightness(img).enhance(f)`: blend with black.
@@ -117,7 +111,54 @@ pub fn adjust_saturation(img: &Image, f: f64) -> Image {
     blend(&grayscale(img).data, img, f)
 }
 
+/// `a as f32 / b as f32` for a, b in 0..=255 (b > 0) at index `a << 8 | b`: the float divisions
+/// of Pillow's rgb2hsv, looked up (the same correctly rounded quotients, without a division per
+/// channel per pixel).
+fn div_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..1usize << 16)
+            .map(|i| match i & 255 {
+                0 => 0.0,
+                d => (i >> 8) as f32 / d as f32,
+            })
+            .collect()
+    })
+}
+
+/// [`rgb_to_hsv`] with the divisions from [`div_table`]: the same bits, checked on every RGB value.
+#[inline]
+fn rgb_to_hsv_lut(r: u8, g: u8, b: u8, div: &[f32]) -> (u8, u8, u8) {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    if minc == maxc {
+        return (0, 0, maxc);
+    }
+    let cr = (maxc - minc) as usize;
+    let q = |a: u8, d: usize| div[(a as usize) << 8 | d];
+    let s = q(maxc - minc, maxc as usize);
+    let rc = q(maxc - r, cr);
+    let gc = q(maxc - g, cr);
+    let bc = q(maxc - b, cr);
+    let h: f32 = if r == maxc {
+        bc - gc
+    } else if g == maxc {
+        (2.0 + rc as f64 - bc as f64) as f32
+    } else {
+        (4.0 + gc as f64 - rc as f64) as f32
+    };
+    let x = h as f64 / 6.0 + 1.0;
+    let h = (x - (x as i32) as f64) as f32;
+    let clip = |v: i32| v.clamp(0, 255) as u8;
+    (
+        clip((h as f64 * 255.0) as i32),
+        clip((s as f64 * 255.0) as i32),
+        maxc,
+    )
+}
+
 // Pillow Convert.c rgb2hsv_row, with its mix of float and double arithmetic.
+#[cfg_attr(not(test), allow(dead_code))]
 fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let maxc = r.max(g).max(b);
     let minc = r.min(g).min(b);
@@ -189,16 +230,14 @@ pub fn adjust_hue(img: &Image, f: f64) -> Image {
         return img.clone();
     }
     let shift = (f * 255.0) as i32 as u8;
-    let mut data = Vec::with_capacity(img.data.len());
-    for p in img.data.chunks_exact(3) {
-        let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
+    let div = div_table();
+    let mut data = vec![0u8; img.data.len()];
+    for (p, d) in img.data.chunks_exact(3).zip(data.chunks_exact_mut(3)) {
+        let (h, s, v) = rgb_to_hsv_lut(p[0], p[1], p[2], div);
         let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
-        data.extend_from_slice(&[r, g, b]);
+        d.copy_from_slice(&[r, g, b]);
     }
-    Image {
-        data,
-        ..img.clone()
-    }
+    img.with_data(data)
 }
 
 /// `ImageOps.solarize(img, threshold)`: values >= threshold are inverted.
@@ -208,10 +247,7 @@ pub fn solarize(img: &Image, threshold: u8) -> Image {
         .iter()
         .map(|&v| if v >= threshold { 255 - v } else { v })
         .collect();
-    Image {
-        data,
-        ..img.clone()
-    }
+    img.with_data(data)
 }
 
 // Pillow BoxBlur.c `_gaussian_blur_radius` (float arithmetic, sqrt and floor in double).
@@ -815,6 +851,22 @@ mod tests {
 
     fn close(p: f64, want: f64, n: usize) -> bool {
         (p - want).abs() < 4.0 * (want * (1.0 - want) / n as f64).sqrt()
+    }
+
+    #[test]
+    fn looked_up_divisions_give_pillows_hsv_for_every_rgb_value() {
+        let div = div_table();
+        for r in 0..=255u8 {
+            for g in 0..=255u8 {
+                for b in 0..=255u8 {
+                    assert_eq!(
+                        rgb_to_hsv_lut(r, g, b, div),
+                        rgb_to_hsv(r, g, b),
+                        "rgb {r} {g} {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -20,6 +20,17 @@ pub struct Image {
 }
 
 impl Image {
+    /// An image of this one's size and channels holding `data` (no copy of this one's pixels,
+    /// which `Image { data, ..img.clone() }` would make and throw away).
+    pub(crate) fn with_data(&self, data: Vec<u8>) -> Image {
+        Image {
+            width: self.width,
+            height: self.height,
+            channels: self.channels,
+            data,
+        }
+    }
+
     /// An image from raw bytes; errors when the length does not match.
     pub fn new(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Result<Self> {
         if data.len() != width * height * channels || width == 0 || height == 0 {
