@@ -99,7 +99,10 @@ pub fn run(l: &Launch) -> Result<()> {
     let first_rank = l.node_rank * l.nproc_per_node;
     let mut children: Vec<(usize, Child)> = Vec::new();
     for (i, args) in commands.iter().enumerate() {
-        match Command::new(&exe).args(args).spawn() {
+        let mut cmd = Command::new(&exe);
+        cmd.args(args);
+        die_with_parent(&mut cmd);
+        match cmd.spawn() {
             Ok(c) => children.push((first_rank + i, c)),
             Err(e) => {
                 stop(&mut children);
@@ -128,6 +131,25 @@ pub fn run(l: &Launch) -> Result<()> {
     }
     Ok(())
 }
+
+/// On Linux the ranks get SIGTERM when the launcher dies (killed by a scheduler, say): no rank
+/// is left holding a GPU or waiting for its peers forever.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
 
 fn stop(children: &mut Vec<(usize, Child)>) {
     for (_, c) in children.iter_mut() {
