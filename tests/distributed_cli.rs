@@ -7,8 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::Device;
-use moco_tests::moco;
+use moco_tests::{file_tensors, moco, run_ok};
 
 const TINY: &[&str] = &[
     "--width",
@@ -31,33 +30,17 @@ const TINY: &[&str] = &[
 ];
 
 fn launch(out: &Path, extra: &[&str]) -> std::process::Output {
-    let o = moco()
-        .args(["launch", "--nproc-per-node", "2", "--"])
-        .args(TINY)
-        .args(["--out", out.to_str().unwrap()])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "launch failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
+    run_ok(
+        moco()
+            .args(["launch", "--nproc-per-node", "2", "--"])
+            .args(TINY)
+            .args(["--out", out.to_str().unwrap()])
+            .args(extra),
+    )
 }
 
 fn checkpoint(run: &Path) -> Vec<(String, Vec<f32>)> {
-    let f = moco_core::io::load(&run.join("checkpoint-last.safetensors"), &Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = f
-        .tensors
-        .into_iter()
-        .map(|(k, t)| {
-            let t = t.to_dtype(candle_core::DType::F32).unwrap();
-            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+    file_tensors(&run.join("checkpoint-last.safetensors"))
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Helpers for the end-to-end tests in this folder (`cargo test -p moco-tests`).
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 /// A `Command` for the `moco` binary, built in release mode on first use (a no-op when it is up
@@ -26,4 +26,37 @@ pub fn reference(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("reference")
         .join(name)
+}
+
+/// Runs `cmd`, panicking with its standard error when it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Every tensor of a safetensors file as float32 values, sorted by name.
+pub fn file_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let f = moco_core::io::load(path, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut v: Vec<(String, Vec<f32>)> = f
+        .tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let flat = t
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .unwrap_or_else(|e| panic!("`{k}`: {e}"));
+            (k, flat)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }

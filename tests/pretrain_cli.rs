@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use moco_tests::moco;
+use moco_tests::{file_tensors, moco, run_ok};
 
 /// A tiny, fast configuration on the embedded data.
 const TINY: &[&str] = &[
@@ -32,39 +32,12 @@ const TINY: &[&str] = &[
 ];
 
 fn pretrain(out: &Path, extra: &[&str]) -> std::process::Output {
-    let o = moco()
-        .args(TINY)
-        .args(["--out", out.to_str().unwrap()])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "pretrain failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let f = moco_core::io::load(path, &Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = f
-        .tensors
-        .into_iter()
-        .map(|(k, t)| {
-            (
-                k,
-                t.to_dtype(candle_core::DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+    run_ok(
+        moco()
+            .args(TINY)
+            .args(["--out", out.to_str().unwrap()])
+            .args(extra),
+    )
 }
 
 #[test]
@@ -161,8 +134,8 @@ fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
     pretrain(&b, &["--resume", "--max-steps", "10"]);
 
     let (ta, tb) = (
-        tensors(&a.join("checkpoint-last.safetensors")),
-        tensors(&ckpt),
+        file_tensors(&a.join("checkpoint-last.safetensors")),
+        file_tensors(&ckpt),
     );
     assert_eq!(ta.len(), tb.len());
     for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
@@ -193,8 +166,8 @@ fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
     pretrain(&b, &["--resume", "--max-steps", "6"]);
     let ckpt = a.join("checkpoint-last.safetensors");
     let (ta, tb) = (
-        tensors(&ckpt),
-        tensors(&b.join("checkpoint-last.safetensors")),
+        file_tensors(&ckpt),
+        file_tensors(&b.join("checkpoint-last.safetensors")),
     );
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     // The predictor trains with the query encoder (and has LARS buffers); the key has none.

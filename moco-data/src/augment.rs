@@ -111,9 +111,9 @@ pub fn adjust_saturation(img: &Image, f: f64) -> Image {
     blend(&grayscale(img).data, img, f)
 }
 
-/// `a as f32 / b as f32` for a, b in 0..=255 (b > 0) at index `a << 8 | b`: the float divisions
-/// of Pillow's rgb2hsv, looked up (the same correctly rounded quotients, without a division per
-/// channel per pixel).
+/// `a as f32 / b as f32` for a, b in 0..=255 (b > 0) at index `a << 8 | b`: the float
+/// divisions of Pillow's rgb2hsv ([`rgb_to_hsv_with`]), looked up (the same correctly rounded
+/// quotients, without a division per channel per pixel).
 fn div_table() -> &'static [f32] {
     static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
@@ -126,50 +126,21 @@ fn div_table() -> &'static [f32] {
     })
 }
 
-/// [`rgb_to_hsv`] with the divisions from [`div_table`]: the same bits, checked on every RGB value.
+// Pillow Convert.c rgb2hsv_row, with its mix of float and double arithmetic. `div(a, b)` is
+// `a as f32 / b as f32`: a lookup in [`div_table`] on the hot path, the division itself in the
+// test that checks the two on every RGB value.
 #[inline]
-fn rgb_to_hsv_lut(r: u8, g: u8, b: u8, div: &[f32]) -> (u8, u8, u8) {
+fn rgb_to_hsv_with(r: u8, g: u8, b: u8, div: impl Fn(u8, u8) -> f32) -> (u8, u8, u8) {
     let maxc = r.max(g).max(b);
     let minc = r.min(g).min(b);
     if minc == maxc {
         return (0, 0, maxc);
     }
-    let cr = (maxc - minc) as usize;
-    let q = |a: u8, d: usize| div[(a as usize) << 8 | d];
-    let s = q(maxc - minc, maxc as usize);
-    let rc = q(maxc - r, cr);
-    let gc = q(maxc - g, cr);
-    let bc = q(maxc - b, cr);
-    let h: f32 = if r == maxc {
-        bc - gc
-    } else if g == maxc {
-        (2.0 + rc as f64 - bc as f64) as f32
-    } else {
-        (4.0 + gc as f64 - rc as f64) as f32
-    };
-    let x = h as f64 / 6.0 + 1.0;
-    let h = (x - (x as i32) as f64) as f32;
-    let clip = |v: i32| v.clamp(0, 255) as u8;
-    (
-        clip((h as f64 * 255.0) as i32),
-        clip((s as f64 * 255.0) as i32),
-        maxc,
-    )
-}
-
-// Pillow Convert.c rgb2hsv_row, with its mix of float and double arithmetic.
-#[cfg_attr(not(test), allow(dead_code))]
-fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
-    let maxc = r.max(g).max(b);
-    let minc = r.min(g).min(b);
-    if minc == maxc {
-        return (0, 0, maxc);
-    }
-    let cr = (maxc - minc) as f32;
-    let s = cr / maxc as f32;
-    let rc = (maxc - r) as f32 / cr;
-    let gc = (maxc - g) as f32 / cr;
-    let bc = (maxc - b) as f32 / cr;
+    let cr = maxc - minc;
+    let s = div(cr, maxc);
+    let rc = div(maxc - r, cr);
+    let gc = div(maxc - g, cr);
+    let bc = div(maxc - b, cr);
     let h: f32 = if r == maxc {
         bc - gc
     } else if g == maxc {
@@ -233,7 +204,8 @@ pub fn adjust_hue(img: &Image, f: f64) -> Image {
     let div = div_table();
     let mut data = vec![0u8; img.data.len()];
     for (p, d) in img.data.chunks_exact(3).zip(data.chunks_exact_mut(3)) {
-        let (h, s, v) = rgb_to_hsv_lut(p[0], p[1], p[2], div);
+        let (h, s, v) =
+            rgb_to_hsv_with(p[0], p[1], p[2], |a, b| div[(a as usize) << 8 | b as usize]);
         let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
         d.copy_from_slice(&[r, g, b]);
     }
@@ -860,8 +832,8 @@ mod tests {
             for g in 0..=255u8 {
                 for b in 0..=255u8 {
                     assert_eq!(
-                        rgb_to_hsv_lut(r, g, b, div),
-                        rgb_to_hsv(r, g, b),
+                        rgb_to_hsv_with(r, g, b, |a, d| div[(a as usize) << 8 | d as usize]),
+                        rgb_to_hsv_with(r, g, b, |a, d| a as f32 / d as f32),
                         "rgb {r} {g} {b}"
                     );
                 }
