@@ -160,15 +160,40 @@ fn rgb_to_hsv_with(r: u8, g: u8, b: u8, div: impl Fn(u8, u8) -> f32) -> (u8, u8,
     )
 }
 
-// Pillow Convert.c hsv2rgb.
-fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
+/// The parts of Pillow's hsv2rgb that depend on H alone (sector, fraction) and on S alone
+/// (S / 255), for every byte value: two float64 divisions per pixel, looked up.
+struct HsvTables {
+    sector: [u8; 256],
+    frac: [f32; 256],
+    sat: [f32; 256],
+}
+
+fn hsv_tables() -> &'static HsvTables {
+    static TABLES: std::sync::OnceLock<HsvTables> = std::sync::OnceLock::new();
+    TABLES.get_or_init(|| {
+        let mut t = HsvTables {
+            sector: [0; 256],
+            frac: [0.0; 256],
+            sat: [0.0; 256],
+        };
+        for x in 0..256usize {
+            let hd = x as f32 as f64 * 6.0 / 255.0;
+            let i = hd as i32; // floor of a non-negative value
+            t.sector[x] = (i % 6) as u8;
+            t.frac[x] = (hd - i as f32 as f64) as f32;
+            t.sat[x] = (x as f32 as f64 / 255.0) as f32;
+        }
+        t
+    })
+}
+
+// Pillow Convert.c hsv2rgb, with the H- and S-only parts from [`hsv_tables`].
+fn hsv_to_rgb(h: u8, s: u8, v: u8, tables: &HsvTables) -> (u8, u8, u8) {
     if s == 0 {
         return (v, v, v);
     }
-    let hd = h as f32 as f64 * 6.0 / 255.0;
-    let i = hd as i32; // floor of a non-negative value
-    let f = (hd - i as f32 as f64) as f32;
-    let fs = (s as f32 as f64 / 255.0) as f32;
+    let f = tables.frac[h as usize];
+    let fs = tables.sat[s as usize];
     let vf = v as f32 as f64;
     // C's round() (half away from zero) of a value in [0, 256), exactly: x - trunc(x) is exact.
     let round = |x: f64| {
@@ -184,7 +209,7 @@ fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     let t = round(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
     let clip = |x: i32| x.clamp(0, 255) as u8;
     let (p, q, t) = (clip(p), clip(q), clip(t));
-    match i % 6 {
+    match tables.sector[h as usize] {
         0 => (v, t, p),
         1 => (q, v, p),
         2 => (p, v, t),
@@ -201,12 +226,12 @@ pub fn adjust_hue(img: &Image, f: f64) -> Image {
         return img.clone();
     }
     let shift = (f * 255.0) as i32 as u8;
-    let div = div_table();
+    let (div, tables) = (div_table(), hsv_tables());
     let mut data = vec![0u8; img.data.len()];
     for (p, d) in img.data.chunks_exact(3).zip(data.chunks_exact_mut(3)) {
         let (h, s, v) =
             rgb_to_hsv_with(p[0], p[1], p[2], |a, b| div[(a as usize) << 8 | b as usize]);
-        let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
+        let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v, tables);
         d.copy_from_slice(&[r, g, b]);
     }
     img.with_data(data)
