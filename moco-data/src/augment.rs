@@ -257,42 +257,82 @@ fn box_radius(sigma: f32, passes: i32) -> f32 {
     l + a
 }
 
-// Pillow BoxBlur.c ImagingLineBoxBlur8/32 on one line of C interleaved channels, all channels
-// in the same loop (as the C code's 32-bit path). Index loops on purpose: they follow the C
-// code's three regions, which keeps the bit-exact match checkable.
-#[allow(clippy::needless_range_loop)]
-fn box_blur_line<const C: usize>(line: &[u8], out: &mut [u8], radius: usize, ww: u32, fw: u32) {
-    let n = line.len() / C;
+// The positions of Pillow BoxBlur.c ImagingLineBoxBlur8/32 on a line of `n` values, in its
+// order and three regions: `step(state, x, sub, add, left, right)` computes output `x`, where
+// value `add` enters the window, `sub` leaves it and `left`/`right` are its fractional ends;
+// `middle(state, lo, hi)` computes outputs lo..hi, where sub = left = x - radius - 1,
+// add = x + radius and right = x + radius + 1 (most of the line: callers make it fast).
+#[inline(always)]
+fn box_blur_positions<S>(
+    state: &mut S,
+    n: usize,
+    radius: usize,
+    step: impl Fn(&mut S, usize, usize, usize, usize, usize),
+    middle: impl Fn(&mut S, usize, usize),
+) {
     let last = n - 1;
     let edge_a = (radius + 1).min(n);
     let edge_b = n.saturating_sub(radius + 1);
-    let px = |i: usize, ch: usize| line[i * C + ch] as u32;
-    // u32 with wrapping, as the C code's UINT32 arithmetic.
-    let mut acc = [0u32; C];
-    for ch in 0..C {
-        acc[ch] = px(0, ch).wrapping_mul(radius as u32 + 1);
-        for x in 0..edge_a.saturating_sub(1) {
-            acc[ch] = acc[ch].wrapping_add(px(x, ch));
-        }
-        acc[ch] = acc[ch].wrapping_add(px(last, ch).wrapping_mul((radius - edge_a + 1) as u32));
-    }
-    let mut step = |x: usize, sub: usize, add: usize, left: usize, right: usize| {
-        for ch in 0..C {
-            acc[ch] = acc[ch].wrapping_add(px(add, ch)).wrapping_sub(px(sub, ch));
-            let bulk = acc[ch]
-                .wrapping_mul(ww)
-                .wrapping_add((px(left, ch) + px(right, ch)).wrapping_mul(fw));
-            out[x * C + ch] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
-        }
-    };
     if edge_a <= edge_b {
         for x in 0..edge_a {
-            step(x, 0, x + radius, 0, x + radius + 1);
+            step(state, x, 0, x + radius, 0, x + radius + 1);
         }
-        // The middle region (most of the line) with slices instead of indices: the value
-        // leaving the window is also its far left one, the one entering sits just left of the
-        // far right one.
-        let (lo, hi) = (edge_a, edge_b);
+        middle(state, edge_a, edge_b);
+        for x in edge_b..=last {
+            step(state, x, x - radius - 1, last, x - radius - 1, last);
+        }
+    } else {
+        for x in 0..edge_b {
+            step(state, x, 0, x + radius, 0, x + radius + 1);
+        }
+        for x in edge_b..edge_a {
+            step(state, x, 0, last, 0, last);
+        }
+        for x in edge_a..=last {
+            step(state, x, x - radius - 1, last, x - radius - 1, last);
+        }
+    }
+}
+
+/// The window sum Pillow starts a line with: `first * (radius + 1) + values[0 .. edge - 1] +
+/// last * (radius - edge + 1)`, edge = min(radius + 1, n), per lane (u32, wrapping).
+#[inline(always)]
+fn box_blur_start(acc: &mut [u32], n: usize, radius: usize, value: impl Fn(usize, usize) -> u8) {
+    let edge_a = (radius + 1).min(n);
+    for (l, a) in acc.iter_mut().enumerate() {
+        let mut v = (value(0, l) as u32).wrapping_mul(radius as u32 + 1);
+        for x in 0..edge_a.saturating_sub(1) {
+            v = v.wrapping_add(value(x, l) as u32);
+        }
+        *a = v.wrapping_add((value(n - 1, l) as u32).wrapping_mul((radius - edge_a + 1) as u32));
+    }
+}
+
+/// One output value from the window sum `a` (Pillow's 24-bit fixed point, u32 wrapping as the
+/// C code's UINT32 arithmetic).
+#[inline(always)]
+fn box_blur_value(a: &mut u32, add: u8, sub: u8, left: u8, right: u8, ww: u32, fw: u32) -> u8 {
+    *a = a.wrapping_add(add as u32).wrapping_sub(sub as u32);
+    let bulk = a
+        .wrapping_mul(ww)
+        .wrapping_add((left as u32 + right as u32).wrapping_mul(fw));
+    (bulk.wrapping_add(1 << 23) >> 24) as u8
+}
+
+// One line of C interleaved channels.
+fn box_blur_line<const C: usize>(line: &[u8], out: &mut [u8], radius: usize, ww: u32, fw: u32) {
+    let n = line.len() / C;
+    let mut state = ([0u32; C], out);
+    box_blur_start(&mut state.0, n, radius, |i, ch| line[i * C + ch]);
+    let step = |(acc, out): &mut ([u32; C], &mut [u8]), x, sub, add, left, right| {
+        for ch in 0..C {
+            let px = |i: usize| line[i * C + ch];
+            out[x * C + ch] =
+                box_blur_value(&mut acc[ch], px(add), px(sub), px(left), px(right), ww, fw);
+        }
+    };
+    // The middle region with slices instead of indices (no bounds check per value).
+    let middle = |(acc, out): &mut ([u32; C], &mut [u8]), lo: usize, hi: usize| {
         let subs = line[(lo - radius - 1) * C..(hi - radius - 1) * C].chunks_exact(C);
         let adds = line[(lo + radius) * C..(hi + radius) * C].chunks_exact(C);
         let rights = line[(lo + radius + 1) * C..(hi + radius + 1) * C].chunks_exact(C);
@@ -303,46 +343,60 @@ fn box_blur_line<const C: usize>(line: &[u8], out: &mut [u8], radius: usize, ww:
             .zip(rights)
         {
             for ch in 0..C {
-                acc[ch] = acc[ch]
-                    .wrapping_add(add[ch] as u32)
-                    .wrapping_sub(sub[ch] as u32);
-                let bulk = acc[ch]
-                    .wrapping_mul(ww)
-                    .wrapping_add((sub[ch] as u32 + right[ch] as u32).wrapping_mul(fw));
-                o[ch] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
+                o[ch] = box_blur_value(&mut acc[ch], add[ch], sub[ch], sub[ch], right[ch], ww, fw);
             }
         }
-        let mut step = |x: usize, sub: usize, add: usize, left: usize, right: usize| {
-            for ch in 0..C {
-                acc[ch] = acc[ch].wrapping_add(px(add, ch)).wrapping_sub(px(sub, ch));
-                let bulk = acc[ch]
-                    .wrapping_mul(ww)
-                    .wrapping_add((px(left, ch) + px(right, ch)).wrapping_mul(fw));
-                out[x * C + ch] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
-            }
-        };
-        for x in edge_b..=last {
-            step(x, x - radius - 1, last, x - radius - 1, last);
+    };
+    box_blur_positions(&mut state, n, radius, step, middle);
+}
+
+// The same down a column of rows: every byte of a row is a lane, all blurred at once (Pillow
+// transposes the image and blurs its rows: the arithmetic per value is the same).
+fn box_blur_rows_as_lanes(
+    data: &[u8],
+    out: &mut [u8],
+    row_len: usize,
+    (radius, ww, fw): (usize, u32, u32),
+    acc: &mut [u32],
+) {
+    let n = data.len() / row_len;
+    let row = |i: usize| &data[i * row_len..(i + 1) * row_len];
+    box_blur_start(acc, n, radius, |i, l| data[i * row_len + l]);
+    let step = |(acc, out): &mut (&mut [u32], &mut [u8]), x: usize, sub, add, left, right| {
+        let o = &mut out[x * row_len..(x + 1) * row_len];
+        let ins = (row(sub).iter().zip(row(add))).zip(row(left).iter().zip(row(right)));
+        for ((o, a), ((&s, &ad), (&l, &r))) in o.iter_mut().zip(acc.iter_mut()).zip(ins) {
+            *o = box_blur_value(a, ad, s, l, r, ww, fw);
         }
-    } else {
-        for x in 0..edge_b {
-            step(x, 0, x + radius, 0, x + radius + 1);
+    };
+    let middle = |state: &mut (&mut [u32], &mut [u8]), lo: usize, hi: usize| {
+        for x in lo..hi {
+            step(
+                state,
+                x,
+                x - radius - 1,
+                x + radius,
+                x - radius - 1,
+                x + radius + 1,
+            );
         }
-        for x in edge_b..edge_a {
-            step(x, 0, last, 0, last);
-        }
-        for x in edge_a..=last {
-            step(x, x - radius - 1, last, x - radius - 1, last);
-        }
-    }
+    };
+    box_blur_positions(&mut (acc, out), n, radius, step, middle);
+}
+
+/// Pillow's box weights for radius `r`: (integer radius, weight of a whole pixel, weight of
+/// each fractional end), 24-bit fixed point.
+fn box_weights(r: f32) -> (usize, u32, u32) {
+    let radius = r as usize;
+    let ww = (16_777_216.0f32 / (r * 2.0 + 1.0)) as u32;
+    let fw = (16_777_216u32.wrapping_sub((radius as u32 * 2 + 1).wrapping_mul(ww))) / 2;
+    (radius, ww, fw)
 }
 
 // `passes` horizontal box-blur passes over every row (Pillow ImagingHorizontalBoxBlur applied
 // `passes` times; rows are independent, so each row takes all its passes while in cache).
 fn box_blur_rows(data: &mut [u8], width: usize, c: usize, r: f32, passes: usize) {
-    let radius = r as usize;
-    let ww = (16_777_216.0f32 / (r * 2.0 + 1.0)) as u32;
-    let fw = (16_777_216u32.wrapping_sub((radius as u32 * 2 + 1).wrapping_mul(ww))) / 2;
+    let (radius, ww, fw) = box_weights(r);
     let mut tmp = vec![0u8; width * c];
     for row in data.chunks_exact_mut(width * c) {
         for _ in 0..passes {
@@ -356,21 +410,15 @@ fn box_blur_rows(data: &mut [u8], width: usize, c: usize, r: f32, passes: usize)
     }
 }
 
-fn transpose(img: &Image) -> Image {
-    let c = img.channels;
-    let mut data = vec![0u8; img.data.len()];
-    for y in 0..img.height {
-        for x in 0..img.width {
-            let s = (y * img.width + x) * c;
-            let d = (x * img.height + y) * c;
-            data[d..d + c].copy_from_slice(&img.data[s..s + c]);
-        }
-    }
-    Image {
-        width: img.height,
-        height: img.width,
-        channels: c,
-        data,
+// `passes` vertical box-blur passes: every column blurred as Pillow's transpose, horizontal
+// pass and transpose back do, all columns of a row at once.
+fn box_blur_columns(data: &mut [u8], row_len: usize, r: f32, passes: usize) {
+    let (radius, ww, fw) = box_weights(r);
+    let mut tmp = vec![0u8; data.len()];
+    let mut acc = vec![0u32; row_len];
+    for _ in 0..passes {
+        box_blur_rows_as_lanes(data, &mut tmp, row_len, (radius, ww, fw), &mut acc);
+        data.copy_from_slice(&tmp);
     }
 }
 
@@ -385,9 +433,7 @@ pub fn gaussian_blur(img: &Image, sigma: f64) -> Image {
     let mut out = img.clone();
     if r != 0.0 {
         box_blur_rows(&mut out.data, out.width, out.channels, r, 3);
-        let mut t = transpose(&out);
-        box_blur_rows(&mut t.data, t.width, t.channels, r, 3);
-        out = transpose(&t);
+        box_blur_columns(&mut out.data, out.width * out.channels, r, 3);
     }
     out
 }
@@ -862,6 +908,38 @@ mod tests {
                         "rgb {r} {g} {b}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn vertical_box_blur_is_the_horizontal_one_on_the_transpose() {
+        // Pillow blurs columns by transposing and blurring rows; the column pass must give the
+        // same bytes, in every region (short columns included: radius beyond half the height).
+        let mut rng = StdRng::seed_from_u64(3);
+        for &(w, h, c) in &[
+            (7usize, 5usize, 3usize),
+            (16, 40, 1),
+            (9, 3, 3),
+            (30, 11, 4),
+        ] {
+            let data: Vec<u8> = (0..w * h * c).map(|_| rng.random()).collect();
+            for r in [0.4f32, 1.0, 1.7, 2.5, 6.3] {
+                let mut cols = data.clone();
+                box_blur_columns(&mut cols, w * c, r, 3);
+                // transpose, blur the rows, transpose back
+                let t = |d: &[u8], w: usize, h: usize| {
+                    let mut o = vec![0u8; d.len()];
+                    for y in 0..h {
+                        for x in 0..w {
+                            o[(x * h + y) * c..][..c].copy_from_slice(&d[(y * w + x) * c..][..c]);
+                        }
+                    }
+                    o
+                };
+                let mut rows = t(&data, w, h);
+                box_blur_rows(&mut rows, h, c, r, 3);
+                assert_eq!(cols, t(&rows, h, w), "{w}x{h}x{c} radius {r}");
             }
         }
     }
