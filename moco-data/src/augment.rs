@@ -52,7 +52,10 @@ pub fn grayscale(img: &Image) -> Image {
     if img.channels == 1 {
         return l;
     }
-    let data = l.data.iter().flat_map(|&v| [v, v, v]).collect();
+    let mut data = vec![0u8; l.data.len() * 3];
+    for (o, &v) in data.chunks_exact_mut(3).zip(&l.data) {
+        o.fill(v);
+    }
     Image {
         data,
         channels: 3,
@@ -61,38 +64,29 @@ pub fn grayscale(img: &Image) -> Image {
 }
 
 /// `Image.blend(degenerate, img, alpha)` (Pillow Blend.c): float32 arithmetic, truncation to
-/// uint8, clipping only when extrapolating (alpha outside [0, 1]).
-fn blend(degenerate: &[u8], img: &Image, alpha: f64) -> Image {
+/// uint8, clipping only when extrapolating (alpha outside [0, 1]). `degenerate` yields the
+/// other image's bytes (a constant, or a grey image's), so that none is materialised.
+fn blend(degenerate: impl Iterator<Item = u8>, img: &Image, alpha: f64) -> Image {
     let a = alpha as f32;
     if a == 0.0 {
-        return img.with_data(degenerate.to_vec());
+        return img.with_data(degenerate.take(img.data.len()).collect());
     }
     if a == 1.0 {
         return img.clone();
     }
-    let interp = (0.0..=1.0).contains(&a);
-    let data = degenerate
-        .iter()
-        .zip(&img.data)
-        .map(|(&d, &p)| {
-            let t = d as i32 as f32 + a * (p as i32 - d as i32) as f32;
-            if interp {
-                t as u8
-            } else if t <= 0.0 {
-                0
-            } else if t >= 255.0 {
-                255
-            } else {
-                t as u8
-            }
-        })
-        .collect();
+    let mix = |d: u8, p: u8| d as i32 as f32 + a * (p as i32 - d as i32) as f32;
+    let mut data = vec![0u8; img.data.len()];
+    // `as u8` truncates and saturates (0 below 0, 255 above 255): the C code's truncation when
+    // interpolating and its clip when extrapolating.
+    for (o, (d, &p)) in data.iter_mut().zip(degenerate.zip(&img.data)) {
+        *o = mix(d, p) as u8;
+    }
     img.with_data(data)
 }
 
 /// `ImageEnhance.Brightness(img).enhance(f)`: blend with black.
 pub fn adjust_brightness(img: &Image, f: f64) -> Image {
-    blend(&vec![0; img.data.len()], img, f)
+    blend(std::iter::repeat(0), img, f)
 }
 
 /// `ImageEnhance.Contrast(img).enhance(f)`: blend with a flat image at the rounded mean luma.
@@ -100,7 +94,7 @@ pub fn adjust_contrast(img: &Image, f: f64) -> Image {
     let l = to_luma(img);
     let sum: u64 = l.data.iter().map(|&v| v as u64).sum();
     let mean = (sum as f64 / l.data.len() as f64 + 0.5) as u8;
-    blend(&vec![mean; img.data.len()], img, f)
+    blend(std::iter::repeat(mean), img, f)
 }
 
 /// `ImageEnhance.Color(img).enhance(f)`: blend with the grayscale image (no-op on grayscale).
@@ -108,7 +102,7 @@ pub fn adjust_saturation(img: &Image, f: f64) -> Image {
     if img.channels == 1 {
         return img.clone();
     }
-    blend(&grayscale(img).data, img, f)
+    blend(grayscale(img).data.into_iter(), img, f)
 }
 
 /// `a as f32 / b as f32` for a, b in 0..=255 (b > 0) at index `a << 8 | b`: the float
