@@ -5,32 +5,24 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use moco_tests::moco;
+use moco_tests::{moco, run_ok};
 
 #[test]
 fn the_same_step_twice_on_the_cpu_is_bit_identical() {
-    let o = moco()
-        .args([
-            "check-device",
-            "--device",
-            "cpu",
-            "--width",
-            "8",
-            "--image-size",
-            "16",
-            "--batch-size",
-            "16",
-            "--tolerance",
-            "0",
-        ])
-        .output()
-        .unwrap();
+    let o = run_ok(moco().args([
+        "check-device",
+        "--device",
+        "cpu",
+        "--width",
+        "8",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--tolerance",
+        "0",
+    ]));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     assert!(out.contains("largest relative difference 0.00e0"), "{out}");
     // A backend not compiled in is an error naming the feature.
     let o = moco()
@@ -45,18 +37,13 @@ fn the_same_step_twice_on_the_cpu_is_bit_identical() {
 fn a_one_process_group_leaves_the_step_unchanged() {
     // The single-GPU NCCL check (`--dist nccl`), here with the TCP backend on the CPU: the step
     // through every collective equals the plain step bit for bit.
-    let o = moco()
-        .args(["check-device", "--device", "cpu", "--dist", "tcp"])
-        .args(["--width", "4", "--image-size", "16", "--batch-size", "8"])
-        .args(["--tolerance", "0"])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
+    let o = run_ok(
+        moco()
+            .args(["check-device", "--device", "cpu", "--dist", "tcp"])
+            .args(["--width", "4", "--image-size", "16", "--batch-size", "8"])
+            .args(["--tolerance", "0"]),
     );
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("tcp: all_reduce, all_gather and broadcast"),
         "{out}"

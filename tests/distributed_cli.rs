@@ -7,33 +7,17 @@
 
 use std::path::Path;
 
-use moco_tests::{file_tensors, moco, run_ok};
+use moco_tests::{file_tensors, moco, run_ok, TINY_RUN};
 
-const TINY: &[&str] = &[
-    "--width",
-    "4",
-    "--batch-size",
-    "16",
-    "--queue-size",
-    "64",
-    "--bn-splits",
-    "2",
-    "--subset",
-    "256",
-    "--knn-every",
-    "0",
-    "--workers",
-    "1",
-    "--log-every",
-    "1",
-    "--quiet",
-];
+/// [`TINY_RUN`] with one data worker and a metrics line every step.
+const TINY: &[&str] = &["--workers", "1", "--log-every", "1"];
 
 fn launch(out: &Path, extra: &[&str]) -> std::process::Output {
     run_ok(
         moco()
             .args(["launch", "--nproc-per-node", "2", "--"])
             .args(TINY)
+            .args(TINY_RUN)
             .args(["--out", out.to_str().unwrap()])
             .args(extra),
     )
@@ -92,6 +76,7 @@ fn bad_launches_are_clear_errors() {
     let o = moco()
         .args(["launch", "--nproc-per-node", "3", "--"])
         .args(TINY)
+        .args(TINY_RUN)
         .args(["--out", out.to_str().unwrap()])
         .output()
         .unwrap();

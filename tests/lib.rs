@@ -21,6 +21,24 @@ pub fn moco() -> Command {
     Command::new(path)
 }
 
+/// The `moco pretrain` flags of a tiny, fast run on the embedded data (a width-4 network, 256
+/// images, batches of 16, K 64, no kNN monitor before the end, no progress bar).
+pub const TINY_RUN: &[&str] = &[
+    "--width",
+    "4",
+    "--batch-size",
+    "16",
+    "--queue-size",
+    "64",
+    "--bn-splits",
+    "2",
+    "--subset",
+    "256",
+    "--knn-every",
+    "0",
+    "--quiet",
+];
+
 /// `tests/reference/<name>`.
 pub fn reference(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -35,7 +53,8 @@ pub fn run_ok(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     assert!(
         o.status.success(),
-        "{cmd:?} failed:\n{}",
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
     o

@@ -7,34 +7,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use moco_tests::{file_tensors, moco, run_ok};
+use moco_tests::{file_tensors, moco, run_ok, TINY_RUN};
 
-/// A tiny, fast configuration on the embedded data.
-const TINY: &[&str] = &[
-    "pretrain",
-    "--width",
-    "4",
-    "--batch-size",
-    "16",
-    "--queue-size",
-    "64",
-    "--bn-splits",
-    "2",
-    "--subset",
-    "256",
-    "--epochs",
-    "2",
-    "--knn-every",
-    "0",
-    "--workers",
-    "2",
-    "--quiet",
-];
+/// A tiny, fast configuration on the embedded data: `moco pretrain` with [`TINY_RUN`], 2
+/// epochs, 2 data workers.
+const TINY: &[&str] = &["pretrain", "--epochs", "2", "--workers", "2"];
 
 fn pretrain(out: &Path, extra: &[&str]) -> std::process::Output {
     run_ok(
         moco()
             .args(TINY)
+            .args(TINY_RUN)
             .args(["--out", out.to_str().unwrap()])
             .args(extra),
     )
@@ -100,6 +83,7 @@ fn a_run_directory_holds_config_metrics_and_an_atomic_checkpoint() {
     // Without --resume, the same --out is refused; with it, a finished budget is a no-op.
     let o = moco()
         .args(TINY)
+        .args(TINY_RUN)
         .args(["--out", run.to_str().unwrap(), "--max-steps", "12"])
         .output()
         .unwrap();
@@ -117,6 +101,7 @@ fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
     // Run b is killed (SIGKILL) once it has written a checkpoint, then resumed.
     let mut child = moco()
         .args(TINY)
+        .args(TINY_RUN)
         .args(["--out", b.to_str().unwrap()])
         .args(budget)
         .spawn()
@@ -468,6 +453,7 @@ fn a_nan_loss_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoint() {
     let run = dir.path().join("run");
     let o = moco()
         .args(TINY)
+        .args(TINY_RUN)
         .args([
             "--out",
             run.to_str().unwrap(),
