@@ -103,5 +103,5 @@ fi
 nvcc --version | tail -2 >&2
 # A target folder of its own: the CPU build in target/ stays as it is.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
-cargo build --release -p moco-cli --features "$features"
+cargo build --release -p moco-cli --no-default-features --features "$features"
 echo "built $CARGO_TARGET_DIR/release/moco with --features $features for compute capability $CUDA_COMPUTE_CAP" >&2

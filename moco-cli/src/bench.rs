@@ -132,15 +132,21 @@ pub fn step(o: StepOptions) -> Result<()> {
     let median = times[times.len() / 2];
     let ips = o.batch_size as f64 / median;
     let rss = peak_rss_mb();
+    // The CPU convolution engine (gemm or onednn); "device" on other devices.
+    let conv = if o.device.is_cpu() {
+        moco_models::cpu_conv::conv_engine()?.name()
+    } else {
+        "device"
+    };
     println!(
-        "MoCo {} step {} width {} {}x{}x{} batch {} K {}: {:.1} images/s (median of {} steps, {:.3} s/step), peak RSS {}",
+        "MoCo {} step {} width {} {}x{}x{} batch {} K {}: {:.1} images/s (median of {} steps, {:.3} s/step), peak RSS {}, convolutions: {conv}",
         if o.mlp { "v2" } else { "v1" }, o.arch, o.width, o.image_size, o.image_size, o.channels, o.batch_size, o.queue_size, ips, o.steps, median,
         rss.map_or("unknown".into(), |r| format!("{r:.0} MB"))
     );
     if o.json {
         println!(
             "{}",
-            serde_json::json!({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": median, "steps": o.steps})
+            serde_json::json!({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": median, "steps": o.steps, "conv_engine": conv})
         );
     }
     Ok(())

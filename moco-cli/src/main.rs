@@ -431,7 +431,10 @@ fn shorter_candle_spins() {
 fn main() -> Result<()> {
     keep_freed_memory();
     shorter_candle_spins();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // A bad MOCO_CPU_CONV is an error before any work, not at the first convolution.
+    moco_models::cpu_conv::conv_engine()?;
+    match cli.command {
         Command::Config { preset } => {
             let config = MocoConfig::preset(&preset).context("--preset")?;
             println!("{}", serde_json::to_string_pretty(&config)?);

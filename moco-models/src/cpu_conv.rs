@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::scratch::{self, with_scratch};
 
@@ -76,6 +77,233 @@ impl Geometry {
     fn out_plane(&self) -> usize {
         self.ho * self.wo
     }
+    /// (N, C, H, W, O, KH, KW, stride, padding, groups), what the oneDNN engine takes.
+    #[cfg(feature = "onednn")]
+    fn as_array(&self) -> [usize; 10] {
+        [
+            self.n,
+            self.c,
+            self.h,
+            self.w,
+            self.o,
+            self.kh,
+            self.kw,
+            self.stride,
+            self.padding,
+            self.groups,
+        ]
+    }
+    /// Element counts of (a, b, result) of `pass` (operand order as in [`Pass`]).
+    fn lens(&self, pass: Pass) -> [usize; 3] {
+        let (x, w, y) = (
+            self.n * self.c * self.in_plane(),
+            self.o * self.k(),
+            self.n * self.o * self.out_plane(),
+        );
+        match pass {
+            Pass::Forward => [x, w, y],
+            Pass::GradInput => [y, w, x],
+            Pass::GradWeight => [x, y, w],
+        }
+    }
+}
+
+/// One of the three passes of a convolution, by its operands `(a, b) -> result`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum Pass {
+    /// `y` from `(x, w)`.
+    Forward = 0,
+    /// `gx` from `(gy, w)`.
+    GradInput = 1,
+    /// `gw` from `(x, gy)`.
+    GradWeight = 2,
+}
+
+/// The kernels behind the CPU convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvEngine {
+    /// im2col + GEMM on the `gemm` crate (always available).
+    Gemm,
+    /// oneDNN's convolutions (feature `onednn`); geometries it has no kernel for use `Gemm`.
+    OneDnn,
+}
+
+impl ConvEngine {
+    /// The name `MOCO_CPU_CONV` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gemm => "gemm",
+            Self::OneDnn => "onednn",
+        }
+    }
+
+    /// Whether this build has the engine.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Gemm => true,
+            Self::OneDnn => cfg!(feature = "onednn"),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Gemm, Self::OneDnn]
+            .into_iter()
+            .find(|e| e.name() == s)
+    }
+}
+
+/// 0: not chosen yet; otherwise 1 + the engine's index.
+static ENGINE: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the engine of every later CPU convolution in this process; an error when this build
+/// does not have it.
+pub fn set_conv_engine(engine: ConvEngine) -> Result<()> {
+    if !engine.is_available() {
+        candle_core::bail!(
+            "the {} convolution engine is not in this build (cargo feature `onednn`)",
+            engine.name()
+        )
+    }
+    ENGINE.store(1 + engine as u8, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The engine CPU convolutions run on: the one [`set_conv_engine`] chose, else the environment
+/// variable `MOCO_CPU_CONV` (`gemm` or `onednn`), else oneDNN when compiled in, else gemm.
+pub fn conv_engine() -> Result<ConvEngine> {
+    match ENGINE.load(Ordering::Relaxed) {
+        1 => return Ok(ConvEngine::Gemm),
+        2 => return Ok(ConvEngine::OneDnn),
+        _ => {}
+    }
+    let engine = match std::env::var("MOCO_CPU_CONV") {
+        Ok(v) => match ConvEngine::parse(v.trim()) {
+            Some(e) if e.is_available() => e,
+            Some(e) => candle_core::bail!(
+                "MOCO_CPU_CONV={}: this build has no {} engine (cargo feature `onednn`)",
+                v,
+                e.name()
+            ),
+            None => candle_core::bail!("MOCO_CPU_CONV={v}: expected `gemm` or `onednn`"),
+        },
+        Err(_) if ConvEngine::OneDnn.is_available() => ConvEngine::OneDnn,
+        Err(_) => ConvEngine::Gemm,
+    };
+    set_conv_engine(engine)?;
+    Ok(engine)
+}
+
+/// One pass on `engine`, or the chosen one ([`conv_engine`]).
+fn run_pass(
+    pass: Pass,
+    g: &Geometry,
+    a: &[f32],
+    b: &[f32],
+    engine: Option<ConvEngine>,
+) -> Result<Vec<f32>> {
+    let engine = match engine {
+        Some(e) => e,
+        None => conv_engine()?,
+    };
+    #[cfg(feature = "onednn")]
+    if engine == ConvEngine::OneDnn {
+        if let Some(v) = run_onednn(pass, g, a, b)? {
+            return Ok(v);
+        }
+    }
+    let _ = engine;
+    run_gemm(pass, g, a, b)
+}
+
+/// One pass on oneDNN, the batch split into one near-equal run of samples per rayon thread,
+/// each a single-threaded oneDNN call; the weight gradient's per-run partial sums are added in
+/// run order. `None` when oneDNN has no kernel for this geometry.
+#[cfg(feature = "onednn")]
+fn run_onednn(pass: Pass, g: &Geometry, a: &[f32], b: &[f32]) -> Result<Option<Vec<f32>>> {
+    let [a_len, b_len, out_len] = g.lens(pass);
+    if a.len() != a_len || b.len() != b_len {
+        candle_core::bail!(
+            "conv2d {pass:?}: operands of {} and {} floats, expected {a_len} and {b_len}",
+            a.len(),
+            b.len()
+        )
+    }
+    if g.n == 0 {
+        return Ok(None);
+    }
+    let parts = rayon::current_num_threads().clamp(1, g.n);
+    let runs: Vec<Geometry> = (0..parts)
+        .map(|p| Geometry {
+            n: (p + 1) * g.n / parts - p * g.n / parts,
+            ..*g
+        })
+        .collect();
+    let (x_per, y_per) = (g.c * g.in_plane(), g.o * g.out_plane());
+    // Per-sample floats of a, of b (0: shared) and of the result (0: one full result per run).
+    let (a_per, b_per, out_per) = match pass {
+        Pass::Forward => (x_per, 0, y_per),
+        Pass::GradInput => (y_per, 0, x_per),
+        Pass::GradWeight => (x_per, y_per, 0),
+    };
+    let total = if out_per == 0 {
+        out_len * parts
+    } else {
+        out_len
+    };
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let mut rest = &mut out.spare_capacity_mut()[..total];
+    let mut pieces = Vec::with_capacity(parts);
+    let mut start = 0;
+    for r in &runs {
+        let len = if out_per == 0 { out_len } else { r.n * out_per };
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        pieces.push((*r, start, piece));
+        rest = tail;
+        start += r.n;
+    }
+    let written = pieces
+        .into_par_iter()
+        .map(|(r, s0, piece)| {
+            let a = &a[s0 * a_per..(s0 + r.n) * a_per];
+            let b = if b_per == 0 {
+                b
+            } else {
+                &b[s0 * b_per..(s0 + r.n) * b_per]
+            };
+            crate::onednn::run(pass, r.as_array(), a, b, piece, r.lens(pass))
+        })
+        .collect::<Result<Vec<bool>>>()?;
+    if !written.iter().all(|&w| w) {
+        return Ok(None);
+    }
+    // SAFETY: every piece of the capacity was written in full by its oneDNN call.
+    unsafe { out.set_len(total) };
+    if out_per == 0 {
+        let (first, others) = out.split_at_mut(out_len);
+        for part in others.chunks_exact(out_len) {
+            first.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        out.truncate(out_len);
+    }
+    Ok(Some(out))
+}
+
+/// One pass on the gemm kernels.
+fn run_gemm(pass: Pass, g: &Geometry, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    let [a_len, b_len, _] = g.lens(pass);
+    if a.len() != a_len || b.len() != b_len {
+        candle_core::bail!(
+            "conv2d {pass:?}: operands of {} and {} floats, expected {a_len} and {b_len}",
+            a.len(),
+            b.len()
+        )
+    }
+    Ok(match pass {
+        Pass::Forward => forward(g, a, b),
+        Pass::GradInput => grad_input(g, a, b),
+        Pass::GradWeight => grad_weight(g, a, b),
+    })
 }
 
 /// The output columns `ow` whose input column `ow * s + kj - p` lies inside `[0, W)`.
@@ -397,6 +625,8 @@ struct Conv2d {
     stride: usize,
     padding: usize,
     groups: usize,
+    /// None: the chosen engine ([`conv_engine`]) at each call.
+    engine: Option<ConvEngine>,
 }
 
 /// Which gradient a [`Conv2dGrad`] computes, with the dims of that operand.
@@ -413,6 +643,7 @@ struct Conv2dGrad {
     stride: usize,
     padding: usize,
     groups: usize,
+    engine: Option<ConvEngine>,
     wrt: Wrt,
 }
 
@@ -429,11 +660,13 @@ impl CustomOp2 for Conv2d {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding, self.groups)?;
-        let y = forward(
+        let y = run_pass(
+            Pass::Forward,
             &g,
             scratch::f32_slice(s1, l1, "conv2d (input)")?,
             scratch::f32_slice(s2, l2, "conv2d (weight)")?,
-        );
+            self.engine,
+        )?;
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -455,6 +688,7 @@ impl CustomOp2 for Conv2d {
                 stride: self.stride,
                 padding: self.padding,
                 groups: self.groups,
+                engine: self.engine,
                 wrt: Wrt::Input(dims4(x)?),
             };
             Some(gy.apply_op2_no_bwd(w, &op)?)
@@ -466,6 +700,7 @@ impl CustomOp2 for Conv2d {
                 stride: self.stride,
                 padding: self.padding,
                 groups: self.groups,
+                engine: self.engine,
                 wrt: Wrt::Weight(dims4(w)?),
             };
             Some(x.apply_op2_no_bwd(&gy, &op)?)
@@ -502,19 +737,23 @@ impl CustomOp2 for Conv2dGrad {
         }
         Ok(match self.wrt {
             Wrt::Input(x) => {
-                let gx = grad_input(
+                let gx = run_pass(
+                    Pass::GradInput,
                     &g,
                     scratch::f32_slice(s1, l1, "conv2d (output gradient)")?,
                     scratch::f32_slice(s2, l2, "conv2d (weight)")?,
-                );
+                    self.engine,
+                )?;
                 (CpuStorage::F32(gx), Shape::from(x.to_vec()))
             }
             Wrt::Weight(w) => {
-                let gw = grad_weight(
+                let gw = run_pass(
+                    Pass::GradWeight,
                     &g,
                     scratch::f32_slice(s1, l1, "conv2d (input)")?,
                     scratch::f32_slice(s2, l2, "conv2d (output gradient)")?,
-                );
+                    self.engine,
+                )?;
                 (CpuStorage::F32(gw), Shape::from(w.to_vec()))
             }
         })
@@ -540,6 +779,7 @@ pub fn conv2d_backward(
             stride,
             padding,
             groups,
+            engine: None,
             wrt: Wrt::Input([a, b, c, d]),
         },
     )?;
@@ -550,15 +790,44 @@ pub fn conv2d_backward(
             stride,
             padding,
             groups,
+            engine: None,
             wrt: Wrt::Weight([a, b, c, d]),
         },
     )?;
     Ok((gx, gw))
 }
 
-/// `conv2d(x, w)` with dilation 1: the kernels of this module for float32 on the CPU, candle's
-/// own `Tensor::conv2d` anywhere else. Same result either way, within float32 rounding.
+/// `conv2d(x, w)` with dilation 1: the kernels of this module for float32 on the CPU (on the
+/// engine [`conv_engine`] chooses), candle's own `Tensor::conv2d` anywhere else. Same result
+/// either way, within float32 rounding.
 pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    conv2d_with(None, x, w, padding, stride, groups)
+}
+
+/// [`conv2d`] on a given CPU engine, forward and backward, whatever [`conv_engine`] says; an
+/// error when this build does not have it.
+pub fn conv2d_on(
+    engine: ConvEngine,
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    if !engine.is_available() {
+        candle_core::bail!("conv2d: the {} engine is not in this build", engine.name())
+    }
+    conv2d_with(Some(engine), x, w, padding, stride, groups)
+}
+
+fn conv2d_with(
+    engine: Option<ConvEngine>,
     x: &Tensor,
     w: &Tensor,
     padding: usize,
@@ -572,6 +841,7 @@ pub fn conv2d(
         stride,
         padding,
         groups,
+        engine,
     };
     x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
@@ -658,7 +928,7 @@ mod tests {
             / scale
     }
 
-    /// Forward against candle's kernel and a direct f64 loop; both gradients, through a loss
+    /// On every engine of this build: forward against candle's kernel and a direct f64 loop; both gradients, through a loss
     /// that weighs every output differently, against the direct loop (candle's own backward
     /// returns a wrongly shaped input gradient when the stride leaves input columns unused)
     /// and, where candle's shapes agree, against candle's backward too.
@@ -674,15 +944,35 @@ mod tests {
         p: usize,
         groups: usize,
     ) {
+        for engine in [ConvEngine::Gemm, ConvEngine::OneDnn] {
+            if engine.is_available() {
+                check_on(engine, n, c, h, w, o, k, s, p, groups);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_on(
+        engine: ConvEngine,
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        o: usize,
+        k: (usize, usize),
+        s: usize,
+        p: usize,
+        groups: usize,
+    ) {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
         let wt = Var::randn(0f32, 1.0, (o, c / groups, k.0, k.1), &dev).unwrap();
-        let ours = conv2d(x.as_tensor(), wt.as_tensor(), p, s, groups).unwrap();
+        let ours = conv2d_on(engine, x.as_tensor(), wt.as_tensor(), p, s, groups).unwrap();
         let theirs = x
             .as_tensor()
             .conv2d(wt.as_tensor(), p, s, 1, groups)
             .unwrap();
-        let what = format!("n{n} c{c} {h}x{w} o{o} k{k:?} s{s} p{p} g{groups}");
+        let what = format!("{engine:?}: n{n} c{c} {h}x{w} o{o} k{k:?} s{s} p{p} g{groups}");
         assert_eq!(ours.dims(), theirs.dims(), "{what}");
         assert!(max_rel(&ours, &theirs) < 1e-5, "{what}: forward");
         let mix = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
@@ -760,5 +1050,129 @@ mod tests {
             .unwrap();
         let b = conv2d(&x, w.as_tensor(), 1, 1, 1).unwrap();
         assert!(max_rel(&a, &b) < 1e-5);
+    }
+
+    /// Both engines on the same operands, every pass, the shapes of the `check` test and the
+    /// small ResNet's layers: within float32 rounding of each other. oneDNN must have a kernel
+    /// for all of them except the ones whose last stride stops short of the padded edge (it
+    /// may fall back there; `check` covers those through `conv2d`).
+    #[cfg(feature = "onednn")]
+    #[test]
+    fn onednn_and_gemm_engines_agree() {
+        let dev = Device::Cpu;
+        let random = |len: usize| -> Vec<f32> {
+            Tensor::randn(0f32, 1.0, len, &dev)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        #[rustfmt::skip]
+        let shapes = [
+            // n, c, h, w, o, kh, kw, s, p, groups
+            (2, 3, 9, 9, 4, 3, 3, 1, 1, 1),
+            (3, 4, 8, 7, 6, 3, 3, 2, 1, 1),
+            (2, 8, 10, 10, 8, 1, 1, 1, 0, 1),
+            (2, 8, 10, 10, 4, 1, 1, 2, 0, 1),
+            (1, 3, 15, 13, 5, 7, 7, 2, 3, 1),
+            (2, 6, 7, 9, 4, 3, 2, 1, 0, 2),
+            (2, 6, 8, 8, 6, 3, 3, 2, 2, 3),
+            (4, 16, 6, 6, 16, 3, 3, 1, 1, 16),
+            (1, 2, 5, 5, 3, 5, 5, 3, 2, 1),
+            (2, 5, 7, 6, 4, 5, 5, 1, 2, 1),
+            (8, 16, 28, 28, 16, 3, 3, 1, 1, 1),
+            (8, 16, 28, 28, 32, 3, 3, 2, 1, 1),
+            (8, 64, 7, 7, 128, 3, 3, 2, 1, 1),
+            (8, 64, 7, 7, 128, 1, 1, 2, 0, 1),
+            (8, 128, 4, 4, 128, 3, 3, 1, 1, 1),
+        ];
+        let mut fell_back = Vec::new();
+        for (n, c, h, w, o, kh, kw, s, p, groups) in shapes {
+            let g = Geometry::new(&[n, c, h, w], &[o, c / groups, kh, kw], s, p, groups).unwrap();
+            let edge_short = (h + 2 * p - kh) % s != 0 || (w + 2 * p - kw) % s != 0;
+            for pass in [Pass::Forward, Pass::GradInput, Pass::GradWeight] {
+                let [al, bl, _] = g.lens(pass);
+                let (a, b) = (random(al), random(bl));
+                let what = format!("{pass:?} {g:?}");
+                let Some(whole) = onednn_alone(pass, &g, &a, &b).unwrap() else {
+                    assert!(edge_short, "{what}: oneDNN has no kernel");
+                    fell_back.push(what);
+                    continue;
+                };
+                let split = run_onednn(pass, &g, &a, &b).unwrap().unwrap();
+                let gemm = run_gemm(pass, &g, &a, &b).unwrap();
+                for (name, ours) in [("whole batch", whole), ("batch split", split)] {
+                    assert_eq!(ours.len(), gemm.len(), "{what}");
+                    let scale = gemm.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                    let diff = ours
+                        .iter()
+                        .zip(&gemm)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff / scale < 1e-5, "{what} {name}: {diff} of {scale}");
+                }
+            }
+        }
+        eprintln!("gemm fallback for: {fell_back:?}");
+    }
+
+    /// One oneDNN call over the whole batch (no split over threads).
+    #[cfg(feature = "onednn")]
+    fn onednn_alone(pass: Pass, g: &Geometry, a: &[f32], b: &[f32]) -> Result<Option<Vec<f32>>> {
+        let len = g.lens(pass)[2];
+        let mut out = Vec::with_capacity(len);
+        let done = crate::onednn::run(
+            pass,
+            g.as_array(),
+            a,
+            b,
+            &mut out.spare_capacity_mut()[..len],
+            g.lens(pass),
+        )?;
+        // SAFETY: a successful call wrote all `len` elements.
+        Ok(done.then(|| {
+            unsafe { out.set_len(len) };
+            out
+        }))
+    }
+
+    /// Several threads running the same oneDNN plans at once get what one thread gets.
+    #[cfg(feature = "onednn")]
+    #[test]
+    fn onednn_engine_is_safe_to_call_from_several_threads() {
+        let g = Geometry::new(&[4, 8, 9, 9], &[8, 8, 3, 3], 1, 1, 1).unwrap();
+        let dev = Device::Cpu;
+        let inputs: Vec<(Vec<f32>, Vec<f32>)> = (0..4)
+            .map(|_| {
+                let [al, bl, _] = g.lens(Pass::GradWeight);
+                let r = |len| {
+                    Tensor::randn(0f32, 1.0, len, &dev)
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                (r(al), r(bl))
+            })
+            .collect();
+        let alone = |(a, b): &(Vec<f32>, Vec<f32>)| {
+            onednn_alone(Pass::GradWeight, &g, a, b).unwrap().unwrap()
+        };
+        let expected: Vec<Vec<f32>> = inputs.iter().map(alone).collect();
+        for _ in 0..5 {
+            let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+                let handles: Vec<_> = inputs.iter().map(|i| s.spawn(move || alone(i))).collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(got, expected);
+        }
+    }
+
+    /// An engine this build lacks is an error naming the feature, and chooses nothing.
+    #[cfg(not(feature = "onednn"))]
+    #[test]
+    fn an_engine_not_built_is_an_error() {
+        let e = set_conv_engine(ConvEngine::OneDnn).unwrap_err().to_string();
+        assert!(e.contains("onednn"), "{e}");
+        let x = Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(conv2d_on(ConvEngine::OneDnn, &x, &x, 1, 1, 1).is_err());
+        assert_eq!(conv_engine().unwrap(), ConvEngine::Gemm);
     }
 }

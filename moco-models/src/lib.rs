@@ -18,6 +18,8 @@ pub mod cpu_conv;
 pub mod cpu_elementwise;
 mod error;
 pub mod head;
+#[cfg(feature = "onednn")]
+mod onednn;
 pub mod resnet;
 mod scratch;
 #[cfg(test)]

@@ -1,0 +1,231 @@
+// The three passes of a 2-D convolution (forward, gradient wrt the input, gradient wrt the
+// weight) on oneDNN, the library PyTorch's CPU convolutions run on, behind a C interface for
+// moco-models' `onednn` feature.
+//
+// The caller's tensors are plain float32 NCHW / OIHW (GOIHW with groups). Each pass is a oneDNN
+// primitive created once per geometry with `format_tag::any`, so that oneDNN picks its blocked
+// layouts and its direct JIT kernels, as PyTorch does; operands are reordered into and out of
+// those layouts on every call. The blocked copies and the scratchpad live in buffers owned by the
+// calling thread and kept between calls (fresh allocations cost a third of a training step in
+// page faults); a user scratchpad also makes concurrent calls from several threads safe
+// (data-parallel ranks on threads of one process).
+
+#include <oneapi/dnnl/dnnl.hpp>
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+namespace {
+
+using dnnl::memory;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+enum Pass { kForward = 0, kGradInput = 1, kGradWeight = 2 };
+
+// n, c, h, w, o, kh, kw, stride, padding, groups
+using Geometry = std::array<int64_t, 10>;
+
+dnnl::engine &cpu_engine() {
+    static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+    return engine;
+}
+
+// One pass for one geometry: the primitive, the reorders around it and the layouts.
+struct Plan {
+    dnnl::primitive prim;
+    int arg_a = 0, arg_b = 0, arg_out = 0;
+    memory::desc user_a, user_b, user_out;  // plain layouts of the caller's buffers
+    memory::desc want_a, want_b, want_out;  // the primitive's layouts
+    std::optional<dnnl::reorder> into_a, into_b, out_of;
+    memory::desc scratch;
+};
+
+memory::desc plain(const memory::dims &d, tag t) { return memory::desc(d, dt::f32, t); }
+memory::desc any(const memory::dims &d) { return memory::desc(d, dt::f32, tag::any); }
+
+std::shared_ptr<Plan> make_plan(int pass, const Geometry &g) {
+    const auto [n, c, h, w, o, kh, kw, stride, pad, groups] = g;
+    const int64_t ho = (h + 2 * pad - kh) / stride + 1;
+    const int64_t wo = (w + 2 * pad - kw) / stride + 1;
+    const memory::dims xd{n, c, h, w}, yd{n, o, ho, wo};
+    const memory::dims wd = groups == 1 ? memory::dims{o, c, kh, kw}
+                                        : memory::dims{groups, o / groups, c / groups, kh, kw};
+    const tag wtag = groups == 1 ? tag::oihw : tag::goihw;
+    const memory::dims strides{stride, stride}, pad_l{pad, pad};
+    // Right padding so that the output has exactly ho x wo (may be below `pad` when the last
+    // stride does not reach the padded edge).
+    const memory::dims pad_r{(ho - 1) * stride + kh - h - pad, (wo - 1) * stride + kw - w - pad};
+
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const auto algo = dnnl::algorithm::convolution_direct;
+    auto &eng = cpu_engine();
+    dnnl::convolution_forward::desc fd(dnnl::prop_kind::forward_training, algo, any(xd), any(wd),
+                                       any(yd), strides, pad_l, pad_r);
+    dnnl::convolution_forward::primitive_desc fpd(fd, attr, eng);
+
+    auto plan = std::make_shared<Plan>();
+    const auto x_md = plain(xd, tag::nchw), w_md = plain(wd, wtag), y_md = plain(yd, tag::nchw);
+    if (pass == kForward) {
+        plan->prim = dnnl::convolution_forward(fpd);
+        plan->arg_a = DNNL_ARG_SRC, plan->arg_b = DNNL_ARG_WEIGHTS, plan->arg_out = DNNL_ARG_DST;
+        plan->user_a = x_md, plan->user_b = w_md, plan->user_out = y_md;
+        plan->want_a = fpd.src_desc(), plan->want_b = fpd.weights_desc();
+        plan->want_out = fpd.dst_desc(), plan->scratch = fpd.scratchpad_desc();
+    } else if (pass == kGradInput) {
+        dnnl::convolution_backward_data::desc bd(algo, any(xd), any(wd), any(yd), strides, pad_l,
+                                                 pad_r);
+        dnnl::convolution_backward_data::primitive_desc pd(bd, attr, eng, fpd);
+        plan->prim = dnnl::convolution_backward_data(pd);
+        plan->arg_a = DNNL_ARG_DIFF_DST, plan->arg_b = DNNL_ARG_WEIGHTS;
+        plan->arg_out = DNNL_ARG_DIFF_SRC;
+        plan->user_a = y_md, plan->user_b = w_md, plan->user_out = x_md;
+        plan->want_a = pd.diff_dst_desc(), plan->want_b = pd.weights_desc();
+        plan->want_out = pd.diff_src_desc(), plan->scratch = pd.scratchpad_desc();
+    } else {
+        dnnl::convolution_backward_weights::desc bd(algo, any(xd), any(wd), any(yd), strides,
+                                                    pad_l, pad_r);
+        dnnl::convolution_backward_weights::primitive_desc pd(bd, attr, eng, fpd);
+        plan->prim = dnnl::convolution_backward_weights(pd);
+        plan->arg_a = DNNL_ARG_SRC, plan->arg_b = DNNL_ARG_DIFF_DST;
+        plan->arg_out = DNNL_ARG_DIFF_WEIGHTS;
+        plan->user_a = x_md, plan->user_b = y_md, plan->user_out = w_md;
+        plan->want_a = pd.src_desc(), plan->want_b = pd.diff_dst_desc();
+        plan->want_out = pd.diff_weights_desc(), plan->scratch = pd.scratchpad_desc();
+    }
+    if (plan->want_a != plan->user_a)
+        plan->into_a = dnnl::reorder(dnnl::reorder::primitive_desc(eng, plan->user_a, eng,
+                                                                   plan->want_a));
+    if (plan->want_b != plan->user_b)
+        plan->into_b = dnnl::reorder(dnnl::reorder::primitive_desc(eng, plan->user_b, eng,
+                                                                   plan->want_b));
+    if (plan->want_out != plan->user_out)
+        plan->out_of = dnnl::reorder(dnnl::reorder::primitive_desc(eng, plan->want_out, eng,
+                                                                   plan->user_out));
+    return plan;
+}
+
+// Plans by (pass, geometry); a null plan records a geometry oneDNN has no kernel for.
+std::mutex plans_lock;
+std::map<std::pair<int, Geometry>, std::shared_ptr<Plan>> plans;
+
+// A 64-byte aligned buffer that only grows, one per use per calling thread.
+class Buffer {
+  public:
+    Buffer() = default;
+    Buffer(const Buffer &) = delete;
+    Buffer &operator=(const Buffer &) = delete;
+    ~Buffer() { std::free(data_); }
+    void *get(size_t bytes) {
+        if (bytes > size_) {
+            std::free(data_);
+            size_ = (bytes + 4095) / 4096 * 4096;
+            data_ = std::aligned_alloc(64, size_);
+            if (!data_) {
+                size_ = 0;
+                throw std::bad_alloc();
+            }
+        }
+        return data_;
+    }
+
+  private:
+    void *data_ = nullptr;
+    size_t size_ = 0;
+};
+
+struct Buffers {
+    Buffer a, b, out, scratch;
+};
+
+// A memory object of layout `md` on this thread's `buffer`.
+memory on(Buffer &buffer, const memory::desc &md) {
+    return memory(md, cpu_engine(), buffer.get(std::max<size_t>(md.get_size(), 1)));
+}
+
+void set_error(char *err, size_t err_len, const char *what) {
+    if (err && err_len > 0) std::snprintf(err, err_len, "%s", what);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success, 1 when oneDNN has no implementation for this geometry (the caller falls
+// back to its own kernel), 2 on any other error (message in `err`).
+//   forward:     a = x (N,C,H,W), b = w,  out = y
+//   grad input:  a = gy,          b = w,  out = gx
+//   grad weight: a = x,           b = gy, out = gw
+int moco_onednn_conv(int pass, const int64_t *geometry, int threads, const float *a,
+                     const float *b, float *out, char *err, size_t err_len) {
+    try {
+        if (pass < kForward || pass > kGradWeight) {
+            set_error(err, err_len, "unknown convolution pass");
+            return 2;
+        }
+        Geometry g;
+        std::memcpy(g.data(), geometry, sizeof(g));
+        std::shared_ptr<Plan> plan;
+        {
+            std::lock_guard<std::mutex> guard(plans_lock);
+            auto key = std::make_pair(pass, g);
+            auto found = plans.find(key);
+            if (found == plans.end()) {
+                std::shared_ptr<Plan> made;
+                try {
+                    made = make_plan(pass, g);
+                } catch (const dnnl::error &e) {
+                    if (e.status != dnnl_unimplemented) throw;
+                }
+                found = plans.emplace(key, made).first;
+            }
+            plan = found->second;
+        }
+        if (!plan) return 1;
+        if (threads > 0) omp_set_num_threads(threads);
+
+        thread_local Buffers buffers;
+        auto &eng = cpu_engine();
+        dnnl::stream stream(eng);
+        memory user_a(plan->user_a, eng, const_cast<float *>(a));
+        memory user_b(plan->user_b, eng, const_cast<float *>(b));
+        memory user_out(plan->user_out, eng, out);
+        memory in_a = user_a, in_b = user_b, res = user_out;
+        if (plan->into_a) {
+            in_a = on(buffers.a, plan->want_a);
+            plan->into_a->execute(stream, user_a, in_a);
+        }
+        if (plan->into_b) {
+            in_b = on(buffers.b, plan->want_b);
+            plan->into_b->execute(stream, user_b, in_b);
+        }
+        if (plan->out_of) res = on(buffers.out, plan->want_out);
+        memory scratch = on(buffers.scratch, plan->scratch);
+        plan->prim.execute(stream, {{plan->arg_a, in_a},
+                                    {plan->arg_b, in_b},
+                                    {plan->arg_out, res},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
+        if (plan->out_of) plan->out_of->execute(stream, res, user_out);
+        stream.wait();
+        return 0;
+    } catch (const dnnl::error &e) {
+        set_error(err, err_len, e.what());
+        return 2;
+    } catch (const std::exception &e) {
+        set_error(err, err_len, e.what());
+        return 2;
+    }
+}
+
+}  // extern "C"

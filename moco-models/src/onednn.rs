@@ -1,0 +1,74 @@
+//! The oneDNN engine of [`crate::cpu_conv`] (feature `onednn`): the three convolution passes on
+//! oneDNN's direct JIT kernels, the ones PyTorch's CPU convolutions run, through the C interface
+//! of `csrc/onednn_conv.cpp`, one OpenMP thread per call: [`crate::cpu_conv`] splits the batch
+//! over rayon's threads. (OpenMP's own threads spin for ~300k rounds after each parallel region,
+//! taking the cores from the rayon threads that run every other op: measured 16% slower on the
+//! 2-core training step.) Geometries oneDNN has no kernel for fall back to the gemm kernels.
+
+use std::ffi::{c_char, c_int, CStr};
+use std::mem::MaybeUninit;
+
+use candle_core::Result;
+
+use crate::cpu_conv::Pass;
+
+extern "C" {
+    fn moco_onednn_conv(
+        pass: c_int,
+        geometry: *const i64,
+        threads: c_int,
+        a: *const f32,
+        b: *const f32,
+        out: *mut f32,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Runs one pass on the calling thread: `geometry` is (N, C, H, W, O, KH, KW, stride, padding,
+/// groups), `a`, `b` and `out` plain NCHW / (O, C/groups, KH, KW) float32 buffers of the sizes
+/// that geometry implies (`lens`, checked). `Ok(false)` when oneDNN has no kernel for it (`out`
+/// untouched), `Ok(true)` when `out` is written, every element.
+pub(crate) fn run(
+    pass: Pass,
+    geometry: [usize; 10],
+    a: &[f32],
+    b: &[f32],
+    out: &mut [MaybeUninit<f32>],
+    lens: [usize; 3],
+) -> Result<bool> {
+    if [a.len(), b.len(), out.len()] != lens {
+        candle_core::bail!(
+            "onednn conv {pass:?}: buffers of {}, {} and {} floats, expected {lens:?}",
+            a.len(),
+            b.len(),
+            out.len()
+        )
+    }
+    let geometry = geometry.map(|v| v as i64);
+    let mut err = [0 as c_char; 512];
+    // SAFETY: the geometry has the 10 values the C side reads; `a`, `b` and `out` hold the
+    // element counts it reads and writes for this geometry (checked above); `err` is a buffer
+    // of `err.len()` bytes. One OpenMP thread: the callers parallelise with rayon.
+    let status = unsafe {
+        moco_onednn_conv(
+            pass as c_int,
+            geometry.as_ptr(),
+            1,
+            a.as_ptr(),
+            b.as_ptr(),
+            out.as_mut_ptr().cast(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    match status {
+        0 => Ok(true),
+        1 => Ok(false),
+        _ => {
+            // SAFETY: the C side writes a NUL-terminated message into `err` (snprintf).
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            candle_core::bail!("onednn conv {pass:?} on geometry {geometry:?}: {msg}")
+        }
+    }
+}
