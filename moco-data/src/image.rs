@@ -392,7 +392,11 @@ mod tests {
                 for i in 0..256 {
                     let p = data[i * c + ch];
                     let want = (p as f32 / 255.0 - mean[ch]) / std[ch];
-                    assert_eq!(out[ch * 256 + i].to_bits(), want.to_bits(), "c{c} ch{ch} {p}");
+                    assert_eq!(
+                        out[ch * 256 + i].to_bits(),
+                        want.to_bits(),
+                        "c{c} ch{ch} {p}"
+                    );
                 }
             }
         }
