@@ -928,42 +928,24 @@ mod tests {
             / scale
     }
 
-    /// On every engine of this build: forward against candle's kernel and a direct f64 loop; both gradients, through a loss
-    /// that weighs every output differently, against the direct loop (candle's own backward
-    /// returns a wrongly shaped input gradient when the stride leaves input columns unused)
-    /// and, where candle's shapes agree, against candle's backward too.
-    #[allow(clippy::too_many_arguments)]
-    fn check(
-        n: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        o: usize,
-        k: (usize, usize),
-        s: usize,
-        p: usize,
-        groups: usize,
-    ) {
-        for engine in [ConvEngine::Gemm, ConvEngine::OneDnn] {
-            if engine.is_available() {
-                check_on(engine, n, c, h, w, o, k, s, p, groups);
-            }
-        }
-    }
+    /// n, c, h, w, o, (kh, kw), stride, padding, groups.
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        (usize, usize),
+        usize,
+        usize,
+        usize,
+    );
 
-    #[allow(clippy::too_many_arguments)]
-    fn check_on(
-        engine: ConvEngine,
-        n: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        o: usize,
-        k: (usize, usize),
-        s: usize,
-        p: usize,
-        groups: usize,
-    ) {
+    /// On `engine`: forward against candle's kernel and a direct f64 loop; both gradients,
+    /// through a loss that weighs every output differently, against the direct loop (candle's
+    /// own backward returns a wrongly shaped input gradient when the stride leaves input
+    /// columns unused) and, where candle's shapes agree, against candle's backward too.
+    fn check(engine: ConvEngine, (n, c, h, w, o, k, s, p, groups): Case) {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
         let wt = Var::randn(0f32, 1.0, (o, c / groups, k.0, k.1), &dev).unwrap();
@@ -1012,19 +994,27 @@ mod tests {
 
     #[test]
     fn matches_candle_on_random_shapes_strides_paddings_and_groups() {
-        check(2, 3, 9, 9, 4, (3, 3), 1, 1, 1);
-        check(3, 4, 8, 7, 6, (3, 3), 2, 1, 1);
-        check(2, 8, 10, 10, 8, (1, 1), 1, 0, 1);
-        check(2, 8, 10, 10, 4, (1, 1), 2, 0, 1);
-        check(1, 3, 15, 13, 5, (7, 7), 2, 3, 1);
-        check(2, 6, 7, 9, 4, (3, 2), 1, 0, 2);
-        check(2, 6, 8, 8, 6, (3, 3), 2, 2, 3);
-        check(4, 16, 6, 6, 16, (3, 3), 1, 1, 16);
-        check(1, 2, 5, 5, 3, (5, 5), 3, 2, 1);
-        // "same" convolutions (the shifted-plane im2col), odd and even kernels.
-        check(2, 5, 7, 6, 4, (5, 5), 1, 2, 1);
-        check(2, 3, 4, 9, 2, (1, 1), 1, 0, 1);
-        check(1, 2, 2, 2, 3, (3, 3), 1, 1, 1);
+        // n, c, h, w, o, (kh, kw), stride, padding, groups; the last three: "same"
+        // convolutions (the shifted-plane im2col), odd and even kernels.
+        let cases: [Case; 12] = [
+            (2, 3, 9, 9, 4, (3, 3), 1, 1, 1),
+            (3, 4, 8, 7, 6, (3, 3), 2, 1, 1),
+            (2, 8, 10, 10, 8, (1, 1), 1, 0, 1),
+            (2, 8, 10, 10, 4, (1, 1), 2, 0, 1),
+            (1, 3, 15, 13, 5, (7, 7), 2, 3, 1),
+            (2, 6, 7, 9, 4, (3, 2), 1, 0, 2),
+            (2, 6, 8, 8, 6, (3, 3), 2, 2, 3),
+            (4, 16, 6, 6, 16, (3, 3), 1, 1, 16),
+            (1, 2, 5, 5, 3, (5, 5), 3, 2, 1),
+            (2, 5, 7, 6, 4, (5, 5), 1, 2, 1),
+            (2, 3, 4, 9, 2, (1, 1), 1, 0, 1),
+            (1, 2, 2, 2, 3, (3, 3), 1, 1, 1),
+        ];
+        for engine in [ConvEngine::Gemm, ConvEngine::OneDnn] {
+            if engine.is_available() {
+                cases.into_iter().for_each(|case| check(engine, case));
+            }
+        }
     }
 
     #[test]
