@@ -93,6 +93,18 @@ impl Geometry {
             self.groups,
         ]
     }
+    /// An error unless `a` and `b` have the sizes of `pass`'s operands; the result's size.
+    fn check_operands(&self, pass: Pass, a: &[f32], b: &[f32]) -> Result<usize> {
+        let [a_len, b_len, out_len] = self.lens(pass);
+        if a.len() != a_len || b.len() != b_len {
+            candle_core::bail!(
+                "conv2d {pass:?}: operands of {} and {} floats, expected {a_len} and {b_len}",
+                a.len(),
+                b.len()
+            )
+        }
+        Ok(out_len)
+    }
     /// Element counts of (a, b, result) of `pass` (operand order as in [`Pass`]).
     fn lens(&self, pass: Pass) -> [usize; 3] {
         let (x, w, y) = (
@@ -221,14 +233,7 @@ fn run_pass(
 /// run order. `None` when oneDNN has no kernel for this geometry.
 #[cfg(feature = "onednn")]
 fn run_onednn(pass: Pass, g: &Geometry, a: &[f32], b: &[f32]) -> Result<Option<Vec<f32>>> {
-    let [a_len, b_len, out_len] = g.lens(pass);
-    if a.len() != a_len || b.len() != b_len {
-        candle_core::bail!(
-            "conv2d {pass:?}: operands of {} and {} floats, expected {a_len} and {b_len}",
-            a.len(),
-            b.len()
-        )
-    }
+    let out_len = g.check_operands(pass, a, b)?;
     if g.n == 0 {
         return Ok(None);
     }
@@ -291,14 +296,7 @@ fn run_onednn(pass: Pass, g: &Geometry, a: &[f32], b: &[f32]) -> Result<Option<V
 
 /// One pass on the gemm kernels.
 fn run_gemm(pass: Pass, g: &Geometry, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
-    let [a_len, b_len, _] = g.lens(pass);
-    if a.len() != a_len || b.len() != b_len {
-        candle_core::bail!(
-            "conv2d {pass:?}: operands of {} and {} floats, expected {a_len} and {b_len}",
-            a.len(),
-            b.len()
-        )
-    }
+    g.check_operands(pass, a, b)?;
     Ok(match pass {
         Pass::Forward => forward(g, a, b),
         Pass::GradInput => grad_input(g, a, b),
