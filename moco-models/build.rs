@@ -33,5 +33,8 @@ fn main() {
         );
     }
     println!("cargo:rustc-link-lib=dylib=dnnl");
-    println!("cargo:rustc-link-lib=dylib=gomp");
+    // The shim calls omp_set_num_threads with oneDNN's OpenMP runtime (GNU's on Linux).
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        println!("cargo:rustc-link-lib=dylib=gomp");
+    }
 }

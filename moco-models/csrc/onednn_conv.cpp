@@ -11,7 +11,16 @@
 // (data-parallel ranks on threads of one process).
 
 #include <oneapi/dnnl/dnnl.hpp>
+
+// Each call runs on one thread (the Rust side splits the batch over its own threads). With
+// oneDNN's OpenMP runtime (Debian's build, the one tested) that is omp_set_num_threads(1) on the
+// calling thread; other runtimes keep their defaults.
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
 #include <omp.h>
+#define MOCO_SET_THREADS(n) omp_set_num_threads(n)
+#else
+#define MOCO_SET_THREADS(n) ((void)(n))
+#endif
 
 #include <algorithm>
 #include <array>
@@ -193,7 +202,7 @@ int moco_onednn_conv(int pass, const int64_t *geometry, int threads, const float
             plan = found->second;
         }
         if (!plan) return 1;
-        if (threads > 0) omp_set_num_threads(threads);
+        if (threads > 0) MOCO_SET_THREADS(threads);
 
         thread_local Buffers buffers;
         auto &eng = cpu_engine();
