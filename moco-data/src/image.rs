@@ -247,39 +247,7 @@ pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: u
         let y_off = if need_v { ybox_first } else { 0 };
         let mut data = vec![0u8; rows * width * c];
         let in_row = img.width * c;
-        // RGB, four rows at a time: each output pixel's coefficients are loaded once for the
-        // four rows and the twelve sums are independent (the sums are the same as one row at a
-        // time: same terms, same order).
-        let grouped = if c == 3 { rows / 4 * 4 } else { 0 };
-        for (g, out4) in data[..grouped * width * 3]
-            .chunks_exact_mut(4 * width * 3)
-            .enumerate()
-        {
-            let src = &img.data[(4 * g + y_off) * in_row..(4 * g + y_off + 4) * in_row];
-            let (r0, rest) = src.split_at(in_row);
-            let (r1, rest) = rest.split_at(in_row);
-            let (r2, r3) = rest.split_at(in_row);
-            let (o0, rest) = out4.split_at_mut(width * 3);
-            let (o1, rest) = rest.split_at_mut(width * 3);
-            let (o2, o3) = rest.split_at_mut(width * 3);
-            for (xx, (xmin, k)) in hk.iter().enumerate() {
-                let mut ss = [[half; 3]; 4];
-                for (t, &w) in k.iter().enumerate() {
-                    let i = (xmin + t) * 3;
-                    for (s, r) in ss.iter_mut().zip([r0, r1, r2, r3]) {
-                        s[0] += r[i] as i32 * w;
-                        s[1] += r[i + 1] as i32 * w;
-                        s[2] += r[i + 2] as i32 * w;
-                    }
-                }
-                for (s, o) in ss.iter().zip([&mut *o0, &mut *o1, &mut *o2, &mut *o3]) {
-                    o[xx * 3] = clip8(s[0]);
-                    o[xx * 3 + 1] = clip8(s[1]);
-                    o[xx * 3 + 2] = clip8(s[2]);
-                }
-            }
-        }
-        for (y, out_row) in data.chunks_exact_mut(width * c).enumerate().skip(grouped) {
+        for (y, out_row) in data.chunks_exact_mut(width * c).enumerate() {
             let row = &img.data[(y + y_off) * in_row..(y + y_off + 1) * in_row];
             for ((xmin, k), out) in hk.iter().zip(out_row.chunks_exact_mut(c)) {
                 let src = &row[xmin * c..(xmin + k.len()) * c];
