@@ -79,6 +79,24 @@ impl Image {
     /// filled with 0 (torchvision pads when a crop is larger than the image).
     pub fn crop(&self, left: i64, top: i64, width: usize, height: usize) -> Image {
         let c = self.channels;
+        let inside = left >= 0
+            && top >= 0
+            && left as usize + width <= self.width
+            && top as usize + height <= self.height;
+        if inside {
+            // Whole rows of the region, one copy each.
+            let (l, t, row) = (left as usize * c, top as usize, self.width * c);
+            let mut data = Vec::with_capacity(width * height * c);
+            for y in t..t + height {
+                data.extend_from_slice(&self.data[y * row + l..y * row + l + width * c]);
+            }
+            return Image {
+                width,
+                height,
+                channels: c,
+                data,
+            };
+        }
         let mut data = vec![0u8; width * height * c];
         for y in 0..height {
             let sy = top + y as i64;
@@ -387,6 +405,42 @@ mod tests {
         let flat = Image::new(9, 7, 1, vec![77; 63]).unwrap();
         let r = flat.resize(4, 3);
         assert!(r.data.iter().all(|&p| p == 77), "{:?}", r.data);
+    }
+
+    /// Crops inside (whole-row copies) and across the edges (zero padding) against a
+    /// pixel-by-pixel reference.
+    #[test]
+    fn crop_equals_the_pixel_by_pixel_region() {
+        for c in [1usize, 3] {
+            let (w, h) = (7usize, 5usize);
+            let img = Image::new(w, h, c, (0..w * h * c).map(|v| v as u8).collect()).unwrap();
+            for (l, t, cw, ch) in [
+                (0, 0, 7, 5),
+                (1, 2, 3, 2),
+                (6, 4, 1, 1),
+                (-1, 0, 4, 3),
+                (5, 3, 4, 4),
+            ] {
+                let got = img.crop(l, t, cw, ch);
+                let mut want = vec![0u8; cw * ch * c];
+                for y in 0..ch as i64 {
+                    for x in 0..cw as i64 {
+                        let (sx, sy) = (l + x, t + y);
+                        if (0..w as i64).contains(&sx) && (0..h as i64).contains(&sy) {
+                            for k in 0..c {
+                                want[((y as usize) * cw + x as usize) * c + k] =
+                                    img.data[(sy as usize * w + sx as usize) * c + k];
+                            }
+                        }
+                    }
+                }
+                assert_eq!(
+                    (got.width, got.height, &got.data),
+                    (cw, ch, &want),
+                    "c{c} {l},{t} {cw}x{ch}"
+                );
+            }
+        }
     }
 
     #[test]
