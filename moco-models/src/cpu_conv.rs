@@ -733,28 +733,27 @@ impl CustomOp2 for Conv2dGrad {
         if gl.dims() != [g.n, g.o, g.ho, g.wo] {
             candle_core::bail!("{}: output gradient of shape {:?}", self.name(), gl.dims())
         }
-        Ok(match self.wrt {
-            Wrt::Input(x) => {
-                let gx = run_pass(
-                    Pass::GradInput,
-                    &g,
-                    scratch::f32_slice(s1, l1, "conv2d (output gradient)")?,
-                    scratch::f32_slice(s2, l2, "conv2d (weight)")?,
-                    self.engine,
-                )?;
-                (CpuStorage::F32(gx), Shape::from(x.to_vec()))
-            }
-            Wrt::Weight(w) => {
-                let gw = run_pass(
-                    Pass::GradWeight,
-                    &g,
-                    scratch::f32_slice(s1, l1, "conv2d (input)")?,
-                    scratch::f32_slice(s2, l2, "conv2d (output gradient)")?,
-                    self.engine,
-                )?;
-                (CpuStorage::F32(gw), Shape::from(w.to_vec()))
-            }
-        })
+        // The pass, the names of its operands (for errors) and the shape of its result.
+        let (pass, names, dims) = match self.wrt {
+            Wrt::Input(x) => (
+                Pass::GradInput,
+                ["conv2d (output gradient)", "conv2d (weight)"],
+                x,
+            ),
+            Wrt::Weight(w) => (
+                Pass::GradWeight,
+                ["conv2d (input)", "conv2d (output gradient)"],
+                w,
+            ),
+        };
+        let out = run_pass(
+            pass,
+            &g,
+            scratch::f32_slice(s1, l1, names[0])?,
+            scratch::f32_slice(s2, l2, names[1])?,
+            self.engine,
+        )?;
+        Ok((CpuStorage::F32(out), Shape::from(dims.to_vec())))
     }
 }
 
