@@ -130,31 +130,15 @@ pub fn adjust_saturation(img: &Image, f: f64) -> Image {
     img.with_data(data)
 }
 
-/// `a as f32 / b as f32` for a, b in 0..=255 (b > 0) at index `a << 8 | b`: the float
-/// divisions of Pillow's rgb2hsv ([`rgb_to_hsv_with`]), looked up (the same correctly rounded
-/// quotients, without a division per channel per pixel).
-fn div_table() -> &'static [f32] {
-    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| {
-        (0..1usize << 16)
-            .map(|i| match i & 255 {
-                0 => 0.0,
-                d => (i >> 8) as f32 / d as f32,
-            })
-            .collect()
-    })
-}
-
-// Pillow Convert.c rgb2hsv_row, with its mix of float and double arithmetic. `div(a, b)` is
-// `a as f32 / b as f32`: a lookup in [`div_table`] on the hot path, the division itself in the
-// test that checks the two on every RGB value.
-#[inline]
-fn rgb_to_hsv_with(r: u8, g: u8, b: u8, div: impl Fn(u8, u8) -> f32) -> (u8, u8, u8) {
+// Pillow Convert.c rgb2hsv_row, with its mix of float and double arithmetic: the reference that
+// [`HueTables`] is filled from (and tested against on every RGB value).
+fn pillow_rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let maxc = r.max(g).max(b);
     let minc = r.min(g).min(b);
     if minc == maxc {
         return (0, 0, maxc);
     }
+    let div = |a: u8, d: u8| a as f32 / d as f32;
     let cr = maxc - minc;
     let s = div(cr, maxc);
     let rc = div(maxc - r, cr);
@@ -167,10 +151,9 @@ fn rgb_to_hsv_with(r: u8, g: u8, b: u8, div: impl Fn(u8, u8) -> f32) -> (u8, u8,
     } else {
         (4.0 + gc as f64 - rc as f64) as f32
     };
-    // fmod(x, 1.0) for 0 <= x < 2 is x - trunc(x), computed exactly; `as i32` truncates in
-    // one instruction where f64::trunc is a libm call on baseline x86-64.
+    // fmod(x, 1.0) for 0 <= x < 2 is x - trunc(x), exactly.
     let x = h as f64 / 6.0 + 1.0;
-    let h = (x - (x as i32) as f64) as f32;
+    let h = (x - x.trunc()) as f32;
     let clip = |v: i32| v.clamp(0, 255) as u8;
     (
         clip((h as f64 * 255.0) as i32),
@@ -179,62 +162,161 @@ fn rgb_to_hsv_with(r: u8, g: u8, b: u8, div: impl Fn(u8, u8) -> f32) -> (u8, u8,
     )
 }
 
-/// The parts of Pillow's hsv2rgb that depend on H alone (sector, fraction) and on S alone
-/// (S / 255), for every byte value: two float64 divisions per pixel, looked up.
-struct HsvTables {
-    sector: [u8; 256],
-    frac: [f32; 256],
-    sat: [f32; 256],
+/// C's round() (half away from zero) of a value in [0, 256), exactly: x - trunc(x) is exact.
+#[inline(always)]
+fn round_c(x: f64) -> i32 {
+    let t = x as i32;
+    t + (x - t as f64 >= 0.5) as i32
 }
 
-fn hsv_tables() -> &'static HsvTables {
-    static TABLES: std::sync::OnceLock<HsvTables> = std::sync::OnceLock::new();
-    TABLES.get_or_init(|| {
-        let mut t = HsvTables {
-            sector: [0; 256],
-            frac: [0.0; 256],
-            sat: [0.0; 256],
-        };
-        for x in 0..256usize {
-            let hd = x as f32 as f64 * 6.0 / 255.0;
-            let i = hd as i32; // floor of a non-negative value
-            t.sector[x] = (i % 6) as u8;
-            t.frac[x] = (hd - i as f32 as f64) as f32;
-            t.sat[x] = (x as f32 as f64 / 255.0) as f32;
-        }
-        t
-    })
-}
-
-// Pillow Convert.c hsv2rgb, with the H- and S-only parts from [`hsv_tables`].
-fn hsv_to_rgb(h: u8, s: u8, v: u8, tables: &HsvTables) -> (u8, u8, u8) {
+// Pillow Convert.c hsv2rgb: the reference for [`HueTables`]' H- and S-only parts and for
+// [`HueTables::hsv_to_rgb`] (tested on every HSV value).
+fn pillow_hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     if s == 0 {
         return (v, v, v);
     }
-    let f = tables.frac[h as usize];
-    let fs = tables.sat[s as usize];
+    let hd = h as f32 as f64 * 6.0 / 255.0;
+    let i = hd.floor() as i32;
+    let f = (hd - i as f32 as f64) as f32;
+    let fs = (s as f32 as f64 / 255.0) as f32;
     let vf = v as f32 as f64;
-    // C's round() (half away from zero) of a value in [0, 256), exactly: x - trunc(x) is exact.
-    let round = |x: f64| {
-        let t = x as i32;
-        if x - t as f64 >= 0.5 {
-            t + 1
-        } else {
-            t
-        }
-    };
-    let p = round(vf * (1.0 - fs as f64));
-    let q = round(vf * (1.0 - (fs * f) as f64));
-    let t = round(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
     let clip = |x: i32| x.clamp(0, 255) as u8;
-    let (p, q, t) = (clip(p), clip(q), clip(t));
-    match tables.sector[h as usize] {
+    let p = clip(round_c(vf * (1.0 - fs as f64)));
+    let q = clip(round_c(vf * (1.0 - (fs * f) as f64)));
+    let t = clip(round_c(vf * (1.0 - fs as f64 * (1.0 - f as f64))));
+    match i % 6 {
         0 => (v, t, p),
         1 => (q, v, p),
         2 => (p, v, t),
         3 => (p, q, v),
         4 => (t, p, v),
         _ => (v, p, q),
+    }
+}
+
+/// Pillow's RGB <-> HSV with everything that depends on at most two bytes looked up, no
+/// division and no data-dependent branch per pixel; each table is filled from the reference
+/// functions above, so the results are theirs (the tests compare every RGB and HSV value).
+///
+/// rgb2hsv: with `cr = max - min` and `num = max - median`, each of its six branches (which
+/// channel is the maximum, which the minimum) gives an H that depends on `(cr, num)` alone (the
+/// other two quotients are 0 and 1), and S depends on `(cr, max)`. hsv2rgb: one output is V,
+/// one is `p` (a function of S and V), the third `q` or `t` by the sector of H, computed in
+/// Pillow's float and double arithmetic from looked-up factors.
+struct HueTables {
+    /// H at `case << 16 | cr << 8 | num`, `case` in 0..6 ([`HueTables::rgb_to_hsv`]).
+    hue: Vec<u8>,
+    /// S at `cr << 8 | max`.
+    sat: Vec<u8>,
+    /// `p = round(v * (1 - s / 255))` at `s << 8 | v`.
+    low: Vec<u8>,
+    /// `(float)s / 255`, as the double it is used as.
+    fs: [f64; 256],
+    /// Per H: the factor of `fs` in `q` (`f`, odd sectors) or `t` (`1 - f`, even sectors).
+    weight: [f64; 256],
+    /// Per H: the sector `i % 6`.
+    sector: [u8; 256],
+}
+
+/// Per sector, where V, p and the third value (`q` or `t`) go in the RGB output.
+const HSV_ORDER: [[usize; 3]; 6] = [
+    [0, 2, 1],
+    [2, 0, 1],
+    [1, 0, 2],
+    [1, 2, 0],
+    [2, 1, 0],
+    [0, 1, 2],
+];
+
+impl HueTables {
+    fn get() -> &'static HueTables {
+        static TABLES: std::sync::OnceLock<HueTables> = std::sync::OnceLock::new();
+        TABLES.get_or_init(|| {
+            let mut t = HueTables {
+                hue: vec![0; 6 << 16],
+                sat: vec![0; 1 << 16],
+                low: vec![0; 1 << 16],
+                fs: [0.0; 256],
+                weight: [0.0; 256],
+                sector: [0; 256],
+            };
+            for case in 0..6usize {
+                for cr in 1..=255u8 {
+                    for num in 0..=cr {
+                        let other = cr - num;
+                        // A pixel of this case with max = cr, min = 0 and median = cr - num.
+                        let (r, g, b) = match case {
+                            0 => (cr, other, 0),
+                            1 => (cr, 0, other),
+                            2 => (other, cr, 0),
+                            3 => (0, cr, other),
+                            4 => (0, other, cr),
+                            _ => (other, 0, cr),
+                        };
+                        t.hue[case << 16 | (cr as usize) << 8 | num as usize] =
+                            pillow_rgb_to_hsv(r, g, b).0;
+                    }
+                }
+            }
+            for cr in 0..=255u8 {
+                for max in cr..=255u8 {
+                    t.sat[(cr as usize) << 8 | max as usize] =
+                        pillow_rgb_to_hsv(max, max - cr, max).1;
+                }
+            }
+            for x in 0..256usize {
+                let fs = (x as f32 as f64 / 255.0) as f32;
+                t.fs[x] = fs as f64;
+                let hd = x as f32 as f64 * 6.0 / 255.0;
+                let i = hd as i32; // floor of a non-negative value
+                let f = (hd - i as f32 as f64) as f32;
+                t.sector[x] = (i % 6) as u8;
+                t.weight[x] = if i % 2 == 1 { f as f64 } else { 1.0 - f as f64 };
+                for v in 0..256usize {
+                    t.low[x << 8 | v] = pillow_hsv_to_rgb(0, x as u8, v as u8).2;
+                }
+            }
+            t
+        })
+    }
+
+    #[inline(always)]
+    fn rgb_to_hsv(&self, r: u8, g: u8, b: u8) -> (u8, u8, u8) {
+        let max = r.max(g).max(b);
+        let min = r.min(g).min(b);
+        let cr = (max - min) as usize;
+        let median = r as usize + g as usize + b as usize - max as usize - min as usize;
+        let num = max as usize - median;
+        // Pillow's branches: R is the maximum, else G, else B; then which other one is the
+        // minimum (B for the first two, R for the third).
+        let r_max = r == max;
+        let g_max = !r_max & (g == max);
+        let case = if r_max {
+            (b != min) as usize
+        } else if g_max {
+            2 + (b != min) as usize
+        } else {
+            4 + (r != min) as usize
+        };
+        (
+            self.hue[case << 16 | cr << 8 | num],
+            self.sat[cr << 8 | max as usize],
+            max,
+        )
+    }
+
+    #[inline(always)]
+    fn hsv_to_rgb(&self, h: u8, s: u8, v: u8) -> [u8; 3] {
+        let (h, s) = (h as usize, s as usize);
+        let sector = self.sector[h] as usize;
+        let m = self.fs[s] * self.weight[h];
+        // q multiplies in float (`fs * f`), t in double: the product of two floats is exact
+        // in double, so rounding it to float gives the float product.
+        let m = if sector & 1 == 1 { m as f32 as f64 } else { m };
+        let third = round_c(v as f64 * (1.0 - m)).clamp(0, 255) as u8;
+        let values = [v, self.low[s << 8 | v as usize], third];
+        let order = &HSV_ORDER[sector];
+        [values[order[0]], values[order[1]], values[order[2]]]
     }
 }
 
@@ -245,13 +327,11 @@ pub fn adjust_hue(img: &Image, f: f64) -> Image {
         return img.clone();
     }
     let shift = (f * 255.0) as i32 as u8;
-    let (div, tables) = (div_table(), hsv_tables());
+    let t = HueTables::get();
     let mut data = vec![0u8; img.data.len()];
     for (p, d) in img.data.chunks_exact(3).zip(data.chunks_exact_mut(3)) {
-        let (h, s, v) =
-            rgb_to_hsv_with(p[0], p[1], p[2], |a, b| div[(a as usize) << 8 | b as usize]);
-        let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v, tables);
-        d.copy_from_slice(&[r, g, b]);
+        let (h, s, v) = t.rgb_to_hsv(p[0], p[1], p[2]);
+        d.copy_from_slice(&t.hsv_to_rgb(h.wrapping_add(shift), s, v));
     }
     img.with_data(data)
 }
@@ -947,16 +1027,29 @@ mod tests {
     }
 
     #[test]
-    fn looked_up_divisions_give_pillows_hsv_for_every_rgb_value() {
-        let div = div_table();
+    fn hue_tables_give_pillows_hsv_for_every_rgb_value() {
+        let t = HueTables::get();
         for r in 0..=255u8 {
             for g in 0..=255u8 {
                 for b in 0..=255u8 {
                     assert_eq!(
-                        rgb_to_hsv_with(r, g, b, |a, d| div[(a as usize) << 8 | d as usize]),
-                        rgb_to_hsv_with(r, g, b, |a, d| a as f32 / d as f32),
+                        t.rgb_to_hsv(r, g, b),
+                        pillow_rgb_to_hsv(r, g, b),
                         "rgb {r} {g} {b}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hue_tables_give_pillows_rgb_for_every_hsv_value() {
+        let t = HueTables::get();
+        for h in 0..=255u8 {
+            for s in 0..=255u8 {
+                for v in 0..=255u8 {
+                    let (r, g, b) = pillow_hsv_to_rgb(h, s, v);
+                    assert_eq!(t.hsv_to_rgb(h, s, v), [r, g, b], "hsv {h} {s} {v}");
                 }
             }
         }
