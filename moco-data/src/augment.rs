@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::image::{resample, Image};
+use crate::image::{resample, transpose, Image};
 
 /// Python 3's `round()` (half to even), used by torchvision's crop parameters.
 pub(crate) fn round_half_even(x: f64) -> i64 {
@@ -509,36 +509,6 @@ fn box_blur_columns(data: &mut Vec<u8>, row_len: usize, r: f32, passes: usize) {
     }
 }
 
-/// (height, width, c) pixels to (width, height, c) (pixels of 1 to 4 bytes copied as arrays,
-/// not through memcpy).
-fn transpose_pixels(data: &[u8], width: usize, height: usize, c: usize) -> Vec<u8> {
-    fn run<const C: usize>(data: &[u8], width: usize, height: usize) -> Vec<u8> {
-        let mut out = vec![0u8; data.len()];
-        for (y, row) in data.chunks_exact(width * C).enumerate() {
-            for (x, px) in row.chunks_exact(C).enumerate() {
-                let px: [u8; C] = px.try_into().unwrap_or([0; C]);
-                out[(x * height + y) * C..][..C].copy_from_slice(&px);
-            }
-        }
-        out
-    }
-    match c {
-        1 => run::<1>(data, width, height),
-        2 => run::<2>(data, width, height),
-        3 => run::<3>(data, width, height),
-        4 => run::<4>(data, width, height),
-        _ => {
-            let mut out = vec![0u8; data.len()];
-            for (y, row) in data.chunks_exact(width * c).enumerate() {
-                for (x, px) in row.chunks_exact(c).enumerate() {
-                    out[(x * height + y) * c..][..c].copy_from_slice(px);
-                }
-            }
-            out
-        }
-    }
-}
-
 /// `img.filter(ImageFilter.GaussianBlur(radius=sigma))`: Pillow's three passes of an extended
 /// box blur per axis (BoxBlur.c), bit for bit.
 pub fn gaussian_blur(img: &Image, sigma: f64) -> Image {
@@ -558,9 +528,9 @@ fn box_blur(img: &Image, r: f32) -> Image {
     // Pillow blurs the rows, then transposes, blurs the rows and transposes back; here the rows
     // are blurred as the columns of the transpose, and both axes take the lanes kernel.
     let (w, h, c) = (img.width, img.height, img.channels);
-    let mut t = transpose_pixels(&img.data, w, h, c);
+    let mut t = transpose(&img.data, w, c, (0, 0, w, h));
     box_blur_columns(&mut t, h * c, r, 3);
-    let mut data = transpose_pixels(&t, h, w, c);
+    let mut data = transpose(&t, h, c, (0, 0, h, w));
     box_blur_columns(&mut data, w * c, r, 3);
     img.with_data(data)
 }
