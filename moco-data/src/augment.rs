@@ -103,13 +103,21 @@ pub fn adjust_brightness(img: &Image, f: f64) -> Image {
 
 /// `ImageEnhance.Contrast(img).enhance(f)`: blend with a flat image at the rounded mean luma.
 pub fn adjust_contrast(img: &Image, f: f64) -> Image {
-    let l = to_luma(img);
-    let sum: u64 = l.data.iter().map(|&v| v as u64).sum();
-    let mean = (sum as f64 / l.data.len() as f64 + 0.5) as u8;
+    // The mean of `convert("L")`, without building the grey image.
+    let sum: u64 = if img.channels == 1 {
+        img.data.iter().map(|&v| v as u64).sum()
+    } else {
+        img.data
+            .chunks_exact(3)
+            .map(|p| luma(p[0], p[1], p[2]) as u64)
+            .sum()
+    };
+    let mean = (sum as f64 / (img.width * img.height) as f64 + 0.5) as u8;
     blend_constant(mean, img, f)
 }
 
 /// `ImageEnhance.Color(img).enhance(f)`: blend with the grayscale image (no-op on grayscale).
+#[multiversion::multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 pub fn adjust_saturation(img: &Image, f: f64) -> Image {
     if img.channels == 1 {
         return img.clone();
