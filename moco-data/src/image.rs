@@ -55,19 +55,20 @@ impl Image {
     /// `Image.open(path).convert("RGB")` does: grayscale replicated, alpha dropped, palettes
     /// expanded. The error names the file.
     pub fn open_rgb(path: &Path) -> Result<Self> {
-        let img = image::ImageReader::open(path)
-            .map_err(|e| Error::file(path, format!("cannot open: {e}")))?
-            .with_guessed_format()
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?
-            .decode()
-            .map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
-        let rgb = img.into_rgb8();
-        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-        Self::new(w, h, 3, rgb.into_raw())
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+        Self::decode_rgb(&bytes, path)
     }
 
-    /// Decodes image bytes (see [`open_rgb`](Self::open_rgb)); `name` is used in errors.
+    /// Decodes image bytes (see [`open_rgb`](Self::open_rgb)); `name` is used in errors. With
+    /// the `libjpeg` feature, JPEGs are decoded by libjpeg(-turbo), as PIL decodes them.
     pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Self> {
+        #[cfg(feature = "libjpeg")]
+        if crate::jpeg::is_jpeg(bytes) {
+            if let Some(img) = crate::jpeg::decode_rgb(bytes, name)? {
+                return Ok(img);
+            }
+        }
         let img = image::load_from_memory(bytes)
             .map_err(|e| Error::file(name, format!("cannot decode image: {e}")))?;
         let rgb = img.into_rgb8();

@@ -16,6 +16,8 @@ pub mod augment;
 pub mod datasets;
 mod error;
 pub mod image;
+#[cfg(feature = "libjpeg")]
+mod jpeg;
 pub mod loader;
 pub mod transforms;
 

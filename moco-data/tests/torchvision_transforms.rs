@@ -93,7 +93,7 @@ fn eval_transform_matches_torchvision() {
 }
 
 #[test]
-fn jpeg_decoding_is_within_a_few_levels_of_libjpeg() {
+fn jpeg_decoding_matches_pil() {
     let gold = golden();
     let img = Image::open_rgb(&reference().join("images/rocket.jpg")).unwrap();
     let (w, h, want) = pixels(&gold["rocket.rgb"]);
@@ -113,8 +113,15 @@ fn jpeg_decoding_is_within_a_few_levels_of_libjpeg() {
         .sum::<f64>()
         / want.len() as f64;
     eprintln!("JPEG vs PIL: max {max} levels, mean {mean:.3}");
+    // libjpeg(-turbo) is PIL's decoder: the same bytes. The `image` crate's decoder rounds its
+    // inverse DCT and upsampling differently.
+    let (max_levels, max_mean) = if cfg!(feature = "libjpeg") {
+        (0, 0.0)
+    } else {
+        (4, 0.5)
+    };
     assert!(
-        max <= 4 && mean < 0.5,
+        max <= max_levels && mean <= max_mean,
         "JPEG decoding differs from PIL: max {max}, mean {mean}"
     );
 }
