@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# `moco bench data` and the torchvision loader side by side, same folder, same workers.
-# Usage: bench/data.sh [WORKERS] [IMAGES]   (needs torch, torchvision, scikit-image for the folder)
+# `moco bench data` and the torchvision loader side by side, same data, same workers.
+# Usage: bench/data.sh [WORKERS] [IMAGES] [DATASET]
+#   DATASET folder (default): the v2 two-crop pipeline at 224x224 on a folder of ImageNet-sized
+#     JPEGs (BENCH_DIR, made by bench/make_folder.py; needs scikit-image);
+#   DATASET fashion-mnist: the cifar preset at 28x28 on the idx files (BENCH_DIR, default
+#     /usr/share/datasets/fashion-mnist).
+# Needs torch and torchvision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workers=${1:-2}
 images=${2:-1024}
-dir=${BENCH_DIR:-/tmp/moco-bench-folder}
-[ -d "$dir/train" ] || python3 bench/make_folder.py "$dir" "$images"
+dataset=${3:-folder}
 cargo build --release -q -p moco-cli
-ours=$(./target/release/moco bench data --dataset folder --data-dir "$dir" --preset v2 --image-size 224 --workers "$workers" --images "$images" --json | tail -1)
-theirs=$(python3 bench/reference/bench_data.py --data-dir "$dir" --preset v2 --image-size 224 --workers "$workers" --images "$images" --json | tail -1)
+# The same flags for both sides.
+if [ "$dataset" = folder ]; then
+  dir=${BENCH_DIR:-/tmp/moco-bench-folder}
+  [ -d "$dir/train" ] || python3 bench/make_folder.py "$dir" "$images"
+  args=(--dataset folder --data-dir "$dir" --preset v2 --image-size 224)
+else
+  args=(--dataset "$dataset" --data-dir "${BENCH_DIR:-/usr/share/datasets/fashion-mnist}" --preset cifar)
+fi
+args+=(--workers "$workers" --images "$images" --json)
+ours=$(./target/release/moco bench data "${args[@]}" | tail -1)
+theirs=$(python3 bench/reference/bench_data.py "${args[@]}" | tail -1)
 python3 - "$ours" "$theirs" <<'PY'
 import json, sys
 o, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
