@@ -366,16 +366,13 @@ fn box_radius(sigma: f32, passes: i32) -> f32 {
 
 // The positions of Pillow BoxBlur.c ImagingLineBoxBlur8/32 on a line of `n` values, in its
 // order and three regions: `step(state, x, sub, add, left, right)` computes output `x`, where
-// value `add` enters the window, `sub` leaves it and `left`/`right` are its fractional ends;
-// `middle(state, lo, hi)` computes outputs lo..hi, where sub = left = x - radius - 1,
-// add = x + radius and right = x + radius + 1 (most of the line: callers make it fast).
+// value `add` enters the window, `sub` leaves it and `left`/`right` are its fractional ends.
 #[inline(always)]
 fn box_blur_positions<S>(
     state: &mut S,
     n: usize,
     radius: usize,
     step: impl Fn(&mut S, usize, usize, usize, usize, usize),
-    middle: impl Fn(&mut S, usize, usize),
 ) {
     let last = n - 1;
     let edge_a = (radius + 1).min(n);
@@ -384,7 +381,16 @@ fn box_blur_positions<S>(
         for x in 0..edge_a {
             step(state, x, 0, x + radius, 0, x + radius + 1);
         }
-        middle(state, edge_a, edge_b);
+        for x in edge_a..edge_b {
+            step(
+                state,
+                x,
+                x - radius - 1,
+                x + radius,
+                x - radius - 1,
+                x + radius + 1,
+            );
+        }
         for x in edge_b..=last {
             step(state, x, x - radius - 1, last, x - radius - 1, last);
         }
@@ -444,19 +450,7 @@ fn box_blur_line(line: &[u8], out: &mut [u8], radius: usize, ww: u32, fw: u32) {
             fw,
         );
     };
-    let middle = |state: &mut ([u32; 1], &mut [u8]), lo: usize, hi: usize| {
-        for x in lo..hi {
-            step(
-                state,
-                x,
-                x - radius - 1,
-                x + radius,
-                x - radius - 1,
-                x + radius + 1,
-            );
-        }
-    };
-    box_blur_positions(&mut state, n, radius, step, middle);
+    box_blur_positions(&mut state, n, radius, step);
 }
 
 // The same down a column of rows: every byte of a row is a lane, all blurred at once, with
@@ -479,19 +473,7 @@ fn box_blur_rows_as_lanes(
             *o = box_blur_value(a, ad, s, l, r, ww, fw);
         }
     };
-    let middle = |state: &mut (&mut [u32], &mut [u8]), lo: usize, hi: usize| {
-        for x in lo..hi {
-            step(
-                state,
-                x,
-                x - radius - 1,
-                x + radius,
-                x - radius - 1,
-                x + radius + 1,
-            );
-        }
-    };
-    box_blur_positions(&mut (acc, out), n, radius, step, middle);
+    box_blur_positions(&mut (acc, out), n, radius, step);
 }
 
 /// Pillow's box weights for radius `r`: (integer radius, weight of a whole pixel, weight of
