@@ -291,6 +291,14 @@ fn a_run_evaluates_with_knn_and_linear_eval() {
     assert_eq!(r["protocol"], "linear (cached features, no augmentation)");
     assert_eq!(r["confusion"].as_array().unwrap().len(), 10);
     assert!(r["top1"].as_f64().unwrap() > 30.0);
+    // Without --out, the results go into the run directory.
+    let o = moco()
+        .args(["linear-eval", "--weights", run.to_str().unwrap()])
+        .args(["--dataset", "default", "--cached-features", "--epochs", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(run.join("linear-eval/results.json").is_file());
     // A 1-channel model on 3-channel data is refused with a clear error.
     let o = moco()
         .args([

@@ -131,7 +131,15 @@ pub fn linear_eval(c: Common, cfg: LinearConfig, cached: bool, out: Option<PathB
     // The protocol's sanity check: the frozen backbone is bit-identical to the weights file.
     let reread = crate::weights::Weights::read(c.weights)?;
     linear::sanity_check(&w.tensors, &reread.tensors)?;
-    let out_dir = out.unwrap_or_else(|| PathBuf::from("linear-eval"));
+    // By default beside the weights when they are a run directory, else in the current one.
+    let out_dir = out.unwrap_or_else(|| {
+        let run = Path::new(c.weights);
+        if run.is_dir() {
+            run.join("linear-eval")
+        } else {
+            PathBuf::from("linear-eval")
+        }
+    });
     std::fs::create_dir_all(&out_dir).with_context(|| format!("--out {}", out_dir.display()))?;
     let results = serde_json::json!({
         "protocol": result.protocol, "weights": w.source.display().to_string(), "dataset": c.dataset,

@@ -149,7 +149,8 @@ enum Command {
         /// Train on features extracted once (no augmentation; fast on CPU, reported as such).
         #[arg(long)]
         cached_features: bool,
-        /// Folder for results.json.
+        /// Folder for results.json (default: linear-eval/ in the run directory when --weights
+        /// is one, else in the current directory).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Seed.
