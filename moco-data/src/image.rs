@@ -2,6 +2,7 @@
 //! `Image.convert("RGB")`, PIL's bilinear (antialiased) resampling, cropping, flipping, and the
 //! conversion to a normalised float tensor.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -323,6 +324,7 @@ pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: u
     } else {
         (0, img.height)
     };
+    // Without a horizontal pass the vertical one reads the input itself (no copy).
     let tmp = if need_h {
         let hk = coefficients(img.width, x0, x1, width);
         let (rows, y_off) = if need_v {
@@ -346,17 +348,17 @@ pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: u
         for ((xmin, k), line) in hk.iter().zip(out.chunks_exact_mut(lane)) {
             resample_line(&cols, lane, xmin - x_first, k, &mut acc, line);
         }
-        Image {
+        Cow::Owned(Image {
             width,
             height: rows,
             channels: c,
             data: transpose(&out, rows, c, (0, 0, rows, width)),
-        }
+        })
     } else {
-        img.clone()
+        Cow::Borrowed(img)
     };
     if !need_v {
-        return tmp;
+        return tmp.into_owned();
     }
     let shift = if need_h { ybox_first } else { 0 };
     let lane = tmp.width * c;
