@@ -1,6 +1,7 @@
 //! The vendored candle-core's backward pass (vendor/README.md): the first gradient of a tensor
-//! is stored as computed instead of being added to zeros. These check the cases that change
-//! touches against gradients worked out by hand.
+//! is stored as computed instead of being added to zeros, and a matrix product computes no
+//! gradient for an operand that records no graph. These check the cases those changes touch
+//! against gradients worked out by hand.
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{Device, Tensor, Var};
@@ -54,4 +55,36 @@ fn the_gradient_does_not_alias_what_later_ops_overwrite() {
     // Updating the variable in place leaves the stored gradient as it was.
     x.set(&Tensor::new(&[7f32, 8.0], &dev).unwrap()).unwrap();
     assert_eq!(values(&gx), vec![1.0, 1.0]);
+}
+
+#[test]
+fn a_matmul_gives_gradients_to_the_operands_that_record_a_graph_only() {
+    let dev = Device::Cpu;
+    let a = Var::new(&[[1f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+    let b = Tensor::new(&[[1f32, 0.0, 2.0], [0.0, 1.0, -1.0]], &dev).unwrap();
+    let w = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).unwrap();
+    // d/da sum((a @ b) * w) = w @ b^T; b is a constant: no gradient.
+    let g = (a.as_tensor().matmul(&b).unwrap() * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(values(g.get(&a).unwrap()), vec![7.0, -1.0, 16.0, -1.0]);
+    assert!(g.get(&b).is_none());
+    // The constant on the left, a variable computed from on the right: d/dc = a^T @ w.
+    let c = Var::new(&[[1f32, 0.0, 1.0], [2.0, 1.0, 0.0]], &dev).unwrap();
+    let c2 = (c.as_tensor() * 1.0).unwrap();
+    let fixed = a.as_tensor().detach();
+    let g = (fixed.matmul(&c2).unwrap() * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        values(g.get(&c).unwrap()),
+        vec![13.0, 17.0, 21.0, 18.0, 24.0, 30.0]
+    );
+    assert!(g.get(&fixed).is_none() && g.get(&a).is_none());
 }
