@@ -34,6 +34,7 @@
 //! ```
 
 pub mod config;
+mod cross_entropy;
 pub mod dist;
 mod error;
 pub mod init;

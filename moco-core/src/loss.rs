@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use crate::cross_entropy;
 use crate::queue::bad;
 use crate::{Error, Result};
 
@@ -11,14 +12,69 @@ use crate::{Error, Result};
 pub struct ContrastiveOutput {
     /// Scalar loss (mean over the batch).
     pub loss: Tensor,
-    /// The logits the cross-entropy was taken over, already divided by the temperature:
-    /// N x (1+K) with the positive in column 0 for the queue losses, N x N with the positive on
-    /// the diagonal for the in-batch loss.
-    pub logits: Tensor,
     /// Top-1 accuracy (percent) of picking the positive among the logits.
     pub acc1: f32,
     /// Top-5 accuracy (percent).
     pub acc5: f32,
+    logits: Logits,
+}
+
+/// The logits, or what they are computed from on demand: on the CPU the loss never forms the
+/// N x (1+K) matrix.
+#[derive(Debug, Clone)]
+enum Logits {
+    Ready(Tensor),
+    /// `cat([pos, neg], 1) / t`.
+    Queue {
+        pos: Tensor,
+        neg: Tensor,
+        t: f64,
+    },
+    /// `raw / t`.
+    Scaled {
+        raw: Tensor,
+        t: f64,
+    },
+}
+
+impl ContrastiveOutput {
+    /// The logits the cross-entropy was taken over, divided by the temperature: N x (1+K) with
+    /// the positive in column 0 for the queue losses (the first direction's for the symmetric
+    /// loss), N x M with row i's positive in column `offset + i` for the in-batch loss. Formed
+    /// on demand (for K = 65536 they are 256 KiB a row); they carry the loss's autograd graph.
+    pub fn logits(&self) -> Result<Tensor> {
+        Ok(match &self.logits {
+            Logits::Ready(l) => l.clone(),
+            Logits::Queue { pos, neg, t } => (Tensor::cat(&[pos, neg], 1)? / *t)?,
+            Logits::Scaled { raw, t } => (raw / *t)?,
+        })
+    }
+}
+
+impl ContrastiveOutput {
+    /// The two directions of a symmetric loss: losses added, accuracies averaged, the first
+    /// direction's logits.
+    pub(crate) fn plus(self, b: ContrastiveOutput) -> Result<ContrastiveOutput> {
+        Ok(ContrastiveOutput {
+            loss: (&self.loss + &b.loss)?,
+            acc1: 0.5 * (self.acc1 + b.acc1),
+            acc5: 0.5 * (self.acc5 + b.acc5),
+            logits: self.logits,
+        })
+    }
+}
+
+/// Top-1 and top-5 accuracy (percent) from each row's count of logits above its positive.
+fn accuracy_from_ranks(above: &[u32]) -> (f32, f32) {
+    let n = above.len().max(1) as f32;
+    let pct = |k: u32| 100.0 * above.iter().filter(|&&r| r < k).count() as f32 / n;
+    (pct(1), pct(5))
+}
+
+/// Float32 on the CPU: the fused cross-entropy applies (`cross_entropy.rs`).
+fn fused_applies(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// `x / max(||x||_2, 1e-12)` along `dim`, as `torch.nn.functional.normalize`.
@@ -65,6 +121,20 @@ pub fn info_nce(
     let l_pos = (q * &k)?.sum_keepdim(1)?;
     // l_neg: N x K, each query against every queued key.
     let l_neg = q.matmul(&queue.detach())?;
+    if fused_applies(&[&l_pos, &l_neg]) {
+        let fused = cross_entropy::queue_cross_entropy(&l_pos, &l_neg, (1.0 / temperature) as f32)?;
+        let (acc1, acc5) = accuracy_from_ranks(&fused.above);
+        return Ok(ContrastiveOutput {
+            loss: fused.loss,
+            acc1,
+            acc5,
+            logits: Logits::Queue {
+                pos: l_pos,
+                neg: l_neg,
+                t: temperature,
+            },
+        });
+    }
     // logits: N x (1+K)
     let logits = (Tensor::cat(&[&l_pos, &l_neg], 1)? / temperature)?;
     let labels = Tensor::zeros(n, DType::U32, q.device())?;
@@ -72,9 +142,9 @@ pub fn info_nce(
     let (acc1, acc5) = positive_accuracy(&logits, None)?;
     Ok(ContrastiveOutput {
         loss,
-        logits,
         acc1,
         acc5,
+        logits: Logits::Ready(logits),
     })
 }
 
@@ -92,12 +162,7 @@ pub fn symmetric_info_nce(
 ) -> Result<ContrastiveOutput> {
     let a = info_nce(q1, k2, queue, temperature)?;
     let b = info_nce(q2, k1, queue, temperature)?;
-    Ok(ContrastiveOutput {
-        loss: (&a.loss + &b.loss)?,
-        logits: a.logits,
-        acc1: 0.5 * (a.acc1 + b.acc1),
-        acc5: 0.5 * (a.acc5 + b.acc5),
-    })
+    a.plus(b)
 }
 
 /// In-batch InfoNCE with no queue (MoCo v3's `contrastive_loss`): logits `q k^T / t` (N x N),
@@ -134,15 +199,34 @@ pub fn in_batch_info_nce_gathered(
         ));
     }
     // logits: N x M
-    let logits = (q.matmul(&k_all.detach().t()?)? / temperature)?;
+    let raw = q.matmul(&k_all.detach().t()?)?;
+    if fused_applies(&[&raw]) {
+        let fused = cross_entropy::column_cross_entropy(
+            &raw,
+            offset,
+            (1.0 / temperature) as f32,
+            scale as f32,
+        )?;
+        let (acc1, acc5) = accuracy_from_ranks(&fused.above);
+        return Ok(ContrastiveOutput {
+            loss: fused.loss,
+            acc1,
+            acc5,
+            logits: Logits::Scaled {
+                raw,
+                t: temperature,
+            },
+        });
+    }
+    let logits = (raw / temperature)?;
     let labels = Tensor::arange(offset as u32, (offset + n) as u32, q.device())?;
     let loss = (candle_nn::loss::cross_entropy(&logits, &labels)? * scale)?;
     let (acc1, acc5) = positive_accuracy(&logits, Some(&labels))?;
     Ok(ContrastiveOutput {
         loss,
-        logits,
         acc1,
         acc5,
+        logits: Logits::Ready(logits),
     })
 }
 
@@ -183,7 +267,7 @@ mod tests {
             let out = info_nce(&v, &v, &queue, t).unwrap();
             let loss = out.loss.to_scalar::<f32>().unwrap();
             assert!((loss - (64f32).ln()).abs() < 1e-5, "T={t}: {loss}");
-            assert_eq!(out.logits.dims(), [n, 1 + k]);
+            assert_eq!(out.logits().unwrap().dims(), [n, 1 + k]);
             // Ties favour the positive.
             assert_eq!((out.acc1, out.acc5), (100.0, 100.0));
         }

@@ -345,12 +345,7 @@ impl<E: ModuleT> Moco<E> {
                 let (k1, k2) = (self.comm.all_gather(&k1)?, self.comm.all_gather(&k2)?);
                 let a = in_batch_info_nce_gathered(&q1, &k2, offset, t, 2.0 * t)?;
                 let b = in_batch_info_nce_gathered(&q2, &k1, offset, t, 2.0 * t)?;
-                let output = ContrastiveOutput {
-                    loss: (&a.loss + &b.loss)?,
-                    logits: a.logits,
-                    acc1: 0.5 * (a.acc1 + b.acc1),
-                    acc5: 0.5 * (a.acc5 + b.acc5),
-                };
+                let output = a.plus(b)?;
                 Ok(Forward { output, keys: k2 })
             }
         }

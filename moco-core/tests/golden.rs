@@ -2,7 +2,10 @@
 //! (torch only), committed as `tests/reference/moco_step.safetensors`.
 //!
 //! Tolerance: max |rust - torch| / (1 + |torch|) <= 1e-5 for every tensor (fp32; the two sides
-//! differ only in summation order and fused multiply-adds).
+//! differ only in summation order, fused multiply-adds and the exponential's last bits), except
+//! the logits after the first SGD step: 2e-5. There the logits (divided by T = 0.07) amplify
+//! the rounding of the update, and torch's own float32 is 5.6e-6 away from the same steps in
+//! float64 (the script prints this), so two float32 implementations can be twice that apart.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -19,6 +22,8 @@ use moco_core::{
 };
 
 const TOL: f64 = 1e-5;
+/// For the logits of steps 1 and 2 (see the top of the file).
+const TOL_LOGITS_AFTER_UPDATE: f64 = 2e-5;
 
 fn golden() -> HashMap<String, Tensor> {
     let path =
@@ -43,13 +48,18 @@ fn to_f64(t: &Tensor) -> Vec<f64> {
 }
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
+    assert_within(what, a, b, TOL)
+}
+
+fn assert_within(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
     let err = to_f64(a)
         .iter()
         .zip(&to_f64(b))
         .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
         .fold(0.0, f64::max);
-    assert!(err <= TOL, "{what}: max relative error {err:e} > {TOL:e}");
+    eprintln!("ERR {what} {err:e}");
+    assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
 }
 
 /// torch: nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
@@ -127,7 +137,13 @@ fn three_moco_steps_match_pytorch() {
         let (x1, x2) = (view(&gold, "views.x1", step), view(&gold, "views.x2", step));
         // forward + loss
         let fwd = moco.forward_loss(&x1, &x2).unwrap();
-        assert_close(&at("logits"), &fwd.output.logits, g(&gold, &at("logits")));
+        let tol = if step == 0 {
+            TOL
+        } else {
+            TOL_LOGITS_AFTER_UPDATE
+        };
+        let logits = fwd.output.logits().unwrap();
+        assert_within(&at("logits"), &logits, g(&gold, &at("logits")), tol);
         let loss = fwd.output.loss.reshape(1).unwrap();
         assert_close(&at("loss"), &loss, g(&gold, &at("loss")));
         // backward: gradients of every query parameter

@@ -22,6 +22,7 @@ What it records
 - Learning-rate schedules: MultiStepLR, per-epoch cosine (CosineAnnealingLR), and MoCo v3's
   per-iteration warm-up + cosine through LambdaLR.
 """
+import copy
 import math
 import os
 
@@ -95,32 +96,45 @@ keys = torch.cat([k1, k2], dim=0)  # 2N x C enqueued after both losses
 sym_queue[:, 0 : 2 * N] = keys.T
 out["symmetric.queue_after"] = sym_queue
 
-opt = torch.optim.SGD(f_q.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-for step in range(STEPS):
-    q = F.normalize(f_q(x1[step]), dim=1)  # N x C
-    with torch.no_grad():
-        k = F.normalize(f_k(x2[step]), dim=1)  # N x C
-    loss, logits = info_nce(q, k, queue, T)
-    opt.zero_grad()
-    loss.backward()
-    out[f"step{step}.loss"] = loss.detach().reshape(1)
-    out[f"step{step}.logits"] = logits.detach().clone()
-    for name, p in f_q.named_parameters():
-        out[f"step{step}.grad.{name}"] = p.grad.detach().clone()
-    opt.step()
-    with torch.no_grad():
-        for pq, pk in zip(f_q.parameters(), f_k.parameters()):
-            pk.data = pk.data * M + pq.data * (1.0 - M)
-        # enqueue with wrap-around
-        for i in range(N):
-            queue[:, (ptr + i) % K] = k[i]
-        ptr = (ptr + N) % K
-    for kname, v in state(f_q).items():
-        out[f"step{step}.query.{kname}"] = v
-    for kname, v in state(f_k).items():
-        out[f"step{step}.key.{kname}"] = v
-    out[f"step{step}.queue"] = queue.clone()
-    out[f"step{step}.queue_ptr"] = torch.tensor([ptr], dtype=torch.int64)
+
+def moco_steps(f_q, f_k, queue, x1, x2):
+    """The STEPS MoCo steps from the given encoders and queue (changed in place); returns what
+    is recorded of them (keys step{n}.*)."""
+    rec = {}
+    ptr = 0
+    opt = torch.optim.SGD(f_q.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for step in range(STEPS):
+        q = F.normalize(f_q(x1[step]), dim=1)  # N x C
+        with torch.no_grad():
+            k = F.normalize(f_k(x2[step]), dim=1)  # N x C
+        loss, logits = info_nce(q, k, queue, T)
+        opt.zero_grad()
+        loss.backward()
+        rec[f"step{step}.loss"] = loss.detach().reshape(1)
+        rec[f"step{step}.logits"] = logits.detach().clone()
+        for name, p in f_q.named_parameters():
+            rec[f"step{step}.grad.{name}"] = p.grad.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            for pq, pk in zip(f_q.parameters(), f_k.parameters()):
+                pk.data = pk.data * M + pq.data * (1.0 - M)
+            # enqueue with wrap-around
+            for i in range(N):
+                queue[:, (ptr + i) % K] = k[i]
+            ptr = (ptr + N) % K
+        for kname, v in state(f_q).items():
+            rec[f"step{step}.query.{kname}"] = v
+        for kname, v in state(f_k).items():
+            rec[f"step{step}.key.{kname}"] = v
+        rec[f"step{step}.queue"] = queue.clone()
+        rec[f"step{step}.queue_ptr"] = torch.tensor([ptr], dtype=torch.int64)
+    return rec
+
+
+# The same steps in float64 from the same start, to show how far float32 itself drifts from
+# the exact values (printed at the end; not recorded): the Rust tests' tolerances allow for it.
+start64 = [copy.deepcopy(f_q).double(), copy.deepcopy(f_k).double(), queue.double()]
+out.update(moco_steps(f_q, f_k, queue, x1, x2))
 
 # In-batch InfoNCE (MoCo v3): CE(q k^T / T, arange(N)) * 2T.
 qb = F.normalize(torch.randn(8, 5), dim=1).requires_grad_(True)
@@ -221,3 +235,15 @@ for name, traj in zip(["w", "b", "z"], ltraj):
 path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moco_step.safetensors")
 save_file({k: v.contiguous() for k, v in out.items()}, path)
 print(f"wrote {len(out)} tensors to {path}")
+
+exact = moco_steps(*start64, x1.double(), x2.double())
+print("torch float32 against float64, max |a - b| / (1 + |b|):")
+for step in range(STEPS):
+    errs = {}
+    for key in ["logits", "loss", "grad", "query", "key", "queue"]:
+        names = [n for n in exact if n.startswith(f"step{step}.{key}") and "ptr" not in n]
+        errs[key] = max(
+            ((out[n].double() - exact[n]).abs() / (1 + exact[n].abs())).max().item()
+            for n in names
+        )
+    print(f"  step {step}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
