@@ -363,8 +363,22 @@ fn check_cpu_f32(ts: &[&Tensor]) -> candle_core::Result<()> {
     Ok(())
 }
 
-fn take_above(stats: &Mutex<RowStats>) -> Vec<u32> {
-    std::mem::take(&mut stats.lock().unwrap_or_else(PoisonError::into_inner).above)
+/// Runs `apply` with a fresh op and collects the ranks it left.
+fn run(
+    mul: f32,
+    scale: f32,
+    positive: Positive,
+    apply: impl FnOnce(SoftmaxCrossEntropy) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Fused> {
+    let stats = Arc::new(Mutex::new(RowStats::default()));
+    let loss = apply(SoftmaxCrossEntropy {
+        mul,
+        scale,
+        positive,
+        stats: stats.clone(),
+    })?;
+    let above = std::mem::take(&mut stats.lock().unwrap_or_else(PoisonError::into_inner).above);
+    Ok(Fused { loss, above })
 }
 
 /// Cross-entropy over the logits `[l_pos, l_neg] * mul` (N x (1+K)) with the positive in
@@ -376,17 +390,8 @@ pub(crate) fn queue_cross_entropy(
     mul: f32,
 ) -> candle_core::Result<Fused> {
     check_cpu_f32(&[l_pos, l_neg])?;
-    let stats = Arc::new(Mutex::new(RowStats::default()));
-    let op = SoftmaxCrossEntropy {
-        mul,
-        scale: 1.0,
-        positive: Positive::Prefix,
-        stats: stats.clone(),
-    };
-    let loss = l_pos.contiguous()?.apply_op2(&l_neg.contiguous()?, op)?;
-    Ok(Fused {
-        loss,
-        above: take_above(&stats),
+    run(mul, 1.0, Positive::Prefix, |op| {
+        l_pos.contiguous()?.apply_op2(&l_neg.contiguous()?, op)
     })
 }
 
@@ -406,17 +411,8 @@ pub(crate) fn column_cross_entropy(
             offset + n - 1
         )
     }
-    let stats = Arc::new(Mutex::new(RowStats::default()));
-    let op = SoftmaxCrossEntropy {
-        mul,
-        scale,
-        positive: Positive::Column { offset },
-        stats: stats.clone(),
-    };
-    let loss = raw.contiguous()?.apply_op1(op)?;
-    Ok(Fused {
-        loss,
-        above: take_above(&stats),
+    run(mul, scale, Positive::Column { offset }, |op| {
+        raw.contiguous()?.apply_op1(op)
     })
 }
 

@@ -64,11 +64,19 @@ impl ContrastiveOutput {
     }
 }
 
-/// Top-1 and top-5 accuracy (percent) from each row's count of logits above its positive.
-fn accuracy_from_ranks(above: &[u32]) -> (f32, f32) {
-    let n = above.len().max(1) as f32;
-    let pct = |k: u32| 100.0 * above.iter().filter(|&&r| r < k).count() as f32 / n;
-    (pct(1), pct(5))
+impl ContrastiveOutput {
+    /// The fused loss, with top-1/top-5 accuracy (percent) from each row's count of logits
+    /// above its positive.
+    fn from_fused(fused: cross_entropy::Fused, logits: Logits) -> ContrastiveOutput {
+        let n = fused.above.len().max(1) as f32;
+        let pct = |k: u32| 100.0 * fused.above.iter().filter(|&&r| r < k).count() as f32 / n;
+        ContrastiveOutput {
+            loss: fused.loss,
+            acc1: pct(1),
+            acc5: pct(5),
+            logits,
+        }
+    }
 }
 
 /// Float32 on the CPU: the fused cross-entropy applies (`cross_entropy.rs`).
@@ -123,17 +131,12 @@ pub fn info_nce(
     let l_neg = q.matmul(&queue.detach())?;
     if fused_applies(&[&l_pos, &l_neg]) {
         let fused = cross_entropy::queue_cross_entropy(&l_pos, &l_neg, (1.0 / temperature) as f32)?;
-        let (acc1, acc5) = accuracy_from_ranks(&fused.above);
-        return Ok(ContrastiveOutput {
-            loss: fused.loss,
-            acc1,
-            acc5,
-            logits: Logits::Queue {
-                pos: l_pos,
-                neg: l_neg,
-                t: temperature,
-            },
-        });
+        let logits = Logits::Queue {
+            pos: l_pos,
+            neg: l_neg,
+            t: temperature,
+        };
+        return Ok(ContrastiveOutput::from_fused(fused, logits));
     }
     // logits: N x (1+K)
     let logits = (Tensor::cat(&[&l_pos, &l_neg], 1)? / temperature)?;
@@ -207,16 +210,11 @@ pub fn in_batch_info_nce_gathered(
             (1.0 / temperature) as f32,
             scale as f32,
         )?;
-        let (acc1, acc5) = accuracy_from_ranks(&fused.above);
-        return Ok(ContrastiveOutput {
-            loss: fused.loss,
-            acc1,
-            acc5,
-            logits: Logits::Scaled {
-                raw,
-                t: temperature,
-            },
-        });
+        let logits = Logits::Scaled {
+            raw,
+            t: temperature,
+        };
+        return Ok(ContrastiveOutput::from_fused(fused, logits));
     }
     let logits = (raw / temperature)?;
     let labels = Tensor::arange(offset as u32, (offset + n) as u32, q.device())?;
