@@ -6,7 +6,8 @@
 //! - [`Queue`]: the C x K dictionary of keys with a write pointer (wraps around for any K >= batch);
 //! - [`MomentumEncoder`]: the key encoder as an exponential moving average of the query encoder,
 //!   variables paired by name, with no autograd graph on the key side;
-//! - [`loss`]: InfoNCE against the queue, its symmetric form, and in-batch InfoNCE (MoCo v3);
+//! - [`loss`]: InfoNCE against the queue, its symmetric form, and in-batch InfoNCE (MoCo v3),
+//!   their cross-entropy fused into one op on float32 CPU tensors;
 //! - [`BatchShuffle`]: shuffle-BN on one device;
 //! - [`dist`]: data-parallel training over several processes (TCP on CPUs, NCCL on GPUs);
 //! - [`Sgd`]: `torch.optim.SGD` with momentum, Nesterov and weight decay;
