@@ -3,9 +3,10 @@
 // moco-models' `onednn` feature.
 //
 // The caller's tensors are plain float32 NCHW / OIHW (GOIHW with groups). Each pass is a oneDNN
-// primitive created once per geometry with `format_tag::any`, so that oneDNN picks its blocked
-// layouts and its direct JIT kernels, as PyTorch does; operands are reordered into and out of
-// those layouts on every call. The blocked copies and the scratchpad live in buffers owned by the
+// primitive created once per geometry and algorithm with `format_tag::any`, so that oneDNN picks
+// its blocked layouts and its JIT kernels: the direct ones PyTorch runs, or, where the caller asks
+// and oneDNN has them (3x3, stride 1, AVX-512), the Winograd F(4x4, 3x3) ones; operands are
+// reordered into and out of those layouts on every call. The blocked copies and the scratchpad live in buffers owned by the
 // calling thread and kept between calls (fresh allocations cost a third of a training step in
 // page faults); a user scratchpad also makes concurrent calls from several threads safe
 // (data-parallel ranks on threads of one process).
@@ -33,6 +34,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace {
 
@@ -41,6 +43,7 @@ using tag = memory::format_tag;
 using dt = memory::data_type;
 
 enum Pass { kForward = 0, kGradInput = 1, kGradWeight = 2 };
+enum Algorithm { kDirect = 0, kWinograd = 1 };
 
 // n, c, h, w, o, kh, kw, stride, padding, groups
 using Geometry = std::array<int64_t, 10>;
@@ -58,12 +61,13 @@ struct Plan {
     memory::desc want_a, want_b, want_out;  // the primitive's layouts
     std::optional<dnnl::reorder> into_a, into_b, out_of;
     memory::desc scratch;
+    int algorithm = kDirect;
 };
 
 memory::desc plain(const memory::dims &d, tag t) { return memory::desc(d, dt::f32, t); }
 memory::desc any(const memory::dims &d) { return memory::desc(d, dt::f32, tag::any); }
 
-std::shared_ptr<Plan> make_plan(int pass, const Geometry &g) {
+std::shared_ptr<Plan> make_plan(int pass, const Geometry &g, int algorithm) {
     const auto [n, c, h, w, o, kh, kw, stride, pad, groups] = g;
     const int64_t ho = (h + 2 * pad - kh) / stride + 1;
     const int64_t wo = (w + 2 * pad - kw) / stride + 1;
@@ -78,13 +82,15 @@ std::shared_ptr<Plan> make_plan(int pass, const Geometry &g) {
 
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    const auto algo = dnnl::algorithm::convolution_direct;
+    const auto algo = algorithm == kWinograd ? dnnl::algorithm::convolution_winograd
+                                             : dnnl::algorithm::convolution_direct;
     auto &eng = cpu_engine();
     dnnl::convolution_forward::desc fd(dnnl::prop_kind::forward_training, algo, any(xd), any(wd),
                                        any(yd), strides, pad_l, pad_r);
     dnnl::convolution_forward::primitive_desc fpd(fd, attr, eng);
 
     auto plan = std::make_shared<Plan>();
+    plan->algorithm = algorithm;
     const auto x_md = plain(xd, tag::nchw), w_md = plain(wd, wtag), y_md = plain(yd, tag::nchw);
     if (pass == kForward) {
         plan->prim = dnnl::convolution_forward(fpd);
@@ -125,9 +131,30 @@ std::shared_ptr<Plan> make_plan(int pass, const Geometry &g) {
     return plan;
 }
 
-// Plans by (pass, geometry); a null plan records a geometry oneDNN has no kernel for.
+// Plans by (pass, algorithm, geometry); a null plan records one oneDNN has no kernel for.
 std::mutex plans_lock;
-std::map<std::pair<int, Geometry>, std::shared_ptr<Plan>> plans;
+std::map<std::tuple<int, int, Geometry>, std::shared_ptr<Plan>> plans;
+
+// The plan of a pass on a geometry, made on first use: Winograd's where asked for and oneDNN has
+// it, else the direct one; null when oneDNN has neither.
+std::shared_ptr<Plan> find_plan(int pass, const Geometry &g, int algorithm) {
+    std::lock_guard<std::mutex> guard(plans_lock);
+    for (int algo : {algorithm, static_cast<int>(kDirect)}) {
+        auto key = std::make_tuple(pass, algo, g);
+        auto found = plans.find(key);
+        if (found == plans.end()) {
+            std::shared_ptr<Plan> made;
+            try {
+                made = make_plan(pass, g, algo);
+            } catch (const dnnl::error &e) {
+                if (e.status != dnnl_unimplemented) throw;
+            }
+            found = plans.emplace(key, made).first;
+        }
+        if (found->second) return found->second;
+    }
+    return nullptr;
+}
 
 // A 64-byte aligned buffer that only grows, one per use per calling thread.
 class Buffer {
@@ -171,13 +198,33 @@ void set_error(char *err, size_t err_len, const char *what) {
 
 extern "C" {
 
+// The algorithm that runs `pass` on `geometry` when `algorithm` is asked for: 0 direct,
+// 1 Winograd, -1 no kernel, -2 an error (message in `err`). Makes the plan if needed.
+int moco_onednn_plan_algorithm(int pass, const int64_t *geometry, int algorithm, char *err,
+                               size_t err_len) {
+    try {
+        if (pass < kForward || pass > kGradWeight) {
+            set_error(err, err_len, "unknown convolution pass");
+            return -2;
+        }
+        Geometry g;
+        std::memcpy(g.data(), geometry, sizeof(g));
+        auto plan = find_plan(pass, g, algorithm);
+        return plan ? plan->algorithm : -1;
+    } catch (const std::exception &e) {
+        set_error(err, err_len, e.what());
+        return -2;
+    }
+}
+
 // Returns 0 on success, 1 when oneDNN has no implementation for this geometry (the caller falls
-// back to its own kernel), 2 on any other error (message in `err`).
+// back to its own kernel), 2 on any other error (message in `err`). `algorithm`: 0 direct,
+// 1 Winograd where oneDNN has it for this geometry (else direct).
 //   forward:     a = x (N,C,H,W), b = w,  out = y
 //   grad input:  a = gy,          b = w,  out = gx
 //   grad weight: a = x,           b = gy, out = gw
-int moco_onednn_conv(int pass, const int64_t *geometry, int threads, const float *a,
-                     const float *b, float *out, char *err, size_t err_len) {
+int moco_onednn_conv(int pass, const int64_t *geometry, int algorithm, int threads,
+                     const float *a, const float *b, float *out, char *err, size_t err_len) {
     try {
         if (pass < kForward || pass > kGradWeight) {
             set_error(err, err_len, "unknown convolution pass");
@@ -185,22 +232,7 @@ int moco_onednn_conv(int pass, const int64_t *geometry, int threads, const float
         }
         Geometry g;
         std::memcpy(g.data(), geometry, sizeof(g));
-        std::shared_ptr<Plan> plan;
-        {
-            std::lock_guard<std::mutex> guard(plans_lock);
-            auto key = std::make_pair(pass, g);
-            auto found = plans.find(key);
-            if (found == plans.end()) {
-                std::shared_ptr<Plan> made;
-                try {
-                    made = make_plan(pass, g);
-                } catch (const dnnl::error &e) {
-                    if (e.status != dnnl_unimplemented) throw;
-                }
-                found = plans.emplace(key, made).first;
-            }
-            plan = found->second;
-        }
+        std::shared_ptr<Plan> plan = find_plan(pass, g, algorithm);
         if (!plan) return 1;
         if (threads > 0) MOCO_SET_THREADS(threads);
 

@@ -1,6 +1,7 @@
 //! The oneDNN engine of [`crate::cpu_conv`] (feature `onednn`): the three convolution passes on
-//! oneDNN's direct JIT kernels, the ones PyTorch's CPU convolutions run, through the C interface
-//! of `csrc/onednn_conv.cpp`, one OpenMP thread per call: [`crate::cpu_conv`] splits the batch
+//! oneDNN's JIT kernels (the direct ones PyTorch's CPU convolutions run, or its Winograd ones
+//! where asked for and available), through the C interface of `csrc/onednn_conv.cpp`, one
+//! OpenMP thread per call: [`crate::cpu_conv`] splits the batch
 //! over rayon's threads. (OpenMP's own threads spin for ~300k rounds after each parallel region,
 //! taking the cores from the rayon threads that run every other op: measured 16% slower on the
 //! 2-core training step.) Geometries oneDNN has no kernel for fall back to the gemm kernels.
@@ -16,6 +17,7 @@ extern "C" {
     fn moco_onednn_conv(
         pass: c_int,
         geometry: *const i64,
+        algorithm: c_int,
         threads: c_int,
         a: *const f32,
         b: *const f32,
@@ -23,15 +25,67 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    #[cfg(test)]
+    fn moco_onednn_plan_algorithm(
+        pass: c_int,
+        geometry: *const i64,
+        algorithm: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
 
-/// Runs one pass on the calling thread: `geometry` is (N, C, H, W, O, KH, KW, stride, padding,
-/// groups), `a`, `b` and `out` plain NCHW / (O, C/groups, KH, KW) float32 buffers of the sizes
-/// that geometry implies (`lens`, checked). `Ok(false)` when oneDNN has no kernel for it (`out`
+/// oneDNN's convolution algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum Algorithm {
+    /// Direct convolution, the kernels PyTorch's CPU convolutions run.
+    Direct = 0,
+    /// Winograd F(4x4, 3x3): 3x3 kernels, stride 1, AVX-512; about half the arithmetic.
+    Winograd = 1,
+}
+
+#[cfg(test)]
+/// The algorithm oneDNN runs `pass` on `geometry` with when `algorithm` is asked for (Winograd
+/// falls back to direct where oneDNN has no Winograd kernel); `None` when it has no kernel.
+pub(crate) fn plan_algorithm(
+    pass: Pass,
+    geometry: [usize; 10],
+    algorithm: Algorithm,
+) -> Result<Option<Algorithm>> {
+    let geometry = geometry.map(|v| v as i64);
+    let mut err = [0 as c_char; 512];
+    // SAFETY: the geometry has the 10 values the C side reads; `err` holds `err.len()` bytes.
+    let status = unsafe {
+        moco_onednn_plan_algorithm(
+            pass as c_int,
+            geometry.as_ptr(),
+            algorithm as c_int,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    match status {
+        0 => Ok(Some(Algorithm::Direct)),
+        1 => Ok(Some(Algorithm::Winograd)),
+        -1 => Ok(None),
+        _ => {
+            // SAFETY: the C side writes a NUL-terminated message into `err` (snprintf).
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            candle_core::bail!("onednn conv {pass:?} on geometry {geometry:?}: {msg}")
+        }
+    }
+}
+
+/// Runs one pass on the calling thread with `algorithm` (Winograd: where oneDNN has it for this
+/// geometry, else direct): `geometry` is (N, C, H, W, O, KH, KW, stride, padding, groups), `a`,
+/// `b` and `out` plain NCHW / (O, C/groups, KH, KW) float32 buffers of the sizes that geometry
+/// implies (`lens`, checked). `Ok(false)` when oneDNN has no kernel for it (`out`
 /// untouched), `Ok(true)` when `out` is written, every element.
 pub(crate) fn run(
     pass: Pass,
     geometry: [usize; 10],
+    algorithm: Algorithm,
     a: &[f32],
     b: &[f32],
     out: &mut [MaybeUninit<f32>],
@@ -54,6 +108,7 @@ pub(crate) fn run(
         moco_onednn_conv(
             pass as c_int,
             geometry.as_ptr(),
+            algorithm as c_int,
             1,
             a.as_ptr(),
             b.as_ptr(),
