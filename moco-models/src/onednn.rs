@@ -35,6 +35,17 @@ extern "C" {
     ) -> c_int;
 }
 
+/// The message the C side wrote into `err` (NUL-terminated, by snprintf), with the pass and
+/// geometry it concerns.
+fn c_error(pass: Pass, geometry: &[i64; 10], err: &[c_char; 512]) -> candle_core::Error {
+    // SAFETY: `err` holds a NUL-terminated string: the C side's snprintf message, or the zeros
+    // it was created with.
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+    candle_core::Error::msg(format!(
+        "onednn conv {pass:?} on geometry {geometry:?}: {msg}"
+    ))
+}
+
 /// oneDNN's convolution algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
@@ -69,11 +80,7 @@ pub(crate) fn plan_algorithm(
         0 => Ok(Some(Algorithm::Direct)),
         1 => Ok(Some(Algorithm::Winograd)),
         -1 => Ok(None),
-        _ => {
-            // SAFETY: the C side writes a NUL-terminated message into `err` (snprintf).
-            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-            candle_core::bail!("onednn conv {pass:?} on geometry {geometry:?}: {msg}")
-        }
+        _ => Err(c_error(pass, &geometry, &err)),
     }
 }
 
@@ -120,10 +127,6 @@ pub(crate) fn run(
     match status {
         0 => Ok(true),
         1 => Ok(false),
-        _ => {
-            // SAFETY: the C side writes a NUL-terminated message into `err` (snprintf).
-            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-            candle_core::bail!("onednn conv {pass:?} on geometry {geometry:?}: {msg}")
-        }
+        _ => Err(c_error(pass, &geometry, &err)),
     }
 }
