@@ -1,6 +1,7 @@
 //! A fast 2-D convolution for the CPU: forward, gradient wrt the input and gradient wrt the weight,
-//! each an im2col + GEMM on the `gemm` crate (AVX-512 when the CPU has it), parallel over the
-//! batch with rayon, as candle custom ops with their own backward.
+//! each an im2col + GEMM on the `gemm` crate (AVX-512 when the CPU has it) or, with the `onednn`
+//! feature, a oneDNN primitive (direct, or Winograd for the wide 3x3 layers: [`ConvEngine`]),
+//! parallel over the batch with rayon, as candle custom ops with their own backward.
 //!
 //! Candle's own CPU convolution runs its gradient wrt the input through a direct
 //! `conv_transpose2d` loop with no GEMM and its gradient wrt the weight as a convolution over
