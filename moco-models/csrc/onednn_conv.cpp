@@ -198,6 +198,9 @@ void set_error(char *err, size_t err_len, const char *what) {
 
 extern "C" {
 
+// The major version of the linked oneDNN.
+int moco_onednn_major_version() { return dnnl_version()->major; }
+
 // The algorithm that runs `pass` on `geometry` when `algorithm` is asked for: 0 direct,
 // 1 Winograd, -1 no kernel, -2 an error (message in `err`). Makes the plan if needed.
 int moco_onednn_plan_algorithm(int pass, const int64_t *geometry, int algorithm, char *err,

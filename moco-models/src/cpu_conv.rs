@@ -1078,15 +1078,17 @@ mod tests {
     /// (of the largest value) of the float64 direct loop, on signed inputs and on the
     /// non-negative ones a ReLU feeds (Winograd's error grows with the inputs' mean), batches
     /// split over threads or not; and the kernels really are Winograd's where the CPU has
-    /// AVX-512 (oneDNN's condition), direct ones for the layers the rule leaves out.
+    /// AVX-512 and oneDNN is 2.x (the builds known to have them; others may not and then run
+    /// direct), direct ones for the layers the rule leaves out.
     #[cfg(feature = "onednn")]
     #[test]
     fn winograd_layers_match_the_direct_loop() {
         use crate::onednn::{plan_algorithm, Algorithm};
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+        let expect_winograd = std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq");
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && crate::onednn::major_version() == 2;
         let dev = Device::Cpu;
         // n, c, h, w, o
         for (n, c, h, w, o) in [
@@ -1100,7 +1102,7 @@ mod tests {
             assert!(g.winograd_pays());
             for pass in [Pass::Forward, Pass::GradInput, Pass::GradWeight] {
                 let algo = plan_algorithm(pass, g.as_array(), Algorithm::Winograd).unwrap();
-                if avx512 {
+                if expect_winograd {
                     assert_eq!(algo, Some(Algorithm::Winograd), "{pass:?} {g:?}");
                 }
             }
@@ -1132,7 +1134,9 @@ mod tests {
                 .unwrap();
                 let same = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
                     == direct.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                assert_eq!(same, !avx512, "{what}: Winograd and direct results");
+                if expect_winograd {
+                    assert!(!same, "{what}: Winograd's results equal direct's");
+                }
             }
         }
         // Left to the direct kernels: fewer than 32 channels, not multiples of 16, strided.

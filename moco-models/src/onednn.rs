@@ -26,6 +26,8 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     #[cfg(test)]
+    fn moco_onednn_major_version() -> c_int;
+    #[cfg(test)]
     fn moco_onednn_plan_algorithm(
         pass: c_int,
         geometry: *const i64,
@@ -54,6 +56,13 @@ pub(crate) enum Algorithm {
     Direct = 0,
     /// Winograd F(4x4, 3x3): 3x3 kernels, stride 1, AVX-512; about half the arithmetic.
     Winograd = 1,
+}
+
+/// The major version of the oneDNN this build links.
+#[cfg(test)]
+pub(crate) fn major_version() -> i32 {
+    // SAFETY: reads oneDNN's static version record; no arguments.
+    unsafe { moco_onednn_major_version() }
 }
 
 #[cfg(test)]
