@@ -49,9 +49,7 @@ impl ContrastiveOutput {
             Logits::Scaled { raw, t } => (raw / *t)?,
         })
     }
-}
 
-impl ContrastiveOutput {
     /// The two directions of a symmetric loss: losses added, accuracies averaged, the first
     /// direction's logits.
     pub(crate) fn plus(self, b: ContrastiveOutput) -> Result<ContrastiveOutput> {
@@ -62,21 +60,24 @@ impl ContrastiveOutput {
             logits: self.logits,
         })
     }
-}
 
-impl ContrastiveOutput {
-    /// The fused loss, with top-1/top-5 accuracy (percent) from each row's count of logits
-    /// above its positive.
+    /// The fused loss, with its accuracies from each row's count of logits above its positive.
     fn from_fused(fused: cross_entropy::Fused, logits: Logits) -> ContrastiveOutput {
-        let n = fused.above.len().max(1) as f32;
-        let pct = |k: u32| 100.0 * fused.above.iter().filter(|&&r| r < k).count() as f32 / n;
+        let (acc1, acc5) = accuracy_from_ranks(&fused.above);
         ContrastiveOutput {
             loss: fused.loss,
-            acc1: pct(1),
-            acc5: pct(5),
+            acc1,
+            acc5,
             logits,
         }
     }
+}
+
+/// Top-1 and top-5 accuracy (percent) from each row's rank: the number of logits strictly above
+/// its positive.
+fn accuracy_from_ranks(ranks: &[u32]) -> (f32, f32) {
+    let pct = |k: u32| 100.0 * ranks.iter().filter(|&&r| r < k).count() as f32 / ranks.len() as f32;
+    (pct(1), pct(5))
 }
 
 /// Float32 on the CPU: the fused cross-entropy applies (`cross_entropy.rs`).
@@ -233,7 +234,6 @@ pub fn in_batch_info_nce_gathered(
 /// strictly greater than its positive (ties favour the positive).
 pub fn positive_accuracy(logits: &Tensor, labels: Option<&Tensor>) -> Result<(f32, f32)> {
     let logits = logits.detach();
-    let n = logits.dim(0)?;
     let pos = match labels {
         None => logits.narrow(1, 0, 1)?,
         Some(l) => logits.gather(&l.unsqueeze(1)?, 1)?,
@@ -241,11 +241,10 @@ pub fn positive_accuracy(logits: &Tensor, labels: Option<&Tensor>) -> Result<(f3
     // rank: N, the number of logits above the positive.
     let rank = logits
         .broadcast_gt(&pos)?
-        .to_dtype(DType::F32)?
+        .to_dtype(DType::U32)?
         .sum(D::Minus1)?
-        .to_vec1::<f32>()?;
-    let pct = |k: f32| 100.0 * rank.iter().filter(|&&r| r < k).count() as f32 / n as f32;
-    Ok((pct(1.0), pct(5.0)))
+        .to_vec1::<u32>()?;
+    Ok(accuracy_from_ranks(&rank))
 }
 
 #[cfg(test)]
