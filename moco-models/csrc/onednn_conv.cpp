@@ -4,12 +4,12 @@
 //
 // The caller's tensors are plain float32 NCHW / OIHW (GOIHW with groups). Each pass is a oneDNN
 // primitive created once per geometry and algorithm with `format_tag::any`, so that oneDNN picks
-// its blocked layouts and its JIT kernels: the direct ones PyTorch runs, or, where the caller asks
-// and oneDNN has them (3x3, stride 1, AVX-512), the Winograd F(4x4, 3x3) ones; operands are
-// reordered into and out of those layouts on every call. The blocked copies and the scratchpad live in buffers owned by the
-// calling thread and kept between calls (fresh allocations cost a third of a training step in
-// page faults); a user scratchpad also makes concurrent calls from several threads safe
-// (data-parallel ranks on threads of one process).
+// its blocked layouts and its JIT kernels: the direct ones PyTorch runs, or, where the caller
+// asks and oneDNN has them (3x3, stride 1, AVX-512), the Winograd F(4x4, 3x3) ones; operands are
+// reordered into and out of those layouts on every call. The blocked copies and the scratchpad
+// live in buffers owned by the calling thread and kept between calls (fresh allocations cost a
+// third of a training step in page faults); a user scratchpad also makes concurrent calls from
+// several threads safe (data-parallel ranks on threads of one process).
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 
@@ -135,9 +136,13 @@ std::shared_ptr<Plan> make_plan(int pass, const Geometry &g, int algorithm) {
 std::mutex plans_lock;
 std::map<std::tuple<int, int, Geometry>, std::shared_ptr<Plan>> plans;
 
-// The plan of a pass on a geometry, made on first use: Winograd's where asked for and oneDNN has
-// it, else the direct one; null when oneDNN has neither.
-std::shared_ptr<Plan> find_plan(int pass, const Geometry &g, int algorithm) {
+// The plan of a pass on the geometry at `geometry` (10 values), made on first use: Winograd's
+// where asked for and oneDNN has it, else the direct one; null when oneDNN has neither.
+std::shared_ptr<Plan> find_plan(int pass, const int64_t *geometry, int algorithm) {
+    if (pass < kForward || pass > kGradWeight)
+        throw std::invalid_argument("unknown convolution pass");
+    Geometry g;
+    std::memcpy(g.data(), geometry, sizeof(g));
     std::lock_guard<std::mutex> guard(plans_lock);
     for (int algo : {algorithm, static_cast<int>(kDirect)}) {
         auto key = std::make_tuple(pass, algo, g);
@@ -206,13 +211,7 @@ int moco_onednn_major_version() { return dnnl_version()->major; }
 int moco_onednn_plan_algorithm(int pass, const int64_t *geometry, int algorithm, char *err,
                                size_t err_len) {
     try {
-        if (pass < kForward || pass > kGradWeight) {
-            set_error(err, err_len, "unknown convolution pass");
-            return -2;
-        }
-        Geometry g;
-        std::memcpy(g.data(), geometry, sizeof(g));
-        auto plan = find_plan(pass, g, algorithm);
+        auto plan = find_plan(pass, geometry, algorithm);
         return plan ? plan->algorithm : -1;
     } catch (const std::exception &e) {
         set_error(err, err_len, e.what());
@@ -229,13 +228,7 @@ int moco_onednn_plan_algorithm(int pass, const int64_t *geometry, int algorithm,
 int moco_onednn_conv(int pass, const int64_t *geometry, int algorithm, int threads,
                      const float *a, const float *b, float *out, char *err, size_t err_len) {
     try {
-        if (pass < kForward || pass > kGradWeight) {
-            set_error(err, err_len, "unknown convolution pass");
-            return 2;
-        }
-        Geometry g;
-        std::memcpy(g.data(), geometry, sizeof(g));
-        std::shared_ptr<Plan> plan = find_plan(pass, g, algorithm);
+        std::shared_ptr<Plan> plan = find_plan(pass, geometry, algorithm);
         if (!plan) return 1;
         if (threads > 0) MOCO_SET_THREADS(threads);
 

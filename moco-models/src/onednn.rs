@@ -1,10 +1,10 @@
 //! The oneDNN engine of [`crate::cpu_conv`] (feature `onednn`): the three convolution passes on
 //! oneDNN's JIT kernels (the direct ones PyTorch's CPU convolutions run, or its Winograd ones
 //! where asked for and available), through the C interface of `csrc/onednn_conv.cpp`, one
-//! OpenMP thread per call: [`crate::cpu_conv`] splits the batch
-//! over rayon's threads. (OpenMP's own threads spin for ~300k rounds after each parallel region,
-//! taking the cores from the rayon threads that run every other op: measured 16% slower on the
-//! 2-core training step.) Geometries oneDNN has no kernel for fall back to the gemm kernels.
+//! OpenMP thread per call: [`crate::cpu_conv`] splits the batch over rayon's threads. (OpenMP's
+//! own threads spin for ~300k rounds after each parallel region, taking the cores from the rayon
+//! threads that run every other op: measured 16% slower on the 2-core training step.)
+//! Geometries oneDNN has no kernel for fall back to the gemm kernels.
 
 use std::ffi::{c_char, c_int, CStr};
 use std::mem::MaybeUninit;
@@ -96,8 +96,8 @@ pub(crate) fn plan_algorithm(
 /// Runs one pass on the calling thread with `algorithm` (Winograd: where oneDNN has it for this
 /// geometry, else direct): `geometry` is (N, C, H, W, O, KH, KW, stride, padding, groups), `a`,
 /// `b` and `out` plain NCHW / (O, C/groups, KH, KW) float32 buffers of the sizes that geometry
-/// implies (`lens`, checked). `Ok(false)` when oneDNN has no kernel for it (`out`
-/// untouched), `Ok(true)` when `out` is written, every element.
+/// implies (`lens`, checked). `Ok(false)` when oneDNN has no kernel for it (`out` untouched),
+/// `Ok(true)` when `out` is written, every element.
 pub(crate) fn run(
     pass: Pass,
     geometry: [usize; 10],

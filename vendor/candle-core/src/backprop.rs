@@ -443,7 +443,7 @@ impl Tensor {
                         // the matmul size checks for now.
 
                         // moco-rs: no product for an operand that records no graph (a
-                        // detached tensor): its gradient would be dropped anyway.
+                        // detached tensor, a constant): no variable depends on its gradient.
                         if lhs.track_op() {
                             let lhs_grad = grad.matmul(&rhs.t()?)?;
                             grads.accumulate(lhs, &lhs_grad)?;
