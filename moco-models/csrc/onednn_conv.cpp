@@ -15,12 +15,17 @@
 
 // Each call runs on one thread (the Rust side splits the batch over its own threads). With
 // oneDNN's OpenMP runtime (Debian's build, the one tested) that is omp_set_num_threads(1) on the
-// calling thread; other runtimes keep their defaults.
+// calling thread; other runtimes keep their defaults. oneDNN fixes a primitive's thread count
+// when the primitive is created (its kernels split the work, and size the scratchpad, for the
+// thread count of that moment, and run that many threads whatever the caller's setting), so the
+// count is set before a plan is made, and plans are kept per thread count.
 #if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
 #include <omp.h>
 #define MOCO_SET_THREADS(n) omp_set_num_threads(n)
+#define MOCO_MAX_THREADS() omp_get_max_threads()
 #else
 #define MOCO_SET_THREADS(n) ((void)(n))
+#define MOCO_MAX_THREADS() 0
 #endif
 
 #include <algorithm>
@@ -132,20 +137,25 @@ std::shared_ptr<Plan> make_plan(int pass, const Geometry &g, int algorithm) {
     return plan;
 }
 
-// Plans by (pass, algorithm, geometry); a null plan records one oneDNN has no kernel for.
+// Plans by (pass, algorithm, thread count, geometry); a null plan records one oneDNN has no
+// kernel for.
 std::mutex plans_lock;
-std::map<std::tuple<int, int, Geometry>, std::shared_ptr<Plan>> plans;
+std::map<std::tuple<int, int, int, Geometry>, std::shared_ptr<Plan>> plans;
 
-// The plan of a pass on the geometry at `geometry` (10 values), made on first use: Winograd's
-// where asked for and oneDNN has it, else the direct one; null when oneDNN has neither.
-std::shared_ptr<Plan> find_plan(int pass, const int64_t *geometry, int algorithm) {
+// The plan of a pass on the geometry at `geometry` (10 values) for `threads` threads (> 0; the
+// calling thread's setting is changed to it), made on first use: Winograd's where asked for and
+// oneDNN has it, else the direct one; null when oneDNN has neither.
+std::shared_ptr<Plan> find_plan(int pass, const int64_t *geometry, int algorithm, int threads) {
     if (pass < kForward || pass > kGradWeight)
         throw std::invalid_argument("unknown convolution pass");
+    if (threads < 1) throw std::invalid_argument("thread count below 1");
+    MOCO_SET_THREADS(threads);
+    const int nthr = MOCO_MAX_THREADS();
     Geometry g;
     std::memcpy(g.data(), geometry, sizeof(g));
     std::lock_guard<std::mutex> guard(plans_lock);
     for (int algo : {algorithm, static_cast<int>(kDirect)}) {
-        auto key = std::make_tuple(pass, algo, g);
+        auto key = std::make_tuple(pass, algo, nthr, g);
         auto found = plans.find(key);
         if (found == plans.end()) {
             std::shared_ptr<Plan> made;
@@ -206,12 +216,13 @@ extern "C" {
 // The major version of the linked oneDNN.
 int moco_onednn_major_version() { return dnnl_version()->major; }
 
-// The algorithm that runs `pass` on `geometry` when `algorithm` is asked for: 0 direct,
-// 1 Winograd, -1 no kernel, -2 an error (message in `err`). Makes the plan if needed.
-int moco_onednn_plan_algorithm(int pass, const int64_t *geometry, int algorithm, char *err,
-                               size_t err_len) {
+// The algorithm that runs `pass` on `geometry` with `threads` threads when `algorithm` is asked
+// for: 0 direct, 1 Winograd, -1 no kernel, -2 an error (message in `err`). Makes the plan if
+// needed.
+int moco_onednn_plan_algorithm(int pass, const int64_t *geometry, int algorithm, int threads,
+                               char *err, size_t err_len) {
     try {
-        auto plan = find_plan(pass, geometry, algorithm);
+        auto plan = find_plan(pass, geometry, algorithm, threads);
         return plan ? plan->algorithm : -1;
     } catch (const std::exception &e) {
         set_error(err, err_len, e.what());
@@ -221,16 +232,16 @@ int moco_onednn_plan_algorithm(int pass, const int64_t *geometry, int algorithm,
 
 // Returns 0 on success, 1 when oneDNN has no implementation for this geometry (the caller falls
 // back to its own kernel), 2 on any other error (message in `err`). `algorithm`: 0 direct,
-// 1 Winograd where oneDNN has it for this geometry (else direct).
+// 1 Winograd where oneDNN has it for this geometry (else direct). `threads` (>= 1): the OpenMP
+// threads the pass runs on (the calling thread's setting is changed to it).
 //   forward:     a = x (N,C,H,W), b = w,  out = y
 //   grad input:  a = gy,          b = w,  out = gx
 //   grad weight: a = x,           b = gy, out = gw
 int moco_onednn_conv(int pass, const int64_t *geometry, int algorithm, int threads,
                      const float *a, const float *b, float *out, char *err, size_t err_len) {
     try {
-        std::shared_ptr<Plan> plan = find_plan(pass, geometry, algorithm);
+        std::shared_ptr<Plan> plan = find_plan(pass, geometry, algorithm, threads);
         if (!plan) return 1;
-        if (threads > 0) MOCO_SET_THREADS(threads);
 
         thread_local Buffers buffers;
         auto &eng = cpu_engine();

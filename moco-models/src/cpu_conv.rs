@@ -1146,6 +1146,44 @@ mod tests {
         }
     }
 
+    /// The oneDNN engine runs each call on one OpenMP thread whatever OpenMP's default: with
+    /// OMP_NUM_THREADS=16 the process gains no threads beyond rayon's. (oneDNN sizes a
+    /// primitive for the thread count of its creation: plans made before the calling thread's
+    /// count was set ran 16-thread teams inside each rayon thread.) Runs itself again in a
+    /// child process, since OpenMP reads the variable when it loads.
+    #[cfg(all(feature = "onednn", target_os = "linux"))]
+    #[test]
+    fn onednn_calls_run_on_one_openmp_thread() {
+        const CHILD: &str = "MOCO_TEST_OPENMP_CHILD";
+        let name = "cpu_conv::tests::onednn_calls_run_on_one_openmp_thread";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--test-threads=1", "--nocapture"])
+                .env(CHILD, "1")
+                .env("OMP_NUM_THREADS", "16")
+                .env("RAYON_NUM_THREADS", "2")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "child run failed:\n{text}");
+            assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+            return;
+        }
+        let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+        let dev = Device::Cpu;
+        // First calls of each pass on both rayon threads, Winograd's layers and direct ones.
+        for (c, o) in [(16, 16), (32, 32)] {
+            let x = Var::randn(0f32, 1.0, (4, c, 16, 16), &dev).unwrap();
+            let w = Var::randn(0f32, 0.1, (o, c, 3, 3), &dev).unwrap();
+            let y = conv2d_on(ConvEngine::OneDnn, x.as_tensor(), w.as_tensor(), 1, 1, 1).unwrap();
+            y.sum_all().unwrap().backward().unwrap();
+        }
+        // The main thread, libtest's (if any), rayon's 2.
+        let n = threads();
+        assert!(n <= 4, "{n} threads after the oneDNN calls");
+    }
+
     /// Both engines on the same operands, every pass, the shapes of the `check` test and the
     /// small ResNet's layers: within float32 rounding of each other. oneDNN must have a kernel
     /// for all of them except the ones whose last stride stops short of the padded edge (it

@@ -32,6 +32,7 @@ extern "C" {
         pass: c_int,
         geometry: *const i64,
         algorithm: c_int,
+        threads: c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
@@ -66,8 +67,9 @@ pub(crate) fn major_version() -> i32 {
 }
 
 #[cfg(test)]
-/// The algorithm oneDNN runs `pass` on `geometry` with when `algorithm` is asked for (Winograd
-/// falls back to direct where oneDNN has no Winograd kernel); `None` when it has no kernel.
+/// The algorithm oneDNN runs `pass` on `geometry` with when `algorithm` is asked for, on one
+/// thread as [`run`] does (Winograd falls back to direct where oneDNN has no Winograd kernel);
+/// `None` when it has no kernel.
 pub(crate) fn plan_algorithm(
     pass: Pass,
     geometry: [usize; 10],
@@ -81,6 +83,7 @@ pub(crate) fn plan_algorithm(
             pass as c_int,
             geometry.as_ptr(),
             algorithm as c_int,
+            1,
             err.as_mut_ptr(),
             err.len(),
         )
