@@ -97,8 +97,7 @@ impl Geometry {
     /// Whether the `onednn` engine asks for Winograd kernels: 3x3, stride 1, no groups, and 32
     /// or more input and output channels, multiples of 16 (oneDNN's blocks). Measured on the
     /// small ResNet's layers (2 threads, batch 64): about 2x faster from 32 channels up, slower
-    /// at 8 and 16. (oneDNN 2.6's Winograd kernels also gave wrong gradients in a network whose
-    /// first layer has one input channel: they are kept to whole blocks of channels.)
+    /// at 8 and 16.
     #[cfg(feature = "onednn")]
     fn winograd_pays(&self) -> bool {
         (self.kh, self.kw, self.stride, self.groups) == (3, 3, 1, 1)
