@@ -177,10 +177,11 @@ impl ConvEngine {
         }
     }
 
+    /// Every engine, in declaration order (`engine as usize` indexes it).
+    const ALL: [Self; 3] = [Self::Gemm, Self::OneDnn, Self::OneDnnDirect];
+
     fn parse(s: &str) -> Option<Self> {
-        [Self::Gemm, Self::OneDnn, Self::OneDnnDirect]
-            .into_iter()
-            .find(|e| e.name() == s)
+        Self::ALL.into_iter().find(|e| e.name() == s)
     }
 }
 
@@ -204,11 +205,11 @@ pub fn set_conv_engine(engine: ConvEngine) -> Result<()> {
 /// variable `MOCO_CPU_CONV` (`gemm`, `onednn` or `onednn-direct`), else oneDNN when compiled in,
 /// else gemm.
 pub fn conv_engine() -> Result<ConvEngine> {
-    match ENGINE.load(Ordering::Relaxed) {
-        1 => return Ok(ConvEngine::Gemm),
-        2 => return Ok(ConvEngine::OneDnn),
-        3 => return Ok(ConvEngine::OneDnnDirect),
-        _ => {}
+    if let Some(&engine) = (ENGINE.load(Ordering::Relaxed) as usize)
+        .checked_sub(1)
+        .and_then(|i| ConvEngine::ALL.get(i))
+    {
+        return Ok(engine);
     }
     let engine = match std::env::var("MOCO_CPU_CONV") {
         Ok(v) => match ConvEngine::parse(v.trim()) {
@@ -218,9 +219,13 @@ pub fn conv_engine() -> Result<ConvEngine> {
                 v,
                 e.name()
             ),
-            None => candle_core::bail!(
-                "MOCO_CPU_CONV={v}: expected `gemm`, `onednn` or `onednn-direct`"
-            ),
+            None => {
+                let names: Vec<String> = ConvEngine::ALL
+                    .iter()
+                    .map(|e| format!("`{}`", e.name()))
+                    .collect();
+                candle_core::bail!("MOCO_CPU_CONV={v}: expected one of {}", names.join(", "))
+            }
         },
         Err(_) if ConvEngine::OneDnn.is_available() => ConvEngine::OneDnn,
         Err(_) => ConvEngine::Gemm,
@@ -1296,6 +1301,16 @@ mod tests {
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
             });
             assert_eq!(got, expected);
+        }
+    }
+
+    /// `ConvEngine::ALL` lists the engines in declaration order: `set_conv_engine` stores
+    /// `1 + engine as u8` and `conv_engine` reads it back as an index into it; every name parses.
+    #[test]
+    fn engine_list_matches_the_declaration_order() {
+        for (i, e) in ConvEngine::ALL.into_iter().enumerate() {
+            assert_eq!(e as usize, i, "{e:?}");
+            assert_eq!(ConvEngine::parse(e.name()), Some(e));
         }
     }
 
