@@ -59,8 +59,9 @@ const EXP_HI: f32 = 88.376_26;
 /// written so that a loop of it vectorises; within 2 ulp of the exact value, NaN stays NaN.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    let xc = x.clamp(EXP_LO, EXP_HI); // NaN stays NaN
-                                      // n = round(x / ln 2), by the float trick that needs no rounding instruction.
+    // NaN stays NaN.
+    let xc = x.clamp(EXP_LO, EXP_HI);
+    // n = round(x / ln 2), by the float trick that needs no rounding instruction.
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     let n = (xc * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     let r = xc - n * 0.693_359_4;
