@@ -58,7 +58,6 @@ fn assert_within(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
         .zip(&to_f64(b))
         .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
         .fold(0.0, f64::max);
-    eprintln!("ERR {what} {err:e}");
     assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
 }
 
