@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::optim::SgdConfig;
+use crate::optim::{AdamWConfig, SgdConfig};
 use crate::schedule::{LrSchedule, MomentumSchedule};
 use crate::{Error, Result};
 
@@ -16,6 +16,18 @@ pub enum LossKind {
     SymmetricQueue,
     /// In-batch InfoNCE with no queue, symmetric, scaled by 2T (MoCo v3).
     InBatch,
+}
+
+/// Which optimizer trains the query encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// SGD with momentum (`torch.optim.SGD`), or LARS when [`MocoConfig::lars`] is set.
+    #[default]
+    Sgd,
+    /// AdamW (`torch.optim.AdamW`, betas (0.9, 0.999), eps 1e-8): MoCo v3's ViT optimizer.
+    #[serde(rename = "adamw")]
+    AdamW,
 }
 
 /// The augmentation recipe a preset trains with (built by `moco-data`).
@@ -65,7 +77,9 @@ pub struct MocoConfig {
     pub lr: f64,
     /// `lr` is given per 256 images and the run uses `lr * batch_size / 256` (MoCo v3).
     pub lr_per_256: bool,
-    /// LARS trust coefficient (MoCo v3: 0.001); `None` for SGD.
+    /// The optimizer (`sgd` or `adamw`; old configurations without it mean `sgd`).
+    pub optimizer: OptimizerKind,
+    /// LARS trust coefficient (MoCo v3: 0.001); `None` for SGD. With `optimizer = "sgd"` only.
     pub lars: Option<f64>,
     /// SGD momentum.
     pub sgd_momentum: f64,
@@ -109,6 +123,7 @@ impl MocoConfig {
             bn_splits: 1,
             lr: 0.03,
             lr_per_256: false,
+            optimizer: OptimizerKind::Sgd,
             lars: None,
             sgd_momentum: 0.9,
             weight_decay: 1e-4,
@@ -171,6 +186,7 @@ impl MocoConfig {
             bn_splits: 1,
             lr: 0.6,
             lr_per_256: true,
+            optimizer: OptimizerKind::Sgd,
             lars: Some(0.001),
             sgd_momentum: 0.9,
             weight_decay: 1e-6,
@@ -188,16 +204,42 @@ impl MocoConfig {
         }
     }
 
-    /// A preset by name: `v1`, `v2`, `cifar` or `v3`.
+    /// MoCo v3 with a ViT (the official ViT-Small/Base recipe of `CONFIG.md`): as [`v3`](Self::v3)
+    /// but T 0.2, AdamW (lr 1.5e-4 per 256 images, weight decay 0.1), 40 warm-up epochs of 300,
+    /// batch 1024 (the one-node setup; the published models used 4096). The backbone side of the
+    /// recipe (3-layer projector, predictor with a last BatchNorm, frozen patch projection) is
+    /// the encoder's: `moco pretrain --preset v3-vit` builds it for a `vit_*` architecture.
+    pub fn v3_vit() -> Self {
+        Self {
+            preset: "v3-vit".into(),
+            temperature: 0.2,
+            lr: 1.5e-4,
+            optimizer: OptimizerKind::AdamW,
+            lars: None,
+            weight_decay: 0.1,
+            lr_schedule: LrSchedule {
+                decay: crate::schedule::LrDecay::Cosine {
+                    per_iteration: true,
+                },
+                warmup_epochs: 40.0,
+            },
+            epochs: 300,
+            batch_size: 1024,
+            ..Self::v3()
+        }
+    }
+
+    /// A preset by name: `v1`, `v2`, `cifar`, `v3` or `v3-vit`.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "v1" => Ok(Self::v1()),
             "v2" => Ok(Self::v2()),
             "cifar" => Ok(Self::cifar()),
             "v3" => Ok(Self::v3()),
+            "v3-vit" => Ok(Self::v3_vit()),
             other => Err(Error::config(
                 "preset",
-                format!("unknown preset `{other}` (expected one of: v1, v2, cifar, v3)"),
+                format!("unknown preset `{other}` (expected one of: v1, v2, cifar, v3, v3-vit)"),
             )),
         }
     }
@@ -224,6 +266,15 @@ impl MocoConfig {
         }
     }
 
+    /// The AdamW settings at the effective learning rate (torch's betas and eps).
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.effective_lr(),
+            weight_decay: self.weight_decay,
+            ..AdamWConfig::default()
+        }
+    }
+
     /// Checks every setting; the error names the first one out of range.
     pub fn validate(&self) -> Result<()> {
         let positive = |key: &str, v: f64| {
@@ -243,6 +294,12 @@ impl MocoConfig {
         }
         if let Some(eta) = self.lars {
             positive("lars", eta)?;
+            if self.optimizer == OptimizerKind::AdamW {
+                return Err(Error::config(
+                    "lars",
+                    "LARS is a variant of SGD: set `lars` only with optimizer = \"sgd\"",
+                ));
+            }
         }
         if self.batch_size == 0 {
             return Err(Error::config("batch_size", "must be at least 1"));
@@ -336,9 +393,32 @@ mod tests {
         // 0.6 per 256 images at batch 4096: 9.6, the official effective rate.
         assert!((v3.effective_lr() - 9.6).abs() < 1e-12);
         assert!((v3.sgd().lr - 9.6).abs() < 1e-12 && v3.sgd().lars == Some(0.001));
-        for p in ["v1", "v2", "cifar", "v3"] {
+        // CONFIG.md's ViT-Small recipe: AdamW lr 1.5e-4 per 256, wd 0.1, 40 of 300 epochs of
+        // warm-up, T 0.2, batch 1024 (lr 6e-4), otherwise v3's.
+        let vit = MocoConfig::v3_vit();
+        assert_eq!(
+            (vit.optimizer, vit.lars, vit.weight_decay, vit.temperature),
+            (OptimizerKind::AdamW, None, 0.1, 0.2)
+        );
+        assert_eq!(
+            (vit.epochs, vit.lr_schedule.warmup_epochs, vit.batch_size),
+            (300, 40.0, 1024)
+        );
+        assert_eq!(
+            (vit.loss, vit.mlp_dim, vit.dim),
+            (LossKind::InBatch, Some(4096), 256)
+        );
+        let a = vit.adamw();
+        assert!((a.lr - 6e-4).abs() < 1e-15 && a.weight_decay == 0.1 && a.betas == (0.9, 0.999));
+        for p in ["v1", "v2", "cifar", "v3", "v3-vit"] {
             MocoConfig::preset(p).unwrap().validate().unwrap();
         }
+        // LARS is an SGD variant: with AdamW it is an error naming the setting.
+        let both = MocoConfig {
+            lars: Some(0.001),
+            ..MocoConfig::v3_vit()
+        };
+        assert!(both.validate().unwrap_err().to_string().contains("lars"));
         assert!(MocoConfig::preset("v9")
             .unwrap_err()
             .to_string()
@@ -354,6 +434,12 @@ mod tests {
         let partial: MocoConfig = serde_json::from_str(r#"{"queue_size": 1024}"#).unwrap();
         assert_eq!(partial.queue_size, 1024);
         assert_eq!(partial.dim, 128);
+        // Files written before the optimizer choice existed mean SGD.
+        assert_eq!(partial.optimizer, OptimizerKind::Sgd);
+        let vit = MocoConfig::v3_vit();
+        let s = serde_json::to_string(&vit).unwrap();
+        assert!(s.contains(r#""optimizer":"adamw""#), "{s}");
+        assert_eq!(serde_json::from_str::<MocoConfig>(&s).unwrap(), vit);
     }
 
     #[test]

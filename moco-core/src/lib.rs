@@ -48,12 +48,12 @@ pub mod schedule;
 pub mod shuffle;
 pub mod trainer;
 
-pub use config::{AugmentationPreset, LossKind, MocoConfig};
+pub use config::{AugmentationPreset, LossKind, MocoConfig, OptimizerKind};
 pub use dist::{Collective, DistConfig, SingleProcess, TcpGroup};
 pub use error::{Error, Result};
 pub use loss::{in_batch_info_nce, info_nce, l2_normalize, symmetric_info_nce, ContrastiveOutput};
 pub use momentum::{is_batch_norm_buffer, MomentumEncoder};
-pub use optim::{Sgd, SgdConfig};
+pub use optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
 pub use queue::Queue;
 pub use schedule::{LrDecay, LrSchedule, MomentumSchedule};
 pub use shuffle::BatchShuffle;

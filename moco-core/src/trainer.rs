@@ -17,7 +17,7 @@ use crate::loss::{
     in_batch_info_nce_gathered, info_nce, l2_normalize, symmetric_info_nce, ContrastiveOutput,
 };
 use crate::momentum::{set_checked, MomentumEncoder};
-use crate::optim::Sgd;
+use crate::optim::Optimizer;
 use crate::queue::Queue;
 use crate::shuffle::BatchShuffle;
 use crate::{io, Error, Result};
@@ -62,7 +62,7 @@ pub struct Moco<E: ModuleT> {
     predictor: Option<Box<dyn ModuleT>>,
     encoders: MomentumEncoder,
     queue: Option<Queue>,
-    optimizer: Sgd,
+    optimizer: Optimizer,
     step: u64,
     comm: Box<dyn Collective>,
 }
@@ -106,7 +106,7 @@ impl<E: ModuleT> Moco<E> {
                 Some(Queue::new(config.dim, config.queue_size, &mut rng, device)?)
             }
         };
-        let optimizer = Sgd::new_named(encoders.query_parameters(), config.sgd())?;
+        let optimizer = Optimizer::from_config(encoders.query_parameters(), &config)?;
         Ok(Self {
             config,
             device: device.clone(),
@@ -134,10 +134,7 @@ impl<E: ModuleT> Moco<E> {
             &self.device,
         );
         self.predictor = Some(Box::new(build(vb.pp("predictor"))?));
-        let lr = self.optimizer.config().lr;
-        let mut sgd = *self.optimizer.config();
-        sgd.lr = lr;
-        self.optimizer = Sgd::new_named(self.encoders.query_parameters(), sgd)?;
+        self.optimizer = self.optimizer.rebuild(self.encoders.query_parameters())?;
         Ok(self)
     }
 
@@ -245,7 +242,7 @@ impl<E: ModuleT> Moco<E> {
         self.queue.as_ref()
     }
     /// The optimizer.
-    pub fn optimizer(&self) -> &Sgd {
+    pub fn optimizer(&self) -> &Optimizer {
         &self.optimizer
     }
     /// Completed training steps.
@@ -448,7 +445,7 @@ impl<E: ModuleT> Moco<E> {
         momentum: f64,
     ) -> Result<()> {
         // 4. optimizer step (query parameters only)
-        candle_nn::Optimizer::set_learning_rate(&mut self.optimizer, lr);
+        self.optimizer.set_lr(lr);
         self.optimizer.step_grads(grads)?;
         // 5. momentum update of the key encoder
         self.encoders.update(momentum)?;
@@ -476,8 +473,9 @@ impl<E: ModuleT> Moco<E> {
     }
 
     /// Every piece of training state as named tensors: `encoder_q.*` and `encoder_k.*` (the
-    /// official checkpoint's names, without `module.`), `queue`, `queue_ptr`, and
-    /// `optimizer.momentum_buffer.*`.
+    /// official checkpoint's names, without `module.`), `queue`, `queue_ptr`, and the
+    /// optimizer's state (`optimizer.momentum_buffer.*` for SGD and LARS;
+    /// `optimizer.exp_avg.*`, `optimizer.exp_avg_sq.*`, `optimizer.step.*` for AdamW).
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for (n, t) in self.encoders.query_tensors() {
@@ -489,7 +487,7 @@ impl<E: ModuleT> Moco<E> {
         if let Some(q) = &self.queue {
             out.extend(q.tensors("")?);
         }
-        out.extend(self.optimizer.state_tensors("optimizer.momentum_buffer."));
+        out.extend(self.optimizer.state_tensors("optimizer.")?);
         Ok(out)
     }
 
@@ -548,7 +546,7 @@ impl<E: ModuleT> Moco<E> {
         };
         let q = take_prefix("encoder_q.");
         let k = take_prefix("encoder_k.");
-        let opt = take_prefix("optimizer.momentum_buffer.");
+        let opt = take_prefix("optimizer.");
         for (name, var) in self
             .encoders
             .query_varmap()
@@ -566,7 +564,7 @@ impl<E: ModuleT> Moco<E> {
             set_checked(name, var, t).map_err(at)?;
         }
         self.encoders.load_key(&k).map_err(at)?;
-        self.optimizer.load_state(&opt, "").map_err(at)?;
+        self.optimizer.load_state(&opt).map_err(at)?;
         if self.queue.is_some() {
             self.queue = Some(Queue::from_file(&mut file, "")?);
         }
