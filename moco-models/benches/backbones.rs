@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use moco_models::{encoder, EncoderSpec, HeadKind};
+use moco_models::{encoder, BackboneConfig, EncoderSpec, HeadKind};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -37,8 +37,16 @@ fn bench(
     let vars = VarMap::new();
     let mut spec = EncoderSpec::new(arch, HeadKind::Linear { dim: 128 })
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    spec.resnet.width = width;
-    spec.resnet.in_channels = channels;
+    match &mut spec.backbone {
+        BackboneConfig::ResNet(r) => {
+            r.width = width;
+            r.in_channels = channels;
+        }
+        BackboneConfig::Vit(v) => {
+            v.image_size = size;
+            v.in_channels = channels;
+        }
+    }
     let enc = encoder(spec, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
     let x = Tensor::randn(0f32, 1., (batch, channels, size, size), &dev)?;
     let (mut fwd, mut both) = (vec![], vec![]);

@@ -321,5 +321,5 @@ pub fn detect_spec(t: &HashMap<String, Tensor>) -> std::result::Result<EncoderSp
     } else {
         HeadKind::None
     };
-    Ok(EncoderSpec { resnet, head })
+    Ok(EncoderSpec::resnet(resnet, head))
 }

@@ -5,6 +5,8 @@
 //!
 //! - [`resnet`]: ResNet-18/34/50/101/152 (torchvision v1.5) and small-image variants
 //!   (`resnet18-small`, ...: 3x3 stride-1 stem, no max-pool), any input channels, any width;
+//! - [`vit`]: MoCo v3's Vision Transformers (`vit_tiny`, `vit_small`, `vit_base`; timm names),
+//!   any image, patch and channel count;
 //! - [`batch_norm`]: BatchNorm honouring `train`, with the official demo's split mode;
 //! - [`head`]: v1 linear, v2 MLP and v3 projector/predictor heads;
 //! - [`Encoder`]: a backbone with its head, built from an [`EncoderSpec`], saved to and loaded
@@ -24,20 +26,25 @@ pub mod resnet;
 mod scratch;
 #[cfg(test)]
 mod test_util;
+pub mod vit;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
+use candle_core::Shape;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{ModuleT, VarBuilder, VarMap};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, ModuleT, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 pub use error::{Error, Result};
 pub use head::{Head, HeadKind};
 pub use resnet::{Depth, ResNet, ResNetConfig};
+pub use vit::{Vit, VitConfig};
 
 /// Every architecture name `--arch` accepts.
-pub const ARCH_NAMES: [&str; 8] = [
+pub const ARCH_NAMES: [&str; 11] = [
     "resnet18",
     "resnet34",
     "resnet50",
@@ -46,6 +53,9 @@ pub const ARCH_NAMES: [&str; 8] = [
     "resnet18-small",
     "resnet34-small",
     "resnet50-small",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
 ];
 
 /// A network that maps images to pooled features, and (through its head) to embeddings.
@@ -60,35 +70,145 @@ pub trait Backbone: ModuleT {
     }
 }
 
+/// The backbone of an [`Encoder`]: its configuration. Serialised (in weight files' `spec`) as
+/// `{"resnet": {...}}` or `{"vit": {...}}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum BackboneConfig {
+    /// A ResNet.
+    #[serde(rename = "resnet")]
+    ResNet(ResNetConfig),
+    /// A Vision Transformer.
+    #[serde(rename = "vit")]
+    Vit(VitConfig),
+}
+
+impl BackboneConfig {
+    /// The standard configuration of an architecture name (see [`ARCH_NAMES`]).
+    pub fn from_arch(name: &str) -> Result<Self> {
+        if name.starts_with("vit") {
+            Ok(Self::Vit(VitConfig::from_arch(name)?))
+        } else {
+            Ok(Self::ResNet(ResNetConfig::from_arch(name)?))
+        }
+    }
+
+    /// `arch` sized for an input: `width` is a ResNet's first-stage width, `image_size` and
+    /// `patch_size` (default: the architecture's, 16) a ViT's; `in_channels` either's. The error
+    /// names the setting that does not fit.
+    pub fn for_input(
+        arch: &str,
+        width: usize,
+        in_channels: usize,
+        image_size: usize,
+        patch_size: Option<usize>,
+    ) -> Result<Self> {
+        Ok(match Self::from_arch(arch)? {
+            Self::ResNet(r) => Self::ResNet(ResNetConfig {
+                width,
+                in_channels,
+                ..r
+            }),
+            Self::Vit(v) => {
+                let v = VitConfig {
+                    image_size,
+                    in_channels,
+                    patch_size: patch_size.unwrap_or(v.patch_size),
+                    ..v
+                };
+                v.validate()?;
+                Self::Vit(v)
+            }
+        })
+    }
+
+    /// The architecture name.
+    pub fn arch(&self) -> String {
+        match self {
+            Self::ResNet(r) => r.arch(),
+            Self::Vit(v) => v.arch(),
+        }
+    }
+
+    /// Dimension of the pooled features.
+    pub fn feature_dim(&self) -> usize {
+        match self {
+            Self::ResNet(r) => r.feature_dim(),
+            Self::Vit(v) => v.feature_dim(),
+        }
+    }
+
+    /// Input channels.
+    pub fn in_channels(&self) -> usize {
+        match self {
+            Self::ResNet(r) => r.in_channels,
+            Self::Vit(v) => v.in_channels,
+        }
+    }
+
+    /// The ResNet configuration, when it is one.
+    pub fn resnet(&self) -> Option<&ResNetConfig> {
+        match self {
+            Self::ResNet(r) => Some(r),
+            Self::Vit(_) => None,
+        }
+    }
+
+    /// Where the head's variables live: `fc` on a ResNet (torchvision), `head` on a ViT (timm).
+    pub fn head_prefix(&self) -> &'static str {
+        match self {
+            Self::ResNet(_) => "fc",
+            Self::Vit(_) => "head",
+        }
+    }
+}
+
 /// What an [`Encoder`] is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EncoderSpec {
     /// The backbone.
-    pub resnet: ResNetConfig,
+    #[serde(flatten)]
+    pub backbone: BackboneConfig,
     /// The head.
     pub head: HeadKind,
 }
 
 impl EncoderSpec {
-    /// A spec from an architecture name and a head (3 input channels, width 64).
+    /// A spec from an architecture name and a head (3 input channels; width 64 for a ResNet,
+    /// 224x224 input for a ViT).
     pub fn new(arch: &str, head: HeadKind) -> Result<Self> {
         Ok(Self {
-            resnet: ResNetConfig::from_arch(arch)?,
+            backbone: BackboneConfig::from_arch(arch)?,
             head,
         })
     }
 
-    /// Metadata recorded in weight files: `arch`, `head`, `dim`, `in_channels`, `width`,
-    /// `feature_dim`, and `spec` (this spec as JSON).
+    /// A ResNet spec.
+    pub fn resnet(resnet: ResNetConfig, head: HeadKind) -> Self {
+        Self {
+            backbone: BackboneConfig::ResNet(resnet),
+            head,
+        }
+    }
+
+    /// Metadata recorded in weight files: `arch`, `head`, `dim`, `in_channels`, `feature_dim`,
+    /// `width` (ResNets) or `image_size` and `patch_size` (ViTs), and `spec` (this spec as JSON).
     pub fn metadata(&self) -> HashMap<String, String> {
-        let r = &self.resnet;
+        let b = &self.backbone;
         let mut m = HashMap::new();
-        m.insert("arch".into(), r.arch());
+        m.insert("arch".into(), b.arch());
         m.insert("head".into(), self.head.name().into());
-        m.insert("dim".into(), self.head.out_dim(r.feature_dim()).to_string());
-        m.insert("feature_dim".into(), r.feature_dim().to_string());
-        m.insert("in_channels".into(), r.in_channels.to_string());
-        m.insert("width".into(), r.width.to_string());
+        m.insert("dim".into(), self.head.out_dim(b.feature_dim()).to_string());
+        m.insert("feature_dim".into(), b.feature_dim().to_string());
+        m.insert("in_channels".into(), b.in_channels().to_string());
+        match b {
+            BackboneConfig::ResNet(r) => {
+                m.insert("width".into(), r.width.to_string());
+            }
+            BackboneConfig::Vit(v) => {
+                m.insert("image_size".into(), v.image_size.to_string());
+                m.insert("patch_size".into(), v.patch_size.to_string());
+            }
+        }
         m.insert(
             "spec".into(),
             serde_json::to_string(self).unwrap_or_default(),
@@ -97,18 +217,48 @@ impl EncoderSpec {
     }
 }
 
-/// A ResNet backbone with a projection head (`fc`): the MoCo encoder `f_q` / `f_k`.
+/// A built backbone.
+#[derive(Debug, Clone)]
+pub enum Net {
+    /// A ResNet.
+    ResNet(ResNet),
+    /// A Vision Transformer.
+    Vit(Vit),
+}
+
+impl Net {
+    /// Pooled features, N x feature dimension.
+    pub fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Net::ResNet(r) => r.features(x, train),
+            Net::Vit(v) => v.features(x, train),
+        }
+    }
+}
+
+/// A backbone with a projection head (`fc` on a ResNet, `head` on a ViT): the MoCo encoder
+/// `f_q` / `f_k`.
 #[derive(Debug, Clone)]
 pub struct Encoder {
     spec: EncoderSpec,
-    backbone: ResNet,
+    backbone: Net,
     head: Head,
 }
 
-/// Builds an encoder from `spec`: backbone variables at the root of `vb`, head under `fc`.
+/// Builds an encoder from `spec`: backbone variables at the root of `vb`, head under
+/// [`BackboneConfig::head_prefix`].
 pub fn encoder(spec: EncoderSpec, vb: VarBuilder) -> candle_core::Result<Encoder> {
-    let backbone = resnet::resnet(spec.resnet, vb.clone())?;
-    let head = head::head(spec.head, spec.resnet.feature_dim(), vb.pp("fc"))?;
+    let backbone = match spec.backbone {
+        BackboneConfig::ResNet(r) => Net::ResNet(resnet::resnet(r, vb.clone())?),
+        BackboneConfig::Vit(v) => Net::Vit(vit::vit(v, vb.clone())?),
+    };
+    let head = match (spec.backbone, spec.head) {
+        // MoCo v3's ViT projector has three layers (`MoCo_ViT`), its ResNet one two.
+        (BackboneConfig::Vit(v), HeadKind::V3 { hidden, dim }) => {
+            head::v3_mlp(3, v.feature_dim(), hidden, dim, true, vb.pp("head"))?
+        }
+        (b, kind) => head::head(kind, b.feature_dim(), vb.pp(b.head_prefix()))?,
+    };
     Ok(Encoder {
         spec,
         backbone,
@@ -122,7 +272,7 @@ impl Encoder {
         &self.spec
     }
     /// The backbone alone.
-    pub fn backbone(&self) -> &ResNet {
+    pub fn backbone(&self) -> &Net {
         &self.backbone
     }
 }
@@ -136,7 +286,7 @@ impl ModuleT for Encoder {
 
 impl Backbone for Encoder {
     fn feature_dim(&self) -> usize {
-        self.spec.resnet.feature_dim()
+        self.spec.backbone.feature_dim()
     }
     fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.backbone.features(x, train)
@@ -168,6 +318,36 @@ pub fn spec_from_metadata(path: &Path, meta: &HashMap<String, String>) -> Result
         .map_err(|e| Error::file(path, format!("metadata `spec` is not valid: {e}")))
 }
 
+/// A [`VarMap`] backend that records the names a builder asks for.
+struct Recording {
+    vars: VarMap,
+    used: Arc<Mutex<HashSet<String>>>,
+}
+
+impl SimpleBackend for Recording {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_string());
+        }
+        self.vars.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        SimpleBackend::get_unchecked(&self.vars, name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        SimpleBackend::contains_tensor(&self.vars, name)
+    }
+}
+
 /// Builds an encoder of `spec` whose variables come from `tensors`: every variable the encoder
 /// needs must be there with its shape (the error names the first that is not); tensors the
 /// encoder does not use are returned by name.
@@ -191,23 +371,36 @@ pub fn encoder_from_tensors(
         }
     }
     // A VarBuilder over a pre-filled map returns existing variables and would create missing
-    // ones: build, then check that nothing was created.
-    let before: Vec<String> = tensors.keys().cloned().collect();
-    let enc = encoder(spec, VarBuilder::from_varmap(&vars, DType::F32, device)).map_err(|e| {
+    // ones: build, recording the names asked for, then check that nothing was created.
+    let used = Arc::new(Mutex::new(HashSet::new()));
+    let recording = Recording {
+        vars: vars.clone(),
+        used: used.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(recording), DType::F32, device.clone());
+    let enc = encoder(spec, vb).map_err(|e| {
         Error::file(
             origin,
             format!(
                 "does not fit {} with head `{}`: {e}",
-                spec.resnet.arch(),
+                spec.backbone.arch(),
                 spec.head.name()
             ),
         )
     })?;
-    let data = vars
+    let used = used
+        .lock()
+        .map_err(|_| Error::config("weights", "poisoned lock"))?
+        .clone();
+    let mut data = vars
         .data()
         .lock()
         .map_err(|_| Error::config("weights", "poisoned lock"))?;
-    let mut missing: Vec<&String> = data.keys().filter(|k| !tensors.contains_key(*k)).collect();
+    let mut missing: Vec<String> = data
+        .keys()
+        .filter(|k| !tensors.contains_key(*k))
+        .cloned()
+        .collect();
     missing.sort();
     if let Some(first) = missing.first() {
         return Err(Error::file(
@@ -215,16 +408,21 @@ pub fn encoder_from_tensors(
             format!(
                 "missing tensor `{first}` ({} missing in all) for {} with head `{}`",
                 missing.len(),
-                spec.resnet.arch(),
+                spec.backbone.arch(),
                 spec.head.name()
             ),
         ));
     }
-    let mut unused: Vec<String> = before
-        .into_iter()
-        .filter(|k| !data.contains_key(k))
+    let mut unused: Vec<String> = tensors
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .cloned()
         .collect();
     unused.sort();
+    // What the encoder does not use stays out of its variables (and of any optimizer or export).
+    for k in &unused {
+        data.remove(k);
+    }
     drop(data);
     Ok((enc, vars, unused))
 }
@@ -261,7 +459,7 @@ mod tests {
     #[test]
     fn every_arch_name_parses_and_prints_back() {
         for name in ARCH_NAMES {
-            assert_eq!(ResNetConfig::from_arch(name).unwrap().arch(), name);
+            assert_eq!(BackboneConfig::from_arch(name).unwrap().arch(), name);
         }
         let err = ResNetConfig::from_arch("resnet101-small")
             .unwrap_err()
@@ -275,11 +473,11 @@ mod tests {
     #[test]
     fn feature_dims_and_output_shapes() {
         let spec = EncoderSpec {
-            resnet: ResNetConfig {
+            backbone: BackboneConfig::ResNet(ResNetConfig {
                 width: 8,
                 in_channels: 1,
                 ..ResNetConfig::from_arch("resnet50-small").unwrap()
-            },
+            }),
             head: HeadKind::Mlp { dim: 5 },
         };
         let (enc, vars) = build(spec);
@@ -306,10 +504,10 @@ mod tests {
     #[test]
     fn weights_round_trip_through_safetensors() {
         let spec = EncoderSpec {
-            resnet: ResNetConfig {
+            backbone: BackboneConfig::ResNet(ResNetConfig {
                 width: 4,
                 ..ResNetConfig::from_arch("resnet18-small").unwrap()
-            },
+            }),
             head: HeadKind::Linear { dim: 3 },
         };
         let (enc, vars) = build(spec);
@@ -349,10 +547,10 @@ mod tests {
     #[test]
     fn head_detection_rejects_unknown_layouts() {
         let (_, vars) = build(EncoderSpec {
-            resnet: ResNetConfig {
+            backbone: BackboneConfig::ResNet(ResNetConfig {
                 width: 4,
                 ..ResNetConfig::from_arch("resnet18-small").unwrap()
-            },
+            }),
             head: HeadKind::V3 { hidden: 8, dim: 4 },
         });
         let t: HashMap<String, Tensor> = vars
@@ -378,14 +576,14 @@ mod tests {
             ..ResNetConfig::from_arch("resnet18-small").unwrap()
         };
         let (plain, pv) = build(EncoderSpec {
-            resnet: base,
+            backbone: BackboneConfig::ResNet(base),
             head: HeadKind::None,
         });
         let split_spec = EncoderSpec {
-            resnet: ResNetConfig {
+            backbone: BackboneConfig::ResNet(ResNetConfig {
                 bn_splits: 2,
                 ..base
-            },
+            }),
             head: HeadKind::None,
         };
         let tensors: HashMap<String, Tensor> = pv
@@ -408,5 +606,65 @@ mod tests {
             split.features(&x, true).unwrap(),
         );
         assert_ne!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn specs_written_before_vits_still_read_and_vit_specs_round_trip() {
+        // The `spec` metadata of weight files written before the ViTs.
+        let old = r#"{"resnet":{"depth":"R18","small":true,"in_channels":1,"width":8,"zero_init_residual":false,"bn_splits":4},"head":{"kind":"linear","dim":128}}"#;
+        let spec: EncoderSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.backbone.arch(), "resnet18-small");
+        assert_eq!(serde_json::to_string(&spec).unwrap(), old);
+        let vit = EncoderSpec {
+            backbone: BackboneConfig::for_input("vit-32x2h2", 0, 1, 28, Some(7)).unwrap(),
+            head: HeadKind::V3 { hidden: 8, dim: 4 },
+        };
+        let json = serde_json::to_string(&vit).unwrap();
+        assert!(
+            json.starts_with(r#"{"vit":{"image_size":28,"patch_size":7"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<EncoderSpec>(&json).unwrap(), vit);
+        let meta = vit.metadata();
+        assert_eq!(meta["arch"], "vit-32x2h2");
+        assert_eq!(
+            (meta["patch_size"].as_str(), meta["dim"].as_str()),
+            ("7", "4")
+        );
+        let e = BackboneConfig::for_input("vit-32x2h2", 0, 1, 28, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("patch_size") && e.contains("28"), "{e}");
+    }
+
+    #[test]
+    fn tensors_the_encoder_does_not_use_are_reported_and_left_out() {
+        let spec = EncoderSpec {
+            backbone: BackboneConfig::ResNet(ResNetConfig {
+                width: 4,
+                ..ResNetConfig::from_arch("resnet18-small").unwrap()
+            }),
+            head: HeadKind::Linear { dim: 3 },
+        };
+        let (_, vars) = build(spec);
+        let mut t: HashMap<String, Tensor> = vars
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+            .collect();
+        t.insert(
+            "predictor.0.weight".into(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let (_, loaded, unused) =
+            encoder_from_tensors(spec, &t, &Device::Cpu, Path::new("mem")).unwrap();
+        assert_eq!(unused, ["predictor.0.weight"]);
+        assert!(!loaded
+            .data()
+            .lock()
+            .unwrap()
+            .contains_key("predictor.0.weight"));
     }
 }

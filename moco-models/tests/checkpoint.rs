@@ -57,7 +57,7 @@ fn check_features(tag: &str, file: &str) {
 #[test]
 fn zip_checkpoint_of_a_small_resnet18_with_mlp_head() {
     let ckpt = import_official(&reference("checkpoint_small_zip.pth.tar")).unwrap();
-    let r = ckpt.spec.resnet;
+    let r = *ckpt.spec.backbone.resnet().unwrap();
     assert_eq!(
         (r.depth, r.small, r.in_channels, r.width),
         (Depth::R18, true, 1, 4)
@@ -101,7 +101,7 @@ fn legacy_checkpoint_reads_the_same_tensors_as_zip() {
 #[test]
 fn zip_checkpoint_of_a_resnet50_with_linear_head() {
     let ckpt = import_official(&reference("checkpoint_r50_zip.pth.tar")).unwrap();
-    let r = ckpt.spec.resnet;
+    let r = *ckpt.spec.backbone.resnet().unwrap();
     assert_eq!(
         (r.depth, r.small, r.in_channels, r.width),
         (Depth::R50, false, 3, 2)

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use moco_models::{encoder, EncoderSpec, HeadKind, ResNetConfig};
+use moco_models::{encoder, BackboneConfig, EncoderSpec, HeadKind, ResNetConfig};
 
 fn golden() -> HashMap<String, Tensor> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -188,7 +188,7 @@ fn small_resnet18_with_split_bn_and_mlp_head_matches_the_official_demo() {
         ..ResNetConfig::from_arch("resnet18-small").unwrap()
     };
     let spec = EncoderSpec {
-        resnet,
+        backbone: BackboneConfig::ResNet(resnet),
         head: HeadKind::Mlp { dim: 16 },
     };
     check("small", spec, 1e-4);

@@ -1,0 +1,554 @@
+//! Vision Transformers as MoCo v3 trains them (`vits.py` of the official code: timm's
+//! `VisionTransformer` with a fixed 2-D sine-cosine position embedding, MoCo v3's
+//! initialisation and the option to stop the gradient after the patch projection), with timm's
+//! parameter names: `patch_embed.proj.*`, `cls_token`, `blocks.{i}.{norm1,attn.qkv,attn.proj,
+//! norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`. The head sits under `head`.
+//!
+//! The pooled feature is the class token after the final LayerNorm. The position embedding is
+//! not a parameter here (it is fixed: the official code stores it with `requires_grad=False`);
+//! [`sincos_position_embedding`] computes it. Weights that carry it as `pos_embed` (official
+//! checkpoints, `moco export`) are checked against it.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::{Init, Linear, ModuleT, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Everything that shapes a Vision Transformer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VitConfig {
+    /// Input height and width (square images; a multiple of `patch_size`).
+    pub image_size: usize,
+    /// Side of the square patches.
+    pub patch_size: usize,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Token width (a multiple of 4 for the sine-cosine embedding, and of `num_heads`).
+    pub embed_dim: usize,
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Attention heads per block.
+    pub num_heads: usize,
+    /// Hidden width of the MLPs, as a multiple of `embed_dim`.
+    pub mlp_ratio: usize,
+    /// Freeze the patch projection at its random initialisation (MoCo v3's `--stop-grad-conv1`):
+    /// no gradient reaches it, so no optimizer changes it.
+    #[serde(default)]
+    pub stop_grad_patch_embed: bool,
+}
+
+/// The ViT architecture names: `vit_tiny` (192 wide, 3 heads), `vit_small` (384, 12 heads),
+/// `vit_base` (768, 12 heads); 12 blocks, 16x16 patches, 224x224 RGB input by default.
+pub const VIT_NAMES: [&str; 3] = ["vit_tiny", "vit_small", "vit_base"];
+
+/// LayerNorm epsilon of MoCo v3's ViTs.
+const LN_EPS: f64 = 1e-6;
+
+impl VitConfig {
+    /// A configuration from an architecture name: one of [`VIT_NAMES`], or `vit-{D}x{N}h{H}`
+    /// for a width-D, N-block, H-head ViT (MLP ratio 4; `vit-64x4h4` is a CPU-sized one).
+    pub fn from_arch(name: &str) -> crate::Result<Self> {
+        let (embed_dim, depth, num_heads) = match name {
+            "vit_tiny" => (192, 12, 3),
+            "vit_small" => (384, 12, 12),
+            "vit_base" => (768, 12, 12),
+            _ => Self::parse_custom(name)
+                .ok_or_else(|| crate::Error::UnknownArch(name.to_string()))?,
+        };
+        let c = Self {
+            image_size: 224,
+            patch_size: 16,
+            in_channels: 3,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio: 4,
+            stop_grad_patch_embed: false,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// `vit-{D}x{N}h{H}` -> (D, N, H).
+    fn parse_custom(name: &str) -> Option<(usize, usize, usize)> {
+        let rest = name.strip_prefix("vit-")?;
+        let (d, rest) = rest.split_once('x')?;
+        let (n, h) = rest.split_once('h')?;
+        Some((d.parse().ok()?, n.parse().ok()?, h.parse().ok()?))
+    }
+
+    /// The architecture name: `vit_small` and the like for the standard sizes, else
+    /// `vit-{D}x{N}h{H}` (with MLP ratio 4; `vit-{D}x{N}h{H}m{R}` otherwise).
+    pub fn arch(&self) -> String {
+        match (self.embed_dim, self.num_heads, self.depth, self.mlp_ratio) {
+            (192, 3, 12, 4) => "vit_tiny".into(),
+            (384, 12, 12, 4) => "vit_small".into(),
+            (768, 12, 12, 4) => "vit_base".into(),
+            (d, h, n, 4) => format!("vit-{d}x{n}h{h}"),
+            (d, h, n, r) => format!("vit-{d}x{n}h{h}m{r}"),
+        }
+    }
+
+    /// Dimension of the pooled features (the class token): `embed_dim`.
+    pub fn feature_dim(&self) -> usize {
+        self.embed_dim
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Checks the shape constraints; the error names the first setting that breaks one.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |key: &str, msg: String| Err(crate::Error::config(key, msg));
+        for (key, v) in [
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("in_channels", self.in_channels),
+            ("embed_dim", self.embed_dim),
+            ("depth", self.depth),
+            ("num_heads", self.num_heads),
+            ("mlp_ratio", self.mlp_ratio),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.image_size % self.patch_size != 0 {
+            return bad(
+                "patch_size",
+                format!(
+                    "{} does not divide the image size {}",
+                    self.patch_size, self.image_size
+                ),
+            );
+        }
+        if self.embed_dim % 4 != 0 {
+            return bad(
+                "embed_dim",
+                format!(
+                    "{} is not a multiple of 4 (the 2-D sine-cosine position embedding)",
+                    self.embed_dim
+                ),
+            );
+        }
+        if self.embed_dim % self.num_heads != 0 {
+            return bad(
+                "num_heads",
+                format!(
+                    "{} heads do not divide the width {}",
+                    self.num_heads, self.embed_dim
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// MoCo v3's fixed position embedding, 1 x (1 + grid^2) x dim: zeros for the class token, then
+/// for patch m (row-major) `[sin(a w), cos(a w), sin(b w), cos(b w)]` with `a = m / grid`,
+/// `b = m % grid` (the official code's `meshgrid` order) and `w_d = 10000^(-d / (dim / 4))`,
+/// computed in float32 as the official code does.
+pub fn sincos_position_embedding(grid: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let q = dim / 4;
+    let omega: Vec<f32> = (0..q)
+        .map(|d| 1.0 / 10000f32.powf(d as f32 / q as f32))
+        .collect();
+    let mut out = vec![0f32; (1 + grid * grid) * dim];
+    for m in 0..grid * grid {
+        let (a, b) = ((m / grid) as f32, (m % grid) as f32);
+        let row = &mut out[(1 + m) * dim..(2 + m) * dim];
+        for (d, &w) in omega.iter().enumerate() {
+            row[d] = (a * w).sin();
+            row[q + d] = (a * w).cos();
+            row[2 * q + d] = (b * w).sin();
+            row[3 * q + d] = (b * w).cos();
+        }
+    }
+    Tensor::from_vec(out, (1, 1 + grid * grid, dim), device)
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+        bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+    })
+}
+
+impl LayerNorm {
+    /// `torch.nn.LayerNorm` over the last dimension (biased variance), in differentiable ops
+    /// (candle-nn's fused layer norm has no backward).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + LN_EPS)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// A linear layer on the last dimension of a tensor of any rank (flattened to 2-D for one GEMM).
+fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let y = candle_nn::Module::forward(lin, &x.reshape(((), k))?)?;
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = y.dim(1)?;
+    y.reshape(out)
+}
+
+/// A linear layer with MoCo v3's initialisation: weight uniform in +-`bound`, bias zero.
+fn vit_linear(cin: usize, cout: usize, bound: f64, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_with_hints(
+        (cout, cin),
+        "weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let b = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Xavier-uniform bound for a `cin -> cout` layer.
+fn xavier(cin: usize, cout: usize) -> f64 {
+    (6.0 / (cin + cout) as f64).sqrt()
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl Block {
+    fn new(c: &VitConfig, vb: VarBuilder) -> Result<Self> {
+        let d = c.embed_dim;
+        let h = d * c.mlp_ratio;
+        Ok(Self {
+            norm1: layer_norm(d, vb.pp("norm1"))?,
+            // The official initialisation treats Q, K and V as three d x d layers.
+            qkv: vit_linear(d, 3 * d, xavier(d, d), vb.pp("attn.qkv"))?,
+            proj: vit_linear(d, d, xavier(d, d), vb.pp("attn.proj"))?,
+            norm2: layer_norm(d, vb.pp("norm2"))?,
+            fc1: vit_linear(d, h, xavier(d, h), vb.pp("mlp.fc1"))?,
+            fc2: vit_linear(h, d, xavier(h, d), vb.pp("mlp.fc2"))?,
+            heads: c.num_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        let hd = d / self.heads;
+        // Multi-head self-attention: softmax(q k^T / sqrt(hd)) v per head.
+        let qkv = linear(&self.qkv, &self.norm1.forward(x)?)?
+            .reshape((n, t, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let part = |i: usize| qkv.get(i)?.contiguous();
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (hd as f64).powf(-0.5))?;
+        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let heads = attn
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, t, d))?;
+        let x = (x + linear(&self.proj, &heads)?)?;
+        // MLP with the exact (erf) GELU.
+        let m = linear(&self.fc1, &self.norm2.forward(&x)?)?.gelu_erf()?;
+        x + linear(&self.fc2, &m)?
+    }
+}
+
+/// A Vision Transformer backbone (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct Vit {
+    config: VitConfig,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+}
+
+/// Builds a ViT with MoCo v3's initialisation (timm's `VisionTransformer` + `vits.py`): Q, K,
+/// V weights uniform in +-sqrt(6 / 2d), the other linear weights Xavier-uniform, biases zero,
+/// class token N(0, 1e-6^2), patch projection Xavier-uniform over (channels x patch^2, dim),
+/// LayerNorms 1 and 0.
+pub fn vit(config: VitConfig, vb: VarBuilder) -> Result<Vit> {
+    config
+        .validate()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let (d, p, c) = (config.embed_dim, config.patch_size, config.in_channels);
+    let bound = xavier(c * p * p, d);
+    let patch_weight = vb.get_with_hints(
+        (d, c, p, p),
+        "patch_embed.proj.weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let patch_bias = vb.get_with_hints(d, "patch_embed.proj.bias", Init::Const(0.0))?;
+    let cls_token = vb.get_with_hints(
+        (1, 1, d),
+        "cls_token",
+        Init::Randn {
+            mean: 0.0,
+            stdev: 1e-6,
+        },
+    )?;
+    let pos_embed = sincos_position_embedding(config.grid(), d, vb.device())?;
+    // Weights from the official code (or `moco export`) carry the fixed embedding as
+    // `pos_embed`: it must be this one (a learned embedding is not supported).
+    if vb.contains_tensor("pos_embed") {
+        let stored = vb.get((1, 1 + config.grid() * config.grid(), d), "pos_embed")?;
+        let diff = (stored.to_dtype(DType::F32)? - &pos_embed)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        if diff > 1e-5 {
+            candle_core::bail!(
+                "`pos_embed` is {diff:e} away from MoCo v3's fixed 2-D sine-cosine embedding; a learned position embedding is not supported"
+            )
+        }
+    }
+    let blocks = (0..config.depth)
+        .map(|i| Block::new(&config, vb.pp(format!("blocks.{i}"))))
+        .collect::<Result<Vec<_>>>()?;
+    let norm = layer_norm(d, vb.pp("norm"))?;
+    Ok(Vit {
+        config,
+        patch_weight,
+        patch_bias,
+        cls_token,
+        pos_embed,
+        blocks,
+        norm,
+    })
+}
+
+impl Vit {
+    /// The configuration.
+    pub fn config(&self) -> &VitConfig {
+        &self.config
+    }
+
+    /// The fixed position embedding this network adds (see [`sincos_position_embedding`]).
+    pub fn pos_embed(&self) -> &Tensor {
+        &self.pos_embed
+    }
+
+    /// The tokens after the final LayerNorm, N x (1 + patches) x dim (class token first).
+    pub fn tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, ch, h, w) = x.dims4()?;
+        if (ch, h, w) != (c.in_channels, c.image_size, c.image_size) {
+            candle_core::bail!(
+                "{} expects input (N, {}, {}, {}), got {:?}",
+                c.arch(),
+                c.in_channels,
+                c.image_size,
+                c.image_size,
+                x.dims()
+            )
+        }
+        let (p, g, d) = (c.patch_size, c.grid(), c.embed_dim);
+        // The patch projection (a p x p stride-p convolution) as one GEMM over the patches.
+        let patches = x
+            .to_dtype(DType::F32)?
+            .reshape((n, ch, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((n * g * g, ch * p * p))?;
+        let (wt, b) = if c.stop_grad_patch_embed {
+            (self.patch_weight.detach(), self.patch_bias.detach())
+        } else {
+            (self.patch_weight.clone(), self.patch_bias.clone())
+        };
+        let tokens = patches
+            .matmul(&wt.reshape((d, ch * p * p))?.t()?)?
+            .broadcast_add(&b)?
+            .reshape((n, g * g, d))?;
+        let cls = self.cls_token.broadcast_as((n, 1, d))?;
+        let mut x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The class token after the final LayerNorm, N x dim.
+    pub fn features(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        self.tokens(x)?.narrow(1, 0, 1)?.squeeze(1)
+    }
+}
+
+impl ModuleT for Vit {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.features(x, train)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use candle_nn::VarMap;
+
+    fn tiny() -> VitConfig {
+        VitConfig {
+            image_size: 8,
+            patch_size: 4,
+            in_channels: 2,
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 4,
+            mlp_ratio: 2,
+            stop_grad_patch_embed: false,
+        }
+    }
+
+    #[test]
+    fn names_parse_and_print_back_and_bad_shapes_are_named() {
+        for name in VIT_NAMES.into_iter().chain(["vit-64x4h4", "vit-32x2h1"]) {
+            let c = VitConfig::from_arch(name).unwrap();
+            assert_eq!(c.arch(), name);
+        }
+        assert_eq!(VitConfig::from_arch("vit-64x4h4").unwrap().num_heads, 4);
+        for bad in ["vit-64x4", "vit-64x4h", "vit_huge", "vit-axbhc"] {
+            let e = VitConfig::from_arch(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("vit-DxNhH"), "{e}");
+        }
+        // Parsed, but no sine-cosine embedding for a width that 4 does not divide.
+        let e = VitConfig::from_arch("vit-30x2h3").unwrap_err().to_string();
+        assert!(e.contains("embed_dim"), "{e}");
+        let bad = VitConfig {
+            patch_size: 3,
+            ..tiny()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("patch_size"));
+        let bad = VitConfig {
+            embed_dim: 18,
+            num_heads: 3,
+            ..tiny()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("embed_dim"));
+        let bad = VitConfig {
+            num_heads: 3,
+            ..tiny()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("num_heads"));
+    }
+
+    #[test]
+    fn initialisation_follows_moco_v3() {
+        let c = VitConfig {
+            embed_dim: 64,
+            mlp_ratio: 4,
+            ..tiny()
+        };
+        let vars = VarMap::new();
+        vit(c, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
+        let data = vars.data().lock().unwrap();
+        let max_abs = |k: &str| -> f32 {
+            data[k]
+                .as_tensor()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        // Uniform in +-bound: the largest of thousands of draws is within 2% of the bound.
+        let near = |k: &str, bound: f64| {
+            let m = f64::from(max_abs(k));
+            assert!(m <= bound && m > 0.98 * bound, "{k}: {m} vs {bound}");
+        };
+        near("blocks.0.attn.qkv.weight", (6.0f64 / 128.0).sqrt());
+        near("blocks.1.attn.proj.weight", (6.0f64 / 128.0).sqrt());
+        near("blocks.0.mlp.fc1.weight", (6.0f64 / 320.0).sqrt());
+        near("patch_embed.proj.weight", (6.0f64 / (32.0 + 64.0)).sqrt());
+        for k in [
+            "blocks.0.attn.qkv.bias",
+            "blocks.1.mlp.fc2.bias",
+            "norm.bias",
+        ] {
+            assert_eq!(max_abs(k), 0.0, "{k}");
+        }
+        assert!(max_abs("cls_token") < 1e-5 && max_abs("cls_token") > 0.0);
+        let ln: Vec<f32> = data["blocks.1.norm2.weight"].as_tensor().to_vec1().unwrap();
+        assert!(ln.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn position_embedding_layout() {
+        let pe = sincos_position_embedding(3, 8, &Device::Cpu).unwrap();
+        assert_eq!(pe.dims(), [1, 10, 8]);
+        let pe: Vec<Vec<f32>> = pe.squeeze(0).unwrap().to_vec2().unwrap();
+        assert!(pe[0].iter().all(|&v| v == 0.0), "class token");
+        // Patch 5 (row 1, column 2): a = 1, b = 2; omega = [1, 0.01].
+        let want = [
+            1f32.sin(),
+            0.01f32.sin(),
+            1f32.cos(),
+            0.01f32.cos(),
+            2f32.sin(),
+            0.02f32.sin(),
+            2f32.cos(),
+            0.02f32.cos(),
+        ];
+        for (a, b) in pe[6].iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{:?}", pe[6]);
+        }
+    }
+
+    #[test]
+    fn stop_grad_leaves_the_patch_projection_without_gradient() {
+        for stop in [false, true] {
+            let vars = VarMap::new();
+            let c = VitConfig {
+                stop_grad_patch_embed: stop,
+                ..tiny()
+            };
+            let net = vit(c, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
+            let x = Tensor::randn(0f32, 1., (3, 2, 8, 8), &Device::Cpu).unwrap();
+            let y = net.forward_t(&x, true).unwrap();
+            assert_eq!(y.dims(), [3, 16]);
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let data = vars.data().lock().unwrap();
+            let has = |k: &str| grads.get(data[k].as_tensor()).is_some();
+            assert_eq!(has("patch_embed.proj.weight"), !stop);
+            assert_eq!(has("patch_embed.proj.bias"), !stop);
+            assert!(has("blocks.0.attn.qkv.weight") && has("cls_token"));
+        }
+    }
+}

@@ -1,0 +1,106 @@
+"""Golden values for moco-models' Vision Transformer, computed with torch + timm 0.4.12 (the timm
+MoCo v3's `vits.py` builds on; no moco code imported).
+
+Run from the repository root:
+    pip install torch safetensors timm==0.4.12 && python3 tests/reference/vit_golden.py
+Writes tests/reference/vit_golden.safetensors; moco-models/tests/vit.rs compares.
+
+The network is MoCo v3's ViT (`VisionTransformerMoCo`): timm's `VisionTransformer` (qkv bias,
+LayerNorm eps 1e-6, exact GELU) whose position embedding is replaced by the fixed 2-D sine-cosine
+one (written below from the paper's definition and the official code's index order), with MoCo
+v3's ViT projector as `head` (`_build_mlp(3, dim, mlp_dim, out)`: Linear without bias, BN1d,
+ReLU, Linear, BN1d, ReLU, Linear, BN1d without affine). Small sizes: 16x16x3 input, 4x4
+patches, width 32, 2 blocks, 4 heads, MLP ratio 4, projector 32-48-48-16, batch 4.
+
+Stored: every parameter and buffer (`w.<name>`, random, so the class token and position
+embedding matter), the input `x`, the features (class token after the final norm) in eval mode,
+the head's output in train mode and in eval mode, and in train mode the gradients of
+sum(out * r) wrt the input, the patch projection, the class token, the first block's qkv weight
+and the last block's fc2 weight.
+"""
+import os
+
+import torch
+import torch.nn as nn
+from functools import partial
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+torch.manual_seed(0)
+torch.set_default_dtype(torch.float64)  # the reference is computed in float64, stored as float32
+
+
+def sincos(grid, dim):
+    """[0 (class token)], then per patch m: sin/cos of a*omega, sin/cos of b*omega, where (a, b)
+    follow torch.meshgrid(arange(w), arange(h)) flattened (a = m // grid, b = m % grid)."""
+    a, b = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                          torch.arange(grid, dtype=torch.float32), indexing="ij")
+    q = dim // 4
+    omega = 1.0 / (10000.0 ** (torch.arange(q, dtype=torch.float32) / q))
+    oa = a.flatten()[:, None] * omega[None, :]
+    ob = b.flatten()[:, None] * omega[None, :]
+    pe = torch.cat([oa.sin(), oa.cos(), ob.sin(), ob.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), pe.double()], dim=0)[None]
+
+
+def mlp(num_layers, i, h, o, last_bn=True):
+    layers = []
+    for l in range(num_layers):
+        d1 = i if l == 0 else h
+        d2 = o if l == num_layers - 1 else h
+        layers.append(nn.Linear(d1, d2, bias=False))
+        if l < num_layers - 1:
+            layers += [nn.BatchNorm1d(d2), nn.ReLU()]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d2, affine=False))
+    return nn.Sequential(*layers)
+
+
+DIM, GRID = 32, 4
+m = VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=48, embed_dim=DIM,
+                      depth=2, num_heads=4, mlp_ratio=4, qkv_bias=True,
+                      norm_layer=partial(nn.LayerNorm, eps=1e-6))
+m.pos_embed = nn.Parameter(sincos(GRID, DIM), requires_grad=False)
+m.head = mlp(3, DIM, 48, 16)
+with torch.no_grad():
+    for name, t in m.state_dict().items():
+        if name == "pos_embed" or "num_batches_tracked" in name:
+            continue
+        if name.endswith("running_var"):
+            t.copy_(0.5 + torch.rand_like(t))
+        elif t.dim() >= 2:
+            fan_in = t[0].numel()
+            t.copy_((torch.rand_like(t) * 2 - 1) * (3.0 / fan_in) ** 0.5)
+        elif name.endswith("weight"):
+            t.copy_(1.0 + 0.2 * torch.randn_like(t))
+        else:
+            t.copy_(0.1 * torch.randn_like(t))
+    m.cls_token.copy_(0.5 * torch.randn_like(m.cls_token))
+    for t in m.state_dict().values():  # float32 values, so both sides start from the same numbers
+        t.copy_(t.float().double())
+
+out = {f"w.{k}": v.float().contiguous() for k, v in m.state_dict().items()
+       if "num_batches_tracked" not in k}
+x = torch.randn(4, 3, 16, 16).float().double()
+out["x"] = x.float()
+
+m.eval()
+with torch.no_grad():
+    out["features_eval"] = m.forward_features(x).float()
+    out["out_eval"] = m(x).float()
+
+m.train()
+xg = x.clone().requires_grad_(True)
+y = m(xg)
+r = torch.randn_like(y)
+out["out_train"] = y.detach().float()
+out["r"] = r.float()
+(y * r).sum().backward()
+out["grad.x"] = xg.grad.float()
+for name in ["patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight",
+             "blocks.1.mlp.fc2.weight", "head.0.weight"]:
+    out[f"grad.{name}"] = dict(m.named_parameters())[name].grad.float()
+
+path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vit_golden.safetensors")
+save_file(out, path)
+print(f"wrote {path}: {len(out)} tensors")
