@@ -193,6 +193,87 @@ fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
 }
 
 #[test]
+fn a_vit_trains_with_adamw_and_a_frozen_patch_projection_resumes_exactly_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    // MoCo v3's ViT recipe on 28x28 crops cut into 7x7 patches (16 tokens + the class token).
+    let vit = [
+        "--preset",
+        "v3-vit",
+        "--arch",
+        "vit-32x2h2",
+        "--patch-size",
+        "7",
+        "--moco-mlp-dim",
+        "32",
+        "--moco-dim",
+        "16",
+        "--warmup-epochs",
+        "0.5",
+    ];
+    pretrain(&a, &[&vit[..], &["--max-steps", "4"]].concat());
+    pretrain(&b, &[&vit[..], &["--max-steps", "2"]].concat());
+    pretrain(&b, &["--resume", "--max-steps", "4"]);
+    let (ta, tb) = (
+        file_tensors(&a.join("checkpoint-last.safetensors")),
+        file_tensors(&b.join("checkpoint-last.safetensors")),
+    );
+    let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
+    for name in [
+        "encoder_q.blocks.1.attn.qkv.weight",
+        // MoCo_ViT: a 3-layer projector under `head`, a predictor ending in a BatchNorm.
+        "encoder_q.head.7.running_var",
+        "encoder_q.predictor.4.running_var",
+        // AdamW's state, torch's names.
+        "optimizer.exp_avg.blocks.0.attn.qkv.weight",
+        "optimizer.exp_avg_sq.head.0.weight",
+        "optimizer.step.predictor.0.weight",
+    ] {
+        assert!(names.contains(&name), "no {name} in {names:?}");
+    }
+    // The frozen patch projection gets no gradient, so AdamW holds no state for it.
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("optimizer.") && n.contains("patch_embed")));
+    assert_eq!(ta.len(), tb.len());
+    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!(ka, kb);
+        assert!(va == vb, "`{ka}` differs after the resume");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["moco"]["optimizer"], "adamw");
+    assert_eq!(config["stop_grad_conv1"], true);
+
+    // Export: timm names with the fixed position embedding; the folder loads back.
+    let out = dir.path().join("export");
+    let o = moco()
+        .args([
+            "export",
+            "--run",
+            a.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let model = moco_core::io::load(&out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(model.tensors.contains_key("pos_embed"));
+    assert!(model.tensors.keys().all(|k| !k.starts_with("head.")));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("VisionTransformer(img_size=28, patch_size=7"),
+        "{card}"
+    );
+    let o = moco()
+        .args(["knn", "--weights", out.to_str().unwrap(), "--workers", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
 fn bad_settings_fail_before_any_training() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r");
@@ -213,6 +294,13 @@ fn bad_settings_fail_before_any_training() {
     assert!(e.contains("warmup_epochs"), "{e}");
     let e = run(&["--preset", "v3", "--symmetric"]);
     assert!(e.contains("--symmetric"), "{e}");
+    // A patch that does not divide the 28x28 crops; ViT flags on a ResNet.
+    let e = run(&["--arch", "vit_tiny"]);
+    assert!(e.contains("patch_size") && e.contains("28"), "{e}");
+    let e = run(&["--patch-size", "4"]);
+    assert!(e.contains("--patch-size"), "{e}");
+    let e = run(&["--optimizer", "adam"]);
+    assert!(e.contains("adamw"), "{e}");
     assert!(run(&["--optimizer", "adam"]).contains("--optimizer adam"));
     assert!(run(&["--arch", "resnet19"]).contains("resnet19"));
     let e = run(&["--queue-size", "32", "--batch-size", "64"]);

@@ -92,13 +92,10 @@ pub struct StepOptions {
 /// code path of `moco pretrain`.
 pub fn step(o: StepOptions) -> Result<()> {
     use candle_core::Tensor;
-    let resnet = moco_models::ResNetConfig {
-        width: o.width,
-        in_channels: o.channels,
-        ..moco_models::ResNetConfig::from_arch(&o.arch)?
-    };
+    let backbone =
+        moco_models::BackboneConfig::for_input(&o.arch, o.width, o.channels, o.image_size, None)?;
     let spec = moco_models::EncoderSpec {
-        resnet,
+        backbone,
         head: if o.mlp {
             moco_models::HeadKind::Mlp { dim: 128 }
         } else {
@@ -204,11 +201,13 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
         Ok(Some(comm))
     };
     let spec = moco_models::EncoderSpec {
-        resnet: moco_models::ResNetConfig {
-            width: o.width,
-            in_channels: o.channels,
-            ..moco_models::ResNetConfig::from_arch(&o.arch)?
-        },
+        backbone: moco_models::BackboneConfig::for_input(
+            &o.arch,
+            o.width,
+            o.channels,
+            o.image_size,
+            None,
+        )?,
         head: moco_models::HeadKind::Mlp { dim: 128 },
     };
     let config = moco_core::MocoConfig {

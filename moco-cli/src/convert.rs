@@ -18,7 +18,7 @@ pub fn run(input: &Path, out: &Path) -> Result<()> {
         anyhow::bail!(
             "{}: tensor `encoder_q.{first}` is not part of {} ({} unused)",
             input.display(),
-            ckpt.spec.resnet.arch(),
+            ckpt.spec.backbone.arch(),
             unused.len()
         );
     }

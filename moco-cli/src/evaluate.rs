@@ -28,7 +28,7 @@ pub struct Common<'a> {
 }
 
 fn check_channels(enc: &Encoder, d: &Data, dataset: &str) -> Result<()> {
-    let (m, c) = (enc.spec().resnet.in_channels, d.channels());
+    let (m, c) = (enc.spec().backbone.in_channels(), d.channels());
     if m != c {
         bail!("--dataset {dataset} has {c}-channel images but the model takes {m} channel(s)");
     }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
+use moco_models::BackboneConfig;
+
 use crate::weights::Weights;
 
 /// The last kNN result and the run configuration, when exporting a run.
@@ -29,12 +31,23 @@ pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
     let w = Weights::read(source)?;
     // Check that the tensors build the encoder before writing anything.
     w.frozen(&candle_core::Device::Cpu)?;
-    let backbone: BTreeMap<String, Tensor> = w
+    let head = format!("{}.", w.spec.backbone.head_prefix());
+    let mut backbone: BTreeMap<String, Tensor> = w
         .tensors
         .iter()
-        .filter(|(k, _)| !k.starts_with("fc."))
+        .filter(|(k, _)| !k.starts_with(&head))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    if let BackboneConfig::Vit(v) = w.spec.backbone {
+        // timm's model holds the (fixed) position embedding as a tensor: ship it, so that
+        // `load_state_dict` finds every backbone tensor.
+        let pe = moco_models::vit::sincos_position_embedding(
+            v.grid(),
+            v.embed_dim,
+            &candle_core::Device::Cpu,
+        )?;
+        backbone.insert("pos_embed".into(), pe);
+    }
     if backbone.is_empty() {
         bail!("{}: no backbone tensors", w.source.display());
     }
@@ -55,7 +68,6 @@ pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
     } else {
         (None, None)
     };
-    let r = spec.resnet;
     let dataset = run_config
         .as_ref()
         .and_then(|c| c["dataset"].as_str())
@@ -69,19 +81,39 @@ pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
         "stl10" => "tanganke/stl10",
         _ => "",
     };
-    let config = serde_json::json!({
+    let arch = spec.backbone.arch();
+    let fd = spec.backbone.feature_dim();
+    let cin = spec.backbone.in_channels();
+    let mut config = serde_json::json!({
         "library_name": "moco-rs",
-        "architecture": r.arch(),
-        "width": r.width,
-        "in_channels": r.in_channels,
-        "feature_dim": r.feature_dim(),
-        "model_type": "resnet",
-        "weights": "model.safetensors (backbone only, torchvision state_dict names)",
+        "architecture": arch,
+        "in_channels": cin,
+        "feature_dim": fd,
         "moco": run_config.as_ref().map(|c| c["moco"].clone()),
         "training_data": dataset,
         "metrics": knn,
         "source": w.source.display().to_string(),
     });
+    let shape = match spec.backbone {
+        BackboneConfig::ResNet(r) => serde_json::json!({
+            "model_type": "resnet",
+            "width": r.width,
+            "weights": "model.safetensors (backbone only, torchvision state_dict names)",
+        }),
+        BackboneConfig::Vit(v) => serde_json::json!({
+            "model_type": "vit",
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "embed_dim": v.embed_dim,
+            "depth": v.depth,
+            "num_heads": v.num_heads,
+            "mlp_ratio": v.mlp_ratio,
+            "weights": "model.safetensors (backbone only, timm VisionTransformer state_dict names)",
+        }),
+    };
+    if let (Some(c), Some(extra)) = (config.as_object_mut(), shape.as_object()) {
+        c.extend(extra.clone());
+    }
     moco_core::io::write_atomic(
         &out.join("config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -98,22 +130,47 @@ pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
         .unwrap_or_default();
     let metrics_yaml = knn.as_ref().and_then(|k| k["knn_top1"].as_f64()).map(|t| format!(
         "model-index:\n- name: moco-{arch}\n  results:\n  - task:\n      type: image-classification\n    dataset:\n      name: {dataset}\n      type: {hfd}\n    metrics:\n    - type: accuracy\n      name: kNN top-1\n      value: {t:.2}\n",
-        arch = r.arch(), hfd = hf_dataset
+        hfd = hf_dataset
     )).unwrap_or_default();
     let datasets_yaml = if hf_dataset.is_empty() {
         String::new()
     } else {
         format!("datasets:\n- {hf_dataset}\n")
     };
-    let pytorch_build = if r.small {
-        format!(
-            "m = torchvision.models.resnet.ResNet(torchvision.models.resnet.{block}, {layers})\n# the small-image stem: 3x3 stride-1 conv1, no max-pool; width {w}, {c} input channel(s)\n",
-            block = if r.feature_dim() == 8 * r.width { "BasicBlock" } else { "Bottleneck" },
-            layers = match r.depth { moco_models::Depth::R18 => "[2, 2, 2, 2]", moco_models::Depth::R34 | moco_models::Depth::R50 => "[3, 4, 6, 3]", moco_models::Depth::R101 => "[3, 4, 23, 3]", moco_models::Depth::R152 => "[3, 8, 36, 3]" },
-            w = r.width, c = r.in_channels
-        )
-    } else {
-        format!("m = torchvision.models.{}()\n", r.arch())
+    let (tag, desc, names, pytorch) = match spec.backbone {
+        BackboneConfig::ResNet(r) => {
+            let build = if r.small {
+                format!(
+                    "m = torchvision.models.resnet.ResNet(torchvision.models.resnet.{block}, {layers})\n# the small-image stem: 3x3 stride-1 conv1, no max-pool; width {w}, {c} input channel(s)\n",
+                    block = if r.feature_dim() == 8 * r.width { "BasicBlock" } else { "Bottleneck" },
+                    layers = match r.depth { moco_models::Depth::R18 => "[2, 2, 2, 2]", moco_models::Depth::R34 | moco_models::Depth::R50 => "[3, 4, 6, 3]", moco_models::Depth::R101 => "[3, 4, 23, 3]", moco_models::Depth::R152 => "[3, 8, 36, 3]" },
+                    w = r.width, c = r.in_channels
+                )
+            } else {
+                format!("m = torchvision.models.{}()\n", r.arch())
+            };
+            (
+                "resnet",
+                format!("width {}, {cin} input channel(s), {fd}-d pooled features", r.width),
+                "torchvision's state_dict names\n(`conv1.weight`, `layer1.0.bn1.running_mean`, ...)",
+                format!(
+                    "import torch, torchvision\nfrom safetensors.torch import load_file\n{build}missing, unexpected = m.load_state_dict(load_file(\"model.safetensors\"), strict=False)\nassert not unexpected and set(missing) <= {{\"fc.weight\", \"fc.bias\"}}\nm.fc = torch.nn.Identity()\n"
+                ),
+            )
+        }
+        BackboneConfig::Vit(v) => (
+            "vision-transformer",
+            format!(
+                "{s}x{s} input in {p}x{p} patches, {cin} input channel(s), {fd}-d class-token features",
+                s = v.image_size,
+                p = v.patch_size
+            ),
+            "timm's `VisionTransformer` state_dict names\n(`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ...; `pos_embed` is MoCo v3's fixed 2-D\nsine-cosine embedding)",
+            format!(
+                "import torch\nfrom functools import partial\nfrom safetensors.torch import load_file\nfrom timm.models.vision_transformer import VisionTransformer\nm = VisionTransformer(img_size={s}, patch_size={p}, in_chans={cin}, embed_dim={d}, depth={n}, num_heads={h},\n                      mlp_ratio={r}, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0)\nm.load_state_dict(load_file(\"model.safetensors\"))  # features: m(x), the class token\n",
+                s = v.image_size, p = v.patch_size, d = v.embed_dim, n = v.depth, h = v.num_heads, r = v.mlp_ratio
+            ),
+        ),
     };
     let card = format!(
         r#"---
@@ -123,7 +180,7 @@ tags:
 - self-supervised-learning
 - moco
 - image-feature-extraction
-- resnet
+- {tag}
 - candle
 {datasets_yaml}metrics:
 - accuracy
@@ -131,12 +188,11 @@ tags:
 
 # MoCo {arch} (moco-rs)
 
-A {arch} backbone (width {width}, {cin} input channel(s), {fd}-d pooled features) pretrained
+A {arch} backbone ({desc}) pretrained
 with Momentum Contrast by [moco-rs](https://github.com/moco-rs/moco-rs) on {dataset}.
 
 {knn_line}
-`model.safetensors` holds the backbone only, with torchvision's state_dict names
-(`conv1.weight`, `layer1.0.bn1.running_mean`, ...); `config.json` records the architecture and the
+`model.safetensors` holds the backbone only, with {names}; `config.json` records the architecture and the
 MoCo settings.
 
 ## Use in Rust (moco-rs)
@@ -154,22 +210,13 @@ let features = moco_models::Backbone::features(&encoder, &images, false)?; // N 
 ## Use in PyTorch
 
 ```python
-import torch, torchvision
-from safetensors.torch import load_file
-{pytorch_build}missing, unexpected = m.load_state_dict(load_file("model.safetensors"), strict=False)
-assert not unexpected and set(missing) <= {{"fc.weight", "fc.bias"}}
-m.fc = torch.nn.Identity()
-```
-"#,
-        arch = r.arch(),
-        width = r.width,
-        cin = r.in_channels,
-        fd = r.feature_dim(),
+{pytorch}```
+"#
     );
     moco_core::io::write_atomic(&out.join("README.md"), card.as_bytes())?;
     println!(
         "exported {} ({} backbone tensors) to {}",
-        r.arch(),
+        arch,
         backbone.len(),
         out.display()
     );

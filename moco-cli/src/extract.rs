@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use moco_data::{image_files, EvalTransform, Image};
-use moco_models::Backbone;
+use moco_models::{Backbone, BackboneConfig};
 use rayon::prelude::*;
 
 /// Options of `moco extract`.
@@ -28,22 +28,42 @@ pub fn run(o: Options) -> Result<()> {
     // hf://); the architecture comes from the metadata or the tensors.
     let w = crate::weights::Weights::read(o.weights)?;
     if let Some(arch) = o.arch {
-        let want = moco_models::ResNetConfig::from_arch(arch).context("--arch")?;
-        if (want.depth, want.small) != (w.spec.resnet.depth, w.spec.resnet.small) {
+        let want = moco_models::BackboneConfig::from_arch(arch).context("--arch")?;
+        let same = match (want, w.spec.backbone) {
+            (BackboneConfig::ResNet(a), BackboneConfig::ResNet(b)) => {
+                (a.depth, a.small) == (b.depth, b.small)
+            }
+            (BackboneConfig::Vit(a), BackboneConfig::Vit(b)) => {
+                (a.embed_dim, a.depth, a.num_heads) == (b.embed_dim, b.depth, b.num_heads)
+            }
+            _ => false,
+        };
+        if !same {
             bail!(
                 "--arch {arch}, but {} holds a {}",
                 w.source.display(),
-                w.spec.resnet.arch()
+                w.spec.backbone.arch()
             );
         }
     }
     let spec = w.spec;
-    if spec.resnet.in_channels != 3 {
+    if spec.backbone.in_channels() != 3 {
         bail!(
             "{}: the model takes {} input channel(s); `moco extract` feeds RGB images",
             w.source.display(),
-            spec.resnet.in_channels
+            spec.backbone.in_channels()
         );
+    }
+    if let BackboneConfig::Vit(v) = spec.backbone {
+        if v.image_size != o.image_size {
+            bail!(
+                "--image-size {}: {} takes {}x{} images",
+                o.image_size,
+                w.source.display(),
+                v.image_size,
+                v.image_size
+            );
+        }
     }
     let enc = w.frozen(&o.device)?;
     let files = image_files(o.input).context("--input")?;
@@ -81,7 +101,7 @@ pub fn run(o: Options) -> Result<()> {
     }
     let mut meta = HashMap::new();
     meta.insert("files".to_string(), names.join(","));
-    meta.insert("arch".to_string(), spec.resnet.arch());
+    meta.insert("arch".to_string(), spec.backbone.arch());
     meta.insert("image_size".to_string(), o.image_size.to_string());
     let mut out = BTreeMap::new();
     out.insert("features".to_string(), features.clone());

@@ -49,7 +49,7 @@ struct Cli {
 enum Command {
     /// Print a preset's fully resolved configuration as JSON (a starting point for a config file).
     Config {
-        /// The preset: v1, v2, cifar or v3.
+        /// The preset: v1, v2, cifar, v3 or v3-vit.
         #[arg(long, default_value = "v2")]
         preset: String,
     },
@@ -218,7 +218,8 @@ struct PretrainArgs {
     /// A TOML file with a RunConfig (see `moco config`); flags and --preset override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Preset: v1, v2, cifar or v3 (overrides the config file).
+    /// Preset: v1, v2, cifar, v3 (ResNet) or v3-vit (ViT: AdamW, T 0.2, frozen patch
+    /// projection; with --arch vit_small, vit_base or vit_tiny). Overrides the config file.
     #[arg(long)]
     preset: Option<String>,
     /// fashion-mnist, mnist, cifar10, cifar100, stl10, folder or default (embedded).
@@ -227,9 +228,18 @@ struct PretrainArgs {
     /// The dataset's folder.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// resnet18, resnet34, resnet50, resnet101, resnet152, resnet18-small, resnet34-small, resnet50-small.
+    /// resnet18, resnet34, resnet50, resnet101, resnet152, resnet18-small, resnet34-small,
+    /// resnet50-small, vit_tiny, vit_small, vit_base (a ViT takes the crop size, --image-size,
+    /// as its input size).
     #[arg(long)]
     arch: Option<String>,
+    /// ViT patch size (default 16; it must divide the crop size: 4 or 7 for 28x28 images).
+    #[arg(long)]
+    patch_size: Option<usize>,
+    /// Freeze the ViT's patch projection at its random initialisation (MoCo v3; on with
+    /// --preset v3-vit).
+    #[arg(long)]
+    stop_grad_conv1: bool,
     /// Width of the first stage (64 = torchvision; 16 gives the CPU-sized 16-32-64-128 net).
     #[arg(long)]
     width: Option<usize>,
@@ -270,7 +280,8 @@ struct PretrainArgs {
     /// Linear learning-rate warm-up, in epochs.
     #[arg(long)]
     warmup_epochs: Option<f64>,
-    /// sgd or lars (MoCo v3's LARS, trust coefficient 0.001).
+    /// sgd, lars (MoCo v3's LARS, trust coefficient 0.001) or adamw (MoCo v3's ViT optimizer,
+    /// torch's AdamW with betas 0.9, 0.999).
     #[arg(long)]
     optimizer: Option<String>,
     /// BatchNorm splits (shuffle-BN on one device).
@@ -518,6 +529,8 @@ fn main() -> Result<()> {
                 max_steps: a.max_steps,
                 checkpoint_every: a.checkpoint_every,
                 log_every: a.log_every,
+                patch_size: a.patch_size,
+                stop_grad_conv1: a.stop_grad_conv1,
             };
             let device = device::parse(&a.dist.device(&a.device))?;
             if a.resume && a.out.is_none() {

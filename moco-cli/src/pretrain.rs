@@ -21,7 +21,7 @@ use moco_data::datasets::{Dataset, Split};
 use moco_data::loader::{Loader, LoaderConfig, Views};
 use moco_eval::features;
 use moco_eval::knn::{self, KnnConfig};
-use moco_models::{Encoder, EncoderSpec, HeadKind, ResNetConfig};
+use moco_models::{BackboneConfig, Encoder, EncoderSpec, HeadKind, ResNetConfig, VitConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data;
@@ -35,8 +35,12 @@ pub struct RunConfig {
     pub moco: MocoConfig,
     /// Architecture (`resnet18-small`, `resnet50`, ...).
     pub arch: String,
-    /// Width of the first stage.
+    /// Width of the first stage (ResNets).
     pub width: usize,
+    /// Patch size (ViTs; default: the architecture's, 16).
+    pub patch_size: Option<usize>,
+    /// Freeze the ViT's patch projection at its initialisation (MoCo v3's `--stop-grad-conv1`).
+    pub stop_grad_conv1: bool,
     /// Dataset name.
     pub dataset: String,
     /// Dataset folder.
@@ -79,6 +83,8 @@ impl Default for RunConfig {
             },
             arch: "resnet18-small".into(),
             width: 8,
+            patch_size: None,
+            stop_grad_conv1: false,
             dataset: "default".into(),
             data_dir: None,
             image_size: None,
@@ -95,13 +101,20 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    /// The encoder this run trains, for a dataset with `channels` channels.
-    pub fn spec(&self, channels: usize) -> Result<EncoderSpec> {
-        let resnet = ResNetConfig {
-            width: self.width,
-            in_channels: channels,
-            bn_splits: self.moco.bn_splits,
-            ..ResNetConfig::from_arch(&self.arch).context("--arch")?
+    /// The encoder this run trains, for `channels`-channel crops of `crop` x `crop` pixels.
+    pub fn spec(&self, channels: usize, crop: usize) -> Result<EncoderSpec> {
+        let backbone =
+            BackboneConfig::for_input(&self.arch, self.width, channels, crop, self.patch_size)
+                .context("--arch / --patch-size / --image-size")?;
+        let backbone = match backbone {
+            BackboneConfig::ResNet(r) => BackboneConfig::ResNet(ResNetConfig {
+                bn_splits: self.moco.bn_splits,
+                ..r
+            }),
+            BackboneConfig::Vit(v) => BackboneConfig::Vit(VitConfig {
+                stop_grad_patch_embed: self.stop_grad_conv1,
+                ..v
+            }),
         };
         let head = if let Some(hidden) = self.moco.mlp_dim {
             HeadKind::V3 {
@@ -113,7 +126,7 @@ impl RunConfig {
         } else {
             HeadKind::Linear { dim: self.moco.dim }
         };
-        Ok(EncoderSpec { resnet, head })
+        Ok(EncoderSpec { backbone, head })
     }
 }
 
@@ -218,6 +231,8 @@ pub struct Overrides {
     pub max_steps: Option<u64>,
     pub checkpoint_every: Option<usize>,
     pub log_every: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub stop_grad_conv1: bool,
 }
 
 /// Defaults, then the config file, then the preset, then the flags.
@@ -275,9 +290,19 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
     set!(m.lr_schedule.warmup_epochs, o.warmup_epochs);
     match o.optimizer.as_deref() {
         None => {}
-        Some("sgd") => m.lars = None,
-        Some("lars") => m.lars = Some(m.lars.unwrap_or(0.001)),
-        Some(other) => bail!("--optimizer {other}: expected `sgd` or `lars`"),
+        Some("sgd") => {
+            m.optimizer = moco_core::OptimizerKind::Sgd;
+            m.lars = None;
+        }
+        Some("lars") => {
+            m.optimizer = moco_core::OptimizerKind::Sgd;
+            m.lars = Some(m.lars.unwrap_or(0.001));
+        }
+        Some("adamw") => {
+            m.optimizer = moco_core::OptimizerKind::AdamW;
+            m.lars = None;
+        }
+        Some(other) => bail!("--optimizer {other}: expected `sgd`, `lars` or `adamw`"),
     }
     if o.dataset.is_some() && o.data_dir.is_none() && o.dataset.as_deref() != Some("default") {
         c.data_dir = None;
@@ -302,7 +327,24 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
         c.max_steps = o.max_steps;
     }
     c.moco.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    ResNetConfig::from_arch(&c.arch).context("--arch")?;
+    BackboneConfig::from_arch(&c.arch).context("--arch")?;
+    if o.patch_size.is_some() {
+        c.patch_size = o.patch_size;
+    }
+    if o.stop_grad_conv1 {
+        c.stop_grad_conv1 = true;
+    }
+    let is_vit = c.arch.starts_with("vit");
+    if is_vit && o.preset.as_deref() == Some("v3-vit") {
+        // MoCo v3's ViT recipe freezes the patch projection (`--stop-grad-conv1`).
+        c.stop_grad_conv1 = true;
+    }
+    if !is_vit && (c.patch_size.is_some() || c.stop_grad_conv1) {
+        bail!(
+            "--patch-size and --stop-grad-conv1 apply to ViTs (vit_tiny, vit_small, vit_base), not {}",
+            c.arch
+        );
+    }
     if c.width == 0 || c.log_every == 0 {
         bail!("--width and the logging interval must be positive");
     }
@@ -453,7 +495,7 @@ pub fn run(
         None
     });
     let crop = size.unwrap_or(native);
-    let spec = c.spec(train.channels())?;
+    let spec = c.spec(train.channels(), crop)?;
     let pretrain_set: Arc<dyn Dataset> = match c.subset {
         Some(n) => Arc::new(moco_data::datasets::Subset::random(
             train.clone(),
@@ -489,10 +531,12 @@ pub fn run(
 
     let mut moco = Moco::new(c.moco.clone(), device, |vb| moco_models::encoder(spec, vb))?;
     if let Some(hidden) = c.moco.mlp_dim {
-        // MoCo v3: a predictor after the query encoder, trained with it, never averaged.
+        // MoCo v3: a predictor after the query encoder, trained with it, never averaged. Its
+        // last layer has a BatchNorm on a ViT (`MoCo_ViT`), none on a ResNet (`MoCo_ResNet`).
         let dim = c.moco.dim;
+        let last_bn = matches!(spec.backbone, BackboneConfig::Vit(_));
         moco =
-            moco.with_predictor(|vb| moco_models::head::v3_mlp(2, dim, hidden, dim, false, vb))?;
+            moco.with_predictor(|vb| moco_models::head::v3_mlp(2, dim, hidden, dim, last_bn, vb))?;
     }
     if resume {
         moco.load_checkpoint(&ckpt)
@@ -532,9 +576,22 @@ pub fn run(
         }
     };
     if !quiet {
+        let shape = match spec.backbone {
+            BackboneConfig::ResNet(r) => format!("width {}", r.width),
+            BackboneConfig::Vit(v) => format!(
+                "{}x{} patches{}",
+                v.patch_size,
+                v.patch_size,
+                if v.stop_grad_patch_embed {
+                    ", frozen patch projection"
+                } else {
+                    ""
+                }
+            ),
+        };
         eprintln!(
-            "pretraining {} (width {}, {} head) on {}: {} epochs x {ipe} steps of {}, {}x{} crops, preset {}, run in {}",
-            spec.resnet.arch(), c.width, spec.head.name(), train.describe(), c.moco.epochs, c.moco.batch_size, crop, crop, c.moco.preset, out.display()
+            "pretraining {} ({}, {} head) on {}: {} epochs x {ipe} steps of {}, {}x{} crops, preset {}, run in {}",
+            spec.backbone.arch(), shape, spec.head.name(), train.describe(), c.moco.epochs, c.moco.batch_size, crop, crop, c.moco.preset, out.display()
         );
         if world > 1 {
             eprintln!(

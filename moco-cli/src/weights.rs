@@ -81,7 +81,7 @@ impl Weights {
             anyhow::bail!(
                 "{}: tensor `{u}` is not part of {}",
                 self.source.display(),
-                self.spec.resnet.arch()
+                self.spec.backbone.arch()
             );
         }
         let on_device: HashMap<String, Tensor> = self
