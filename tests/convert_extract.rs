@@ -78,6 +78,49 @@ fn both_serializations_convert_to_the_same_encoder_with_torchvision_features() {
 }
 
 #[test]
+fn moco_v3_vit_checkpoint_converts_with_timm_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let gold = moco_core::io::load(
+        &reference("checkpoint_v3_features.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .tensors;
+    let input = reference("checkpoint_v3_vit.pth.tar");
+    let out = dir.path().join("vit.safetensors");
+    // The width-32 test ViT is not a standard one: the heads must be named.
+    let o = moco()
+        .args([
+            "convert",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("vit-32x2hH"));
+    let o = run(&[
+        "convert",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--arch",
+        "vit-32x2h2",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("vit-32x2h2 with v3 head (dim 16)"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let (enc, _) = moco_models::load_encoder(&out, None, &Device::Cpu).unwrap();
+    let f = moco_models::Backbone::features(&enc, &gold["vit.x"], false).unwrap();
+    assert!(max_abs(&f, &gold["vit.features"]) < 1e-5);
+}
+
+#[test]
 fn extract_matches_torchvision_on_real_photos() {
     let dir = tempfile::tempdir().unwrap();
     let weights = dir.path().join("r50.safetensors");

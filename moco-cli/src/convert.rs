@@ -1,16 +1,19 @@
-//! `moco convert`: an official MoCo checkpoint to a safetensors encoder with torchvision names.
+//! `moco convert`: an official MoCo (v1, v2 or v3) checkpoint to a safetensors encoder with
+//! torchvision (ResNet) or timm (ViT) names.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use moco_models::checkpoint::import_official;
+use moco_models::checkpoint::import_official_as;
 
-/// Converts `input` (`checkpoint_*.pth.tar`) into `out`: the query encoder (backbone and head),
-/// with `arch`, `head`, `dim` (and the full spec) in the metadata.
-pub fn run(input: &Path, out: &Path) -> Result<()> {
-    let ckpt = import_official(input).context("--input")?;
+/// Converts `input` (`checkpoint_*.pth.tar`) into `out`: the query encoder (backbone and head;
+/// v3's base encoder with its projector), with `arch`, `head`, `dim` (and the full spec) in the
+/// metadata. `arch` names the architecture when the weights cannot (a ViT of a non-standard
+/// width: `vit-DxNhH`) and is checked against them.
+pub fn run(input: &Path, out: &Path, arch: Option<&str>) -> Result<()> {
+    let ckpt = import_official_as(input, arch).context("--input / --arch")?;
     // Build the encoder from the tensors: every variable must be there with its shape.
     let (_, vars, unused) =
         moco_models::encoder_from_tensors(ckpt.spec, &ckpt.encoder_q, &Device::Cpu, input)?;

@@ -87,15 +87,20 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Convert an official MoCo checkpoint (checkpoint_*.pth.tar, zip or legacy torch.save) into a
-    /// safetensors encoder with torchvision names.
+    /// Convert an official MoCo checkpoint (checkpoint_*.pth.tar of v1, v2 or v3, zip or legacy
+    /// torch.save) into a safetensors encoder with torchvision (ResNet) or timm (ViT) names.
     Convert {
-        /// The checkpoint written by facebookresearch/moco's main_moco.py.
+        /// The checkpoint written by main_moco.py of facebookresearch/moco (v1, v2) or
+        /// facebookresearch/moco-v3 (ResNets and ViTs).
         #[arg(long)]
         input: PathBuf,
         /// The safetensors file to write (query encoder: backbone and head).
         #[arg(long)]
         out: PathBuf,
+        /// The architecture, checked against the weights; needed for a ViT of a non-standard
+        /// width (vit-DxNhH: the weights do not record the number of heads).
+        #[arg(long)]
+        arch: Option<String>,
     },
     /// Pooled backbone features of every image in a folder (sorted by file name).
     Extract {
@@ -481,7 +486,7 @@ fn main() -> Result<()> {
                 println!("{}", f.display());
             }
         }
-        Command::Convert { input, out } => convert::run(&input, &out)?,
+        Command::Convert { input, out, arch } => convert::run(&input, &out, arch.as_deref())?,
         Command::Extract {
             weights,
             arch,

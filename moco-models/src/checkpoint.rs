@@ -1,8 +1,9 @@
 //! Import of official MoCo checkpoints: `checkpoint_*.pth.tar` as facebookresearch/moco's
 //! `main_moco.py` writes them (`state_dict` with `module.encoder_q.*`, `module.encoder_k.*`,
-//! `module.queue`, `module.queue_ptr`, plus `optimizer`), in either `torch.save` serialization:
-//! the zip archive (PyTorch >= 1.6) or the legacy stream of pickles that the 2020 released
-//! checkpoints use.
+//! `module.queue`, `module.queue_ptr`, plus `optimizer`), and as facebookresearch/moco-v3's
+//! does (`module.base_encoder.*`, `module.momentum_encoder.*`, `module.predictor.*`, for
+//! ResNets and ViTs), in either `torch.save` serialization: the zip archive (PyTorch >= 1.6) or
+//! the legacy stream of pickles that the 2020 released checkpoints use.
 
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
@@ -26,6 +27,8 @@ pub struct OfficialCheckpoint {
     pub queue: Option<Tensor>,
     /// The queue pointer, when present.
     pub queue_ptr: Option<usize>,
+    /// MoCo v3's predictor (after the query encoder only), prefix stripped; empty for v1/v2.
+    pub predictor: HashMap<String, Tensor>,
     /// The architecture and head read off the query encoder's keys and shapes.
     pub spec: EncoderSpec,
 }
@@ -42,10 +45,19 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
         let bad = |e: candle_core::Error| {
             Error::file(path, format!("cannot read the PyTorch zip archive: {e}"))
         };
-        return match candle_core::pickle::read_all_with_key(path, Some("state_dict")) {
+        let read = |p: &Path| match candle_core::pickle::read_all_with_key(p, Some("state_dict")) {
             Ok(t) => Ok(t),
-            Err(e) if e.to_string().contains("not found") => {
-                candle_core::pickle::read_all(path).map_err(bad)
+            Err(e) if e.to_string().contains("not found") => candle_core::pickle::read_all(p),
+            Err(e) => Err(e),
+        };
+        return match read(path) {
+            Ok(t) => Ok(t),
+            // The zip crate's archive-offset detection rejects some valid torch.save archives
+            // ("Invalid Central Directory header"); they read with the offset fixed at 0. Copy
+            // the entries (uncompressed, byte for byte) into a fresh archive and read that.
+            Err(e) if e.to_string().contains("Zip archive") => {
+                let copy = repack_zip(path)?;
+                read(copy.path()).map_err(bad)
             }
             Err(e) => Err(bad(e)),
         };
@@ -53,6 +65,27 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).map_err(io)?;
     read_legacy(&bytes)
         .map_err(|msg| Error::file(path, format!("cannot read the legacy PyTorch file: {msg}")))
+}
+
+/// `path`'s zip entries, read with the archive starting at byte 0, copied into a temporary zip.
+fn repack_zip(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let fail = |e: String| Error::file(path, format!("cannot read the PyTorch zip archive: {e}"));
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let config = zip::read::Config {
+        archive_offset: zip::read::ArchiveOffset::Known(0),
+    };
+    let mut archive =
+        zip::ZipArchive::with_config(config, file).map_err(|e| fail(e.to_string()))?;
+    let out = tempfile::NamedTempFile::new().map_err(|e| fail(e.to_string()))?;
+    let mut writer = zip::ZipWriter::new(out.reopen().map_err(|e| fail(e.to_string()))?);
+    for i in 0..archive.len() {
+        let entry = archive.by_index_raw(i).map_err(|e| fail(e.to_string()))?;
+        writer
+            .raw_copy_file(entry)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    writer.finish().map_err(|e| fail(e.to_string()))?;
+    Ok(out)
 }
 
 // The legacy format (torch.serialization._legacy_save): pickles of the magic number, the protocol
@@ -202,6 +235,13 @@ fn kind(o: &Object) -> &'static str {
 /// Splits an official checkpoint's state dict into encoders and queue, strips the `module.`
 /// prefix (DistributedDataParallel / DataParallel) and detects the architecture.
 pub fn import_official(path: &Path) -> Result<OfficialCheckpoint> {
+    import_official_as(path, None)
+}
+
+/// [`import_official`], with the architecture named (`vit-DxNhH` gives the number of heads of
+/// a ViT whose width is not a standard one); the error says when the weights are of another.
+pub fn import_official_as(path: &Path, arch: Option<&str>) -> Result<OfficialCheckpoint> {
+    let named = arch.map(crate::BackboneConfig::from_arch).transpose()?;
     let tensors = read_state_dict(path)?;
     if tensors.is_empty() {
         return Err(Error::file(
@@ -211,16 +251,25 @@ pub fn import_official(path: &Path) -> Result<OfficialCheckpoint> {
     }
     let mut encoder_q = HashMap::new();
     let mut encoder_k = HashMap::new();
+    let mut predictor = HashMap::new();
     let (mut queue, mut queue_ptr) = (None, None);
     for (name, t) in tensors {
         let key = name.strip_prefix("module.").unwrap_or(&name);
         if key.ends_with("num_batches_tracked") {
             continue;
         }
-        if let Some(k) = key.strip_prefix("encoder_q.") {
+        if let Some(k) = key
+            .strip_prefix("encoder_q.")
+            .or_else(|| key.strip_prefix("base_encoder."))
+        {
             encoder_q.insert(k.to_string(), t);
-        } else if let Some(k) = key.strip_prefix("encoder_k.") {
+        } else if let Some(k) = key
+            .strip_prefix("encoder_k.")
+            .or_else(|| key.strip_prefix("momentum_encoder."))
+        {
             encoder_k.insert(k.to_string(), t);
+        } else if let Some(k) = key.strip_prefix("predictor.") {
+            predictor.insert(k.to_string(), t);
         } else if key == "queue" {
             queue = Some(t);
         } else if key == "queue_ptr" {
@@ -231,7 +280,8 @@ pub fn import_official(path: &Path) -> Result<OfficialCheckpoint> {
                 path,
                 format!(
                     "unexpected key `{name}`: an official MoCo checkpoint holds `module.encoder_q.*`, \
-                     `module.encoder_k.*`, `module.queue` and `module.queue_ptr`"
+                     `module.encoder_k.*`, `module.queue` and `module.queue_ptr` (v1, v2), or \
+                     `module.base_encoder.*`, `module.momentum_encoder.*` and `module.predictor.*` (v3)"
                 ),
             ));
         }
@@ -239,23 +289,59 @@ pub fn import_official(path: &Path) -> Result<OfficialCheckpoint> {
     if encoder_q.is_empty() {
         return Err(Error::file(
             path,
-            "no `module.encoder_q.*` tensors: not a MoCo pretraining checkpoint",
+            "no `module.encoder_q.*` (v1, v2) or `module.base_encoder.*` (v3) tensors: not a MoCo pretraining checkpoint",
         ));
     }
-    let spec = detect_spec(&encoder_q).map_err(|msg| Error::file(path, msg))?;
+    let heads = match named {
+        Some(crate::BackboneConfig::Vit(v)) => Some(v.num_heads),
+        _ => None,
+    };
+    let spec = if encoder_q.keys().any(|k| k.starts_with("patch_embed.")) {
+        detect_vit(&encoder_q, heads)
+    } else {
+        detect_spec(&encoder_q)
+    }
+    .map_err(|msg| Error::file(path, msg))?;
+    if let Some(want) = named {
+        let same = match (want, spec.backbone) {
+            (crate::BackboneConfig::ResNet(a), crate::BackboneConfig::ResNet(b)) => {
+                (a.depth, a.small) == (b.depth, b.small)
+            }
+            (crate::BackboneConfig::Vit(a), crate::BackboneConfig::Vit(b)) => {
+                (a.embed_dim, a.depth) == (b.embed_dim, b.depth)
+            }
+            _ => false,
+        };
+        if !same {
+            return Err(Error::file(
+                path,
+                format!(
+                    "holds a {}, not a {}",
+                    spec.backbone.arch(),
+                    arch.unwrap_or_default()
+                ),
+            ));
+        }
+    }
     Ok(OfficialCheckpoint {
         encoder_q,
         encoder_k,
         queue,
         queue_ptr,
+        predictor,
         spec,
     })
 }
 
-/// Reads the architecture and head off an encoder's tensor names and shapes: block type from
-/// `layer1.0.conv3`, depth from the number of blocks per stage, stem from `conv1`'s kernel
-/// (7: ImageNet, 3: small-image), width and input channels from `conv1`'s shape, head from `fc.*`.
+/// Reads the architecture and head off an encoder's tensor names and shapes. A ResNet: block
+/// type from `layer1.0.conv3`, depth from the number of blocks per stage, stem from `conv1`'s
+/// kernel (7: ImageNet, 3: small-image), width and input channels from `conv1`'s shape, head
+/// from `fc.*` (v1 linear, v2 MLP, v3 projector). A ViT (`patch_embed.proj.weight`): see
+/// [`detect_vit`].
 pub fn detect_spec(t: &HashMap<String, Tensor>) -> std::result::Result<EncoderSpec, String> {
+    if t.keys().any(|k| k.starts_with("patch_embed.")) {
+        return detect_vit(t, None);
+    }
     let dims = |k: &str| -> std::result::Result<Vec<usize>, String> {
         t.get(k)
             .map(|x| x.dims().to_vec())
@@ -305,6 +391,16 @@ pub fn detect_spec(t: &HashMap<String, Tensor>) -> std::result::Result<EncoderSp
     let feat = resnet.feature_dim();
     let head = if let Ok(fc) = dims("fc.weight") {
         HeadKind::Linear { dim: fc[0] }
+    } else if let (Ok(a), Ok(b), true) = (
+        dims("fc.0.weight"),
+        dims("fc.3.weight"),
+        t.contains_key("fc.4.running_mean"),
+    ) {
+        // MoCo v3's projector: Linear, BN, ReLU, Linear, BN without affine.
+        HeadKind::V3 {
+            hidden: a[0],
+            dim: b[0],
+        }
     } else if let (Ok(a), Ok(b)) = (dims("fc.0.weight"), dims("fc.2.weight")) {
         if a != [feat, feat] {
             return Err(format!(
@@ -316,10 +412,100 @@ pub fn detect_spec(t: &HashMap<String, Tensor>) -> std::result::Result<EncoderSp
         let mut fc: Vec<&String> = t.keys().filter(|k| k.starts_with("fc.")).collect();
         fc.sort();
         return Err(format!(
-            "unrecognised head {fc:?}: expected `fc.weight` (v1) or `fc.0.*` and `fc.2.*` (v2 MLP)"
+            "unrecognised head {fc:?}: expected `fc.weight` (v1), `fc.0.*` and `fc.2.*` (v2 MLP) or `fc.0.*`, `fc.3.*`, `fc.4.*` (v3 projector)"
         ));
     } else {
         HeadKind::None
     };
     Ok(EncoderSpec::resnet(resnet, head))
+}
+
+/// Reads a ViT's configuration and head off its tensors: width, input channels and patch size
+/// from `patch_embed.proj.weight`, the input size from `pos_embed` (1 x (1 + grid^2) x width),
+/// depth from the blocks, MLP ratio from `blocks.0.mlp.fc1`, head from `head.*` (MoCo v3's
+/// 3-layer projector, a linear classifier, or none). The weights do not record the number of
+/// heads: `heads` when given, else MoCo v3's for the standard widths (192: 3, 384 and 768: 12,
+/// 1024 and 1280: 16).
+pub fn detect_vit(
+    t: &HashMap<String, Tensor>,
+    heads: Option<usize>,
+) -> std::result::Result<EncoderSpec, String> {
+    let dims = |k: &str| -> std::result::Result<Vec<usize>, String> {
+        t.get(k)
+            .map(|x| x.dims().to_vec())
+            .ok_or_else(|| format!("missing `{k}`: not a timm VisionTransformer encoder"))
+    };
+    if t.contains_key("patch_embed.proj.0.weight") {
+        return Err(
+            "a convolutional stem (`patch_embed.proj.0.weight`, vit_conv_*) is not supported"
+                .into(),
+        );
+    }
+    let pw = dims("patch_embed.proj.weight")?;
+    let [d, c, p, p2] = pw[..] else {
+        return Err(format!(
+            "`patch_embed.proj.weight` has shape {pw:?}, expected a 4-d convolution kernel"
+        ));
+    };
+    if p != p2 {
+        return Err(format!("non-square {p}x{p2} patches are not supported"));
+    }
+    let pe = dims("pos_embed")?;
+    let tokens = pe.get(1).copied().unwrap_or(0);
+    let grid = (1..=tokens).find(|g| 1 + g * g >= tokens).unwrap_or(0);
+    if pe.len() != 3 || 1 + grid * grid != tokens || pe[2] != d {
+        return Err(format!(
+            "`pos_embed` has shape {pe:?}: expected [1, 1 + grid^2, {d}] (a class token and a square grid)"
+        ));
+    }
+    let depth = (0..)
+        .take_while(|b| t.contains_key(&format!("blocks.{b}.norm1.weight")))
+        .count();
+    let fc1 = dims("blocks.0.mlp.fc1.weight")?;
+    let num_heads = match (heads, d) {
+        (Some(h), _) => h,
+        (None, 192) => 3,
+        (None, 384 | 768) => 12,
+        (None, 1024 | 1280) => 16,
+        _ => {
+            return Err(format!(
+                "the weights do not say how many heads a width-{d} ViT has (known widths: 192, 384, 768, 1024, 1280): name the architecture, vit-{d}x{depth}hH"
+            ))
+        }
+    };
+    let vit = crate::vit::VitConfig {
+        image_size: grid * p,
+        patch_size: p,
+        in_channels: c,
+        embed_dim: d,
+        depth,
+        num_heads,
+        mlp_ratio: fc1[0] / d,
+        stop_grad_patch_embed: false,
+    };
+    vit.validate().map_err(|e| e.to_string())?;
+    let head = if let (Ok(a), Ok(b), true) = (
+        dims("head.0.weight"),
+        dims("head.6.weight"),
+        t.contains_key("head.7.running_mean"),
+    ) {
+        HeadKind::V3 {
+            hidden: a[0],
+            dim: b[0],
+        }
+    } else if let Ok(h) = dims("head.weight") {
+        HeadKind::Linear { dim: h[0] }
+    } else if t.keys().any(|k| k.starts_with("head.")) {
+        let mut h: Vec<&String> = t.keys().filter(|k| k.starts_with("head.")).collect();
+        h.sort();
+        return Err(format!(
+            "unrecognised head {h:?}: expected `head.weight` (linear) or `head.0.*` ... `head.7.*` (MoCo v3 projector)"
+        ));
+    } else {
+        HeadKind::None
+    };
+    Ok(EncoderSpec {
+        backbone: crate::BackboneConfig::Vit(vit),
+        head,
+    })
 }

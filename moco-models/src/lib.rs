@@ -545,21 +545,24 @@ mod tests {
     }
 
     #[test]
-    fn head_detection_rejects_unknown_layouts() {
-        let (_, vars) = build(EncoderSpec {
+    fn head_detection_reads_the_v3_projector_and_rejects_unknown_layouts() {
+        let spec = EncoderSpec {
             backbone: BackboneConfig::ResNet(ResNetConfig {
                 width: 4,
                 ..ResNetConfig::from_arch("resnet18-small").unwrap()
             }),
             head: HeadKind::V3 { hidden: 8, dim: 4 },
-        });
-        let t: HashMap<String, Tensor> = vars
+        };
+        let (_, vars) = build(spec);
+        let mut t: HashMap<String, Tensor> = vars
             .data()
             .lock()
             .unwrap()
             .iter()
             .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
             .collect();
+        assert_eq!(checkpoint::detect_spec(&t).unwrap(), spec);
+        t.remove("fc.4.running_mean");
         let err = checkpoint::detect_spec(&t).unwrap_err();
         assert!(err.contains("unrecognised head"), "{err}");
         let mut no_stem = t.clone();

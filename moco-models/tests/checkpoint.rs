@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ModuleT;
-use moco_models::checkpoint::import_official;
+use moco_models::checkpoint::{import_official, import_official_as};
 use moco_models::{encoder_from_tensors, Backbone, Depth, HeadKind};
 
 fn reference(name: &str) -> PathBuf {
@@ -135,4 +135,90 @@ fn corrupt_and_foreign_files_give_errors_naming_the_file() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("missing.pth.tar"), "{err}");
+}
+
+/// `official_v3_checkpoint.py`: moco-v3's layout (`base_encoder`, `momentum_encoder`,
+/// `predictor`), features of the base encoder within 1e-5 of torch's.
+fn check_v3(
+    tag: &str,
+    file: &str,
+    arch: Option<&str>,
+) -> moco_models::checkpoint::OfficialCheckpoint {
+    let gold = moco_core::io::load(
+        &reference("checkpoint_v3_features.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .tensors;
+    let ckpt = import_official_as(&reference(file), arch).unwrap();
+    let (enc, _, unused) =
+        encoder_from_tensors(ckpt.spec, &ckpt.encoder_q, &Device::Cpu, &reference(file)).unwrap();
+    assert!(unused.is_empty(), "{unused:?}");
+    let x = &gold[&format!("{tag}.x")];
+    assert!(
+        max_abs(
+            &enc.features(x, false).unwrap(),
+            &gold[&format!("{tag}.features")]
+        ) < 1e-5,
+        "{file}: features"
+    );
+    assert!(
+        max_abs(
+            &enc.forward_t(x, false).unwrap(),
+            &gold[&format!("{tag}.embed")]
+        ) < 1e-5,
+        "{file}: projector output"
+    );
+    encoder_from_tensors(ckpt.spec, &ckpt.encoder_k, &Device::Cpu, &reference(file)).unwrap();
+    assert!(ckpt.queue.is_none() && ckpt.predictor.contains_key("0.weight"));
+    ckpt
+}
+
+#[test]
+fn moco_v3_vit_checkpoint_imports_with_its_projector_and_predictor() {
+    // Width 32 is not a standard ViT: the number of heads comes from the name.
+    let err = import_official(&reference("checkpoint_v3_vit.pth.tar"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("heads") && err.contains("vit-32x2hH"), "{err}");
+    let err = import_official_as(&reference("checkpoint_v3_vit.pth.tar"), Some("vit-64x2h2"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a vit-64x2h2"), "{err}");
+    let ckpt = check_v3("vit", "checkpoint_v3_vit.pth.tar", Some("vit-32x2h2"));
+    assert_eq!(ckpt.spec.backbone.arch(), "vit-32x2h2");
+    let moco_models::BackboneConfig::Vit(v) = ckpt.spec.backbone else {
+        panic!("not a ViT: {:?}", ckpt.spec)
+    };
+    assert_eq!(
+        (
+            v.image_size,
+            v.patch_size,
+            v.in_channels,
+            v.embed_dim,
+            v.depth,
+            v.mlp_ratio
+        ),
+        (16, 4, 3, 32, 2, 4)
+    );
+    assert_eq!(
+        ckpt.spec.head,
+        HeadKind::V3 {
+            hidden: 48,
+            dim: 16
+        }
+    );
+    // The predictor ends in a BatchNorm on a ViT.
+    assert!(ckpt.predictor.contains_key("4.running_var"));
+}
+
+#[test]
+fn moco_v3_resnet_checkpoint_imports_with_its_projector() {
+    let ckpt = check_v3("r18", "checkpoint_v3_r18.pth.tar", None);
+    let r = *ckpt.spec.backbone.resnet().unwrap();
+    assert_eq!(
+        (r.depth, r.small, r.in_channels, r.width),
+        (Depth::R18, true, 1, 4)
+    );
+    assert_eq!(ckpt.spec.head, HeadKind::V3 { hidden: 24, dim: 8 });
 }
