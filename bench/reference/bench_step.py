@@ -4,8 +4,12 @@ forward on a shuffled batch (shuffle-BN on one device) then unshuffled, InfoNCE 
 SGD (lr 0.03, momentum 0.9, wd 1e-4), momentum update m = 0.999, enqueue. The encoder is
 torchvision's ResNet with the small-image stem for `-small` architectures and a width multiplier,
 fc = Linear(features, 128) (with --mlp, MoCo v2's Linear-ReLU-Linear head and T 0.2). Random input; median time of the timed steps after 2 warm-up steps.
+A ViT (--arch vit_tiny, vit_small, vit_base or vit-DxNhH, --patch-size) is timm's
+VisionTransformer as MoCo v3's vits.py builds it (qkv bias, LayerNorm eps 1e-6, fixed 2-D sin-cos
+position embedding) with the same heads; timm 0.4.12 (`pip install timm==0.4.12`).
 
 python3 bench/reference/bench_step.py --arch resnet18-small --width 16 --image-size 28 --channels 1 --batch-size 64 [--json]
+python3 bench/reference/bench_step.py --arch vit-192x6h3 --patch-size 4 --image-size 32 --batch-size 64
 """
 import argparse
 import copy
@@ -22,6 +26,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 p = argparse.ArgumentParser()
 p.add_argument("--arch", default="resnet18-small")
 p.add_argument("--width", type=int, default=64)
+p.add_argument("--patch-size", type=int, default=16)
 p.add_argument("--image-size", type=int, default=32)
 p.add_argument("--channels", type=int, default=3)
 p.add_argument("--batch-size", type=int, default=64)
@@ -37,13 +42,40 @@ torch.manual_seed(0)
 
 base = a.arch.replace("-small", "")
 small = a.arch.endswith("-small")
-block, layers = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
-}[base]
+vit = a.arch.startswith("vit")
+if not vit:
+    block, layers = {
+        "resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+        "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    }[base]
+
+
+def vit_encoder():
+    from functools import partial
+    from timm.models.vision_transformer import VisionTransformer
+    named = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 12), "vit_base": (768, 12, 12)}
+    if a.arch in named:
+        d, n, h = named[a.arch]
+    else:  # vit-DxNhH
+        d, rest = a.arch[4:].split("x")
+        n, h = rest.split("h")
+        d, n, h = int(d), int(n), int(h)
+    m = VisionTransformer(img_size=a.image_size, patch_size=a.patch_size, in_chans=a.channels,
+                          embed_dim=d, depth=n, num_heads=h, mlp_ratio=4, qkv_bias=True,
+                          norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    g, q = a.image_size // a.patch_size, d // 4
+    gw, gh = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / 10000.0 ** (torch.arange(q, dtype=torch.float32) / q)
+    ow, oh = gw.flatten()[:, None] * omega, gh.flatten()[:, None] * omega
+    pe = torch.cat([ow.sin(), ow.cos(), oh.sin(), oh.cos()], dim=1)
+    m.pos_embed = nn.Parameter(torch.cat([torch.zeros(1, d), pe])[None], requires_grad=False)
+    m.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 128)) if a.mlp else nn.Linear(d, 128)
+    return m
 
 
 def encoder():
+    if vit:
+        return vit_encoder()
     w = a.width
     m = torchvision.models.resnet.ResNet(block, layers)
     m.inplanes = w
@@ -108,6 +140,6 @@ ips = a.batch_size / med
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if dev.type == "cuda":
     rss = torch.cuda.max_memory_allocated() / 2**20  # peak GPU memory instead
-print(f"PyTorch {torch.__version__} MoCo step {a.arch} width {a.width} {a.image_size}x{a.image_size}x{a.channels} batch {a.batch_size}: {ips:.1f} images/s ({med:.3f} s/step), peak RSS {rss:.0f} MB")
+print(f"PyTorch {torch.__version__} MoCo step {a.arch} width {a.width} patch {a.patch_size} {a.image_size}x{a.image_size}x{a.channels} batch {a.batch_size}: {ips:.1f} images/s ({med:.3f} s/step), peak RSS {rss:.0f} MB")
 if a.json:
     print(json.dumps({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": med}))

@@ -76,6 +76,7 @@ fn peak_rss_mb() -> Option<f64> {
 #[derive(Debug)]
 pub struct StepOptions {
     pub arch: String,
+    pub patch_size: Option<usize>,
     pub width: usize,
     pub image_size: usize,
     pub channels: usize,
@@ -92,8 +93,13 @@ pub struct StepOptions {
 /// code path of `moco pretrain`.
 pub fn step(o: StepOptions) -> Result<()> {
     use candle_core::Tensor;
-    let backbone =
-        moco_models::BackboneConfig::for_input(&o.arch, o.width, o.channels, o.image_size, None)?;
+    let backbone = moco_models::BackboneConfig::for_input(
+        &o.arch,
+        o.width,
+        o.channels,
+        o.image_size,
+        o.patch_size,
+    )?;
     let spec = moco_models::EncoderSpec {
         backbone,
         head: if o.mlp {

@@ -380,9 +380,12 @@ impl EvalArgs {
 enum BenchCommand {
     /// Images/s and peak memory of full MoCo training steps on random input.
     Step {
-        /// Architecture.
+        /// Architecture (a ResNet, or a ViT: vit_tiny, vit_small, vit_base, vit-DxNhH).
         #[arg(long, default_value = "resnet18-small")]
         arch: String,
+        /// ViT patch size (default 16).
+        #[arg(long)]
+        patch_size: Option<usize>,
         /// Width of the first stage.
         #[arg(long, default_value_t = 64)]
         width: usize,
@@ -603,6 +606,7 @@ fn main() -> Result<()> {
         }
         Command::Bench(BenchCommand::Step {
             arch,
+            patch_size,
             width,
             image_size,
             channels,
@@ -614,6 +618,7 @@ fn main() -> Result<()> {
             json,
         }) => bench::step(bench::StepOptions {
             arch,
+            patch_size,
             width,
             image_size,
             channels,

@@ -52,35 +52,8 @@ pub(crate) struct Fused {
 }
 
 const LANES: usize = 16;
-const EXP_LO: f32 = -87.336_55; // exp below this is under f32::MIN_POSITIVE: 0
-const EXP_HI: f32 = 88.376_26;
 
-/// `exp(x)` in float32 (Cephes' `expf`: x = n ln2 + r, a degree-7 polynomial in r, times 2^n),
-/// written so that a loop of it vectorises; within 2 ulp of the exact value, NaN stays NaN.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    // NaN stays NaN.
-    let xc = x.clamp(EXP_LO, EXP_HI);
-    // n = round(x / ln 2), by the float trick that needs no rounding instruction.
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    let n = (xc * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
-    let r = xc - n * 0.693_359_4;
-    let r = r - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let y = p * (r * r) + r + 1.0;
-    let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < EXP_LO {
-        0.0
-    } else {
-        y * pow2n
-    }
-}
-
+use crate::math::exp;
 /// Sums the 16 lanes in a fixed order.
 #[inline(always)]
 fn lanes_sum(acc: [f32; LANES]) -> f32 {
@@ -422,24 +395,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use candle_core::{Device, Var};
-
-    #[test]
-    fn exp_is_within_two_ulp_and_keeps_nan() {
-        let mut worst = 0f64;
-        let mut x = -87.3f32;
-        while x < 88.3 {
-            let want = f64::from(x).exp();
-            let got = f64::from(exp(x));
-            worst = worst.max((got - want).abs() / want);
-            x += 0.000_37;
-        }
-        // 2 ulp of float32 is 2.4e-7 relative.
-        assert!(worst < 2.4e-7, "relative error {worst:e}");
-        assert_eq!(exp(0.0), 1.0);
-        assert_eq!(exp(-100.0), 0.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert!(exp(f32::NAN).is_nan());
-    }
 
     /// The same loss through candle's generic ops, as `loss.rs` computes it on other devices.
     fn generic(pos: Option<&Tensor>, raw: &Tensor, t: f64, labels: &Tensor) -> Tensor {

@@ -41,6 +41,7 @@ mod error;
 pub mod init;
 pub mod io;
 pub mod loss;
+pub mod math;
 pub mod momentum;
 pub mod optim;
 pub mod queue;

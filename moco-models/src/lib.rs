@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod cpu_batch_norm;
 pub mod cpu_conv;
 pub mod cpu_elementwise;
+pub mod cpu_transformer;
 mod error;
 pub mod head;
 #[cfg(feature = "onednn")]

@@ -9,9 +9,11 @@
 //! [`sincos_position_embedding`] computes it. Weights that carry it as `pos_embed` (official
 //! checkpoints, `moco export`) are checked against it.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
+
+use crate::cpu_transformer;
 
 /// Everything that shapes a Vision Transformer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,15 +184,9 @@ fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
 }
 
 impl LayerNorm {
-    /// `torch.nn.LayerNorm` over the last dimension (biased variance), in differentiable ops
-    /// (candle-nn's fused layer norm has no backward).
+    /// `torch.nn.LayerNorm` over the last dimension (biased variance).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        xc.broadcast_div(&(var + LN_EPS)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        cpu_transformer::layer_norm(x, &self.weight, &self.bias, LN_EPS)
     }
 }
 
@@ -198,7 +194,11 @@ impl LayerNorm {
 fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = dims[dims.len() - 1];
-    let y = candle_nn::Module::forward(lin, &x.reshape(((), k))?)?;
+    let y = x.reshape(((), k))?.matmul(&lin.weight().t()?)?;
+    let y = match lin.bias() {
+        Some(b) => cpu_transformer::add_bias(&y, b)?,
+        None => y,
+    };
     let mut out = dims;
     let last = out.len() - 1;
     out[last] = y.dim(1)?;
@@ -261,7 +261,7 @@ impl Block {
         let part = |i: usize| qkv.get(i)?.contiguous();
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (hd as f64).powf(-0.5))?;
-        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attn = cpu_transformer::softmax_last_dim(&scores)?;
         let heads = attn
             .matmul(&v)?
             .transpose(1, 2)?
@@ -269,7 +269,7 @@ impl Block {
             .reshape((n, t, d))?;
         let x = (x + linear(&self.proj, &heads)?)?;
         // MLP with the exact (erf) GELU.
-        let m = linear(&self.fc1, &self.norm2.forward(&x)?)?.gelu_erf()?;
+        let m = cpu_transformer::gelu_erf(&linear(&self.fc1, &self.norm2.forward(&x)?)?)?;
         x + linear(&self.fc2, &m)?
     }
 }

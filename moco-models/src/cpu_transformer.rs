@@ -1,0 +1,581 @@
+//! Fused transformer kernels for float32 tensors on the CPU, as candle custom ops with their own
+//! backward: LayerNorm over the last dimension, softmax over the last dimension, the exact
+//! (erf) GELU and the bias of a linear layer. Each is one parallel pass over rows (or elements) each way, where candle's generic
+//! ops take five to ten passes and a single-threaded reduction; candle-nn's fused layer norm and
+//! softmax have no backward. Other devices and dtypes run the generic ops.
+
+use std::mem::MaybeUninit;
+
+use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, D};
+use moco_core::math::{erf, exp};
+use rayon::prelude::*;
+
+use crate::scratch::{f32_slice, filled};
+
+const CHUNK: usize = 4096;
+
+/// Rows of `d` per parallel chunk: about CHUNK elements, whole rows.
+fn row_chunk(d: usize) -> usize {
+    d * (CHUNK / d.max(1)).max(1)
+}
+
+fn use_fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+/// Mean and 1 / sqrt(biased variance + eps) of a row (two passes, as torch's CPU kernel).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "moco-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm (input)")?;
+        let w = f32_slice(s2, l2, "layer_norm (weight)")?;
+        let b = f32_slice(s3, l3, "layer_norm (bias)")?;
+        let d = w.len();
+        let eps = self.eps;
+        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
+            let start = i * row_chunk(d);
+            for (r, o) in out.chunks_mut(d).enumerate() {
+                let row = &x[start + r * d..start + (r + 1) * d];
+                let (mean, rstd) = row_stats(row, eps);
+                for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+                    o.write((v - mean) * rstd * w + b);
+                }
+            }
+        };
+        // SAFETY: every chunk holds whole rows, each written in full.
+        let y = unsafe { filled(x.len(), row_chunk(d), fill) };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let n = x.elem_count();
+        // One packed result: the input's gradient, then the weight's and the bias's.
+        let packed = x.apply_op3_no_bwd(w, &gy.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let gw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+        let gb = packed.narrow(0, n + d, d)?.reshape(b.shape())?;
+        Ok((
+            x.track_op().then_some(gx),
+            w.track_op().then_some(gw),
+            b.track_op().then_some(gb),
+        ))
+    }
+}
+
+/// `(x, w, gy)` -> `[gx, gw, gb]` flattened: with `x^ = (x - mean) rstd` and `g = gy w`,
+/// `gx = rstd (g - mean(g) - x^ mean(g x^))`, `gw = sum_rows(gy x^)`, `gb = sum_rows(gy)`.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "moco-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm backward (input)")?;
+        let w = f32_slice(s2, l2, "layer_norm backward (weight)")?;
+        let gy = f32_slice(s3, l3, "layer_norm backward (gradient)")?;
+        let (d, n) = (w.len(), x.len());
+        let eps = self.eps;
+        let mut out = vec![0f32; n + 2 * d];
+        let (gx, params) = out.split_at_mut(n);
+        // Rows in parallel; each chunk sums its own weight and bias gradients, added up after.
+        let partial: Vec<Vec<f32>> = gx
+            .par_chunks_mut(row_chunk(d))
+            .enumerate()
+            .map(|(i, gx)| {
+                let start = i * row_chunk(d);
+                let mut acc = vec![0f32; 2 * d];
+                let mut xhat = vec![0f32; d];
+                for (r, gx) in gx.chunks_mut(d).enumerate() {
+                    let at = start + r * d;
+                    let (row, g_row) = (&x[at..at + d], &gy[at..at + d]);
+                    let (mean, rstd) = row_stats(row, eps);
+                    let (mut mg, mut mgx) = (0f32, 0f32);
+                    for j in 0..d {
+                        let xh = (row[j] - mean) * rstd;
+                        xhat[j] = xh;
+                        let g = g_row[j] * w[j];
+                        mg += g;
+                        mgx += g * xh;
+                        acc[j] += g_row[j] * xh;
+                        acc[d + j] += g_row[j];
+                    }
+                    let (mg, mgx) = (mg / d as f32, mgx / d as f32);
+                    for j in 0..d {
+                        gx[j] = rstd * (g_row[j] * w[j] - mg - xhat[j] * mgx);
+                    }
+                }
+                acc
+            })
+            .collect();
+        for acc in partial {
+            for (p, a) in params.iter_mut().zip(acc) {
+                *p += a;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension (`weight`, `bias`: its size), biased variance:
+/// fused on float32 CPU tensors, candle's ops elsewhere.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if weight.elem_count() != d || bias.elem_count() != d {
+        candle_core::bail!(
+            "layer_norm: input rows of {d}, weight {:?}, bias {:?}",
+            weight.dims(),
+            bias.dims()
+        )
+    }
+    if use_fused(x) && use_fused(weight) && use_fused(bias) {
+        return x.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LayerNormOp { eps: eps as f32 },
+        );
+    }
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+
+/// `out = softmax(row)`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn row_softmax(out: &mut [MaybeUninit<f32>], row: &[f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for (o, &v) in out.iter_mut().zip(row) {
+        let e = exp(v - max);
+        sum += e;
+        o.write(e);
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        // SAFETY: written in the loop above.
+        let v = unsafe { o.assume_init() };
+        o.write(v * inv);
+    }
+}
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "moco-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax")?;
+        let d = l.dims().last().copied().unwrap_or(1);
+        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
+            let start = i * row_chunk(d);
+            for (r, o) in out.chunks_mut(d).enumerate() {
+                row_softmax(o, &x[start + r * d..start + (r + 1) * d]);
+            }
+        };
+        // SAFETY: every chunk holds whole rows, each written in full.
+        let y = unsafe { filled(x.len(), row_chunk(d), fill) };
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(gy.contiguous()?.apply_op2_no_bwd(y, &SoftmaxGrad)?))
+    }
+}
+
+/// `(gy, y)` -> `y (gy - sum(gy y))` per row.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "moco-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gy = f32_slice(s1, l1, "softmax backward (gradient)")?;
+        let y = f32_slice(s2, l2, "softmax backward (output)")?;
+        let d = l1.dims().last().copied().unwrap_or(1);
+        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
+            let start = i * row_chunk(d);
+            for (r, o) in out.chunks_mut(d).enumerate() {
+                let at = start + r * d;
+                let (g, y) = (&gy[at..at + d], &y[at..at + d]);
+                let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    o.write(y * (g - dot));
+                }
+            }
+        };
+        // SAFETY: every chunk holds whole rows, each written in full.
+        let gx = unsafe { filled(gy.len(), row_chunk(d), fill) };
+        Ok((CpuStorage::F32(gx), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension: fused on float32 CPU tensors, candle's ops elsewhere.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if use_fused(x) {
+        x.contiguous()?.apply_op1(SoftmaxOp)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi)
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn gelu_chunk(out: &mut [MaybeUninit<f32>], x: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        o.write(0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2)));
+    }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn gelu_grad_chunk(out: &mut [MaybeUninit<f32>], g: &[f32], x: &[f32]) {
+    for ((o, &g), &v) in out.iter_mut().zip(g).zip(x) {
+        let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
+        let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * v * v);
+        o.write(g * (cdf + v * pdf));
+    }
+}
+
+struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "moco-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "gelu")?;
+        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| gelu_chunk(out, &x[i * CHUNK..]);
+        // SAFETY: chunk i has the length of x[i * CHUNK..] (or CHUNK): all of it is written.
+        let y = unsafe { filled(x.len(), CHUNK, fill) };
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(gy.contiguous()?.apply_op2_no_bwd(x, &GeluGrad)?))
+    }
+}
+
+/// `(gy, x)` -> `gy (Phi(x) + x phi(x))`.
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "moco-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "gelu backward (gradient)")?;
+        let x = f32_slice(s2, l2, "gelu backward (input)")?;
+        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
+            gelu_grad_chunk(out, &g[i * CHUNK..], &x[i * CHUNK..])
+        };
+        // SAFETY: as in the forward.
+        let gx = unsafe { filled(g.len(), CHUNK, fill) };
+        Ok((CpuStorage::F32(gx), l1.shape().clone()))
+    }
+}
+
+/// The exact GELU, `x Phi(x)` (`torch.nn.GELU()`): fused on float32 CPU tensors (erf by
+/// [`moco_core::math::erf`], within 6e-7), candle's `gelu_erf` elsewhere.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if use_fused(x) {
+        x.contiguous()?.apply_op1(GeluOp)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias
+
+/// `y + b` with `b` broadcast over the rows of `y` (the bias of a linear layer).
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "moco-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "add_bias (input)")?;
+        let b = f32_slice(s2, l2, "add_bias (bias)")?;
+        let d = b.len();
+        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
+            let start = i * row_chunk(d);
+            for (r, o) in out.chunks_mut(d).enumerate() {
+                let row = &y[start + r * d..start + (r + 1) * d];
+                for ((o, &v), &b) in o.iter_mut().zip(row).zip(b) {
+                    o.write(v + b);
+                }
+            }
+        };
+        // SAFETY: every chunk holds whole rows, each written in full.
+        let out = unsafe { filled(y.len(), row_chunk(d), fill) };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gb = if b.track_op() {
+            Some(
+                g.contiguous()?
+                    .apply_op1_no_bwd(&ColumnSums { d: b.elem_count() })?,
+            )
+        } else {
+            None
+        };
+        Ok((y.track_op().then(|| g.clone()), gb))
+    }
+}
+
+/// The sums of the `d` columns of a row-major matrix, in parallel over row chunks.
+struct ColumnSums {
+    d: usize,
+}
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "moco-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s, l, "bias gradient")?;
+        let d = self.d;
+        let partial: Vec<Vec<f32>> = g
+            .par_chunks(row_chunk(d))
+            .map(|c| {
+                let mut acc = vec![0f32; d];
+                for row in c.chunks_exact(d) {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; d];
+        for acc in partial {
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o += a;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(d)))
+    }
+}
+
+/// `y + b` for a 2-D `y` and a bias `b` of its row length: fused on float32 CPU tensors (the
+/// bias gradient a parallel column sum), candle's `broadcast_add` elsewhere.
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, d) = y.dims2()?;
+    if b.dims() != [d] {
+        candle_core::bail!("add_bias: rows of {d}, bias {:?}", b.dims())
+    }
+    if use_fused(y) && use_fused(b) {
+        y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+    } else {
+        y.broadcast_add(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::test_util::max_rel;
+    use candle_core::{Device, Var};
+
+    /// Forward values and the gradients of sum(f(..) * mix) against candle's generic ops.
+    fn check(
+        name: &str,
+        inputs: &[&Var],
+        ours: impl Fn(&[Tensor]) -> Tensor,
+        theirs: impl Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (ours(&ts), theirs(&ts));
+        assert!(
+            max_rel(&a, &b) <= tol,
+            "{name}: forward {}",
+            max_rel(&a, &b)
+        );
+        let mix = Tensor::randn(0f32, 1.0, a.shape(), &Device::Cpu).unwrap();
+        let ga = (&a * &mix).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &mix).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+            assert!(
+                max_rel(x, y) <= tol,
+                "{name}: gradient {i}: {}",
+                max_rel(x, y)
+            );
+        }
+    }
+
+    #[test]
+    fn fused_ops_match_candle_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        // Odd sizes: rows that do not fill a chunk, lanes left over.
+        for (rows, d) in [(3, 5), (37, 48), (300, 129)] {
+            let x = Var::randn(0.5f32, 2.0, (rows, d), &dev).unwrap();
+            let w = Var::randn(1f32, 0.3, d, &dev).unwrap();
+            let b = Var::randn(0f32, 0.3, d, &dev).unwrap();
+            check(
+                "layer_norm",
+                &[&x, &w, &b],
+                |t| layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap(),
+                |t| {
+                    let mean = t[0].mean_keepdim(D::Minus1).unwrap();
+                    let xc = t[0].broadcast_sub(&mean).unwrap();
+                    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                    xc.broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+                        .unwrap()
+                        .broadcast_mul(&t[1])
+                        .unwrap()
+                        .broadcast_add(&t[2])
+                        .unwrap()
+                },
+                2e-5,
+            );
+            let s = Var::randn(0f32, 3.0, (2, rows, d), &dev).unwrap();
+            check(
+                "softmax",
+                &[&s],
+                |t| softmax_last_dim(&t[0]).unwrap(),
+                |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
+                1e-5,
+            );
+            let y = Var::randn(0f32, 1.0, (rows, d), &dev).unwrap();
+            check(
+                "add_bias",
+                &[&y, &b],
+                |t| add_bias(&t[0], &t[1]).unwrap(),
+                |t| t[0].broadcast_add(&t[1]).unwrap(),
+                1e-6,
+            );
+            check(
+                "gelu",
+                &[&s],
+                |t| gelu_erf(&t[0]).unwrap(),
+                |t| t[0].gelu_erf().unwrap(),
+                2e-6,
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_keeps_extreme_rows_finite_and_layer_norm_names_bad_shapes() {
+        let x = Tensor::new(
+            &[[1000f32, 0.0, -1000.0], [-1e30, -1e30, -1e30]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y: Vec<Vec<f32>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        assert_eq!(y[0], [1.0, 0.0, 0.0]);
+        assert!(y[1].iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-6));
+        let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        let err = layer_norm(&x, &w, &w, 1e-6).unwrap_err().to_string();
+        assert!(err.contains("rows of 3"), "{err}");
+    }
+}
