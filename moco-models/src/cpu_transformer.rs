@@ -20,6 +20,52 @@ fn row_chunk(d: usize) -> usize {
     d * (CHUNK / d.max(1)).max(1)
 }
 
+const LANES: usize = 16;
+
+/// `sum_j f(j)` over `0..n` in 16 independent lanes (so that the loop vectorises; a single
+/// float accumulator is a serial chain), the lanes then added in a fixed order.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let full = n / LANES * LANES;
+    let mut j = 0;
+    while j < full {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(j + l);
+        }
+        j += LANES;
+    }
+    let mut s = 0f32;
+    for a in acc {
+        s += a;
+    }
+    for j in full..n {
+        s += f(j);
+    }
+    s
+}
+
+/// `max_j row[j] * scale`, in lanes as [`lane_sum`].
+#[inline(always)]
+fn lane_max(row: &[f32], scale: f32) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(v * scale);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for a in acc {
+        m = m.max(a);
+    }
+    for &v in rest {
+        m = m.max(v * scale);
+    }
+    m
+}
+
 fn use_fused(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
@@ -35,8 +81,8 @@ fn use_fused(t: &Tensor) -> bool {
 ))]
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum(row.len(), |j| row[j]) / n;
+    let var = lane_sum(row.len(), |j| (row[j] - mean) * (row[j] - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -139,21 +185,7 @@ impl CustomOp3 for LayerNormGrad {
                 for (r, gx) in gx.chunks_mut(d).enumerate() {
                     let at = start + r * d;
                     let (row, g_row) = (&x[at..at + d], &gy[at..at + d]);
-                    let (mean, rstd) = row_stats(row, eps);
-                    let (mut mg, mut mgx) = (0f32, 0f32);
-                    for j in 0..d {
-                        let xh = (row[j] - mean) * rstd;
-                        xhat[j] = xh;
-                        let g = g_row[j] * w[j];
-                        mg += g;
-                        mgx += g * xh;
-                        acc[j] += g_row[j] * xh;
-                        acc[d + j] += g_row[j];
-                    }
-                    let (mg, mgx) = (mg / d as f32, mgx / d as f32);
-                    for j in 0..d {
-                        gx[j] = rstd * (g_row[j] * w[j] - mg - xhat[j] * mgx);
-                    }
+                    layer_norm_grad_row(gx, &mut acc, &mut xhat, row, g_row, w, eps);
                 }
                 acc
             })
@@ -164,6 +196,38 @@ impl CustomOp3 for LayerNormGrad {
             }
         }
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
+    }
+}
+
+/// One row of [`LayerNormGrad`]: writes `gx`, adds to the weight (`acc[..d]`) and bias
+/// (`acc[d..]`) gradients; `xhat` is scratch.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn layer_norm_grad_row(
+    gx: &mut [f32],
+    acc: &mut [f32],
+    xhat: &mut [f32],
+    row: &[f32],
+    g_row: &[f32],
+    w: &[f32],
+    eps: f32,
+) {
+    let d = row.len();
+    let (mean, rstd) = row_stats(row, eps);
+    let (aw, ab) = acc.split_at_mut(d);
+    for j in 0..d {
+        let xh = (row[j] - mean) * rstd;
+        xhat[j] = xh;
+        aw[j] += g_row[j] * xh;
+        ab[j] += g_row[j];
+    }
+    let mg = lane_sum(d, |j| g_row[j] * w[j]) / d as f32;
+    let mgx = lane_sum(d, |j| g_row[j] * w[j] * xhat[j]) / d as f32;
+    for j in 0..d {
+        gx[j] = rstd * (g_row[j] * w[j] - mg - xhat[j] * mgx);
     }
 }
 
@@ -196,21 +260,20 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 // ---------------------------------------------------------------------------------------------
 // Softmax
 
-/// `out = softmax(row)`.
+/// `out = softmax(scale * row)`.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
     "x86_64+avx2+fma",
     "x86_64+sse4.1"
 ))]
-fn row_softmax(out: &mut [MaybeUninit<f32>], row: &[f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
+fn row_softmax(out: &mut [MaybeUninit<f32>], row: &[f32], scale: f32) {
+    let max = lane_max(row, scale);
     for (o, &v) in out.iter_mut().zip(row) {
-        let e = exp(v - max);
-        sum += e;
-        o.write(e);
+        o.write(exp(v * scale - max));
     }
-    let inv = 1.0 / sum;
+    // SAFETY: every element was written just above.
+    let e: &[f32] = unsafe { &*(out as *const [MaybeUninit<f32>] as *const [f32]) };
+    let inv = 1.0 / lane_sum(e.len(), |j| e[j]);
     for o in out.iter_mut() {
         // SAFETY: written in the loop above.
         let v = unsafe { o.assume_init() };
@@ -218,7 +281,9 @@ fn row_softmax(out: &mut [MaybeUninit<f32>], row: &[f32]) {
     }
 }
 
-struct SoftmaxOp;
+struct SoftmaxOp {
+    scale: f32,
+}
 
 impl CustomOp1 for SoftmaxOp {
     fn name(&self) -> &'static str {
@@ -231,7 +296,7 @@ impl CustomOp1 for SoftmaxOp {
         let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
             let start = i * row_chunk(d);
             for (r, o) in out.chunks_mut(d).enumerate() {
-                row_softmax(o, &x[start + r * d..start + (r + 1) * d]);
+                row_softmax(o, &x[start + r * d..start + (r + 1) * d], self.scale);
             }
         };
         // SAFETY: every chunk holds whole rows, each written in full.
@@ -240,12 +305,18 @@ impl CustomOp1 for SoftmaxOp {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gy.contiguous()?.apply_op2_no_bwd(y, &SoftmaxGrad)?))
+        let scale = self.scale;
+        Ok(Some(
+            gy.contiguous()?
+                .apply_op2_no_bwd(y, &SoftmaxGrad { scale })?,
+        ))
     }
 }
 
-/// `(gy, y)` -> `y (gy - sum(gy y))` per row.
-struct SoftmaxGrad;
+/// `(gy, y)` -> `scale y (gy - sum(gy y))` per row.
+struct SoftmaxGrad {
+    scale: f32,
+}
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -266,11 +337,7 @@ impl CustomOp2 for SoftmaxGrad {
             let start = i * row_chunk(d);
             for (r, o) in out.chunks_mut(d).enumerate() {
                 let at = start + r * d;
-                let (g, y) = (&gy[at..at + d], &y[at..at + d]);
-                let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
-                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                    o.write(y * (g - dot));
-                }
+                softmax_grad_row(o, &gy[at..at + d], &y[at..at + d], self.scale);
             }
         };
         // SAFETY: every chunk holds whole rows, each written in full.
@@ -279,13 +346,33 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
+/// `softmax(scale * x)` over the last dimension (attention's scaled scores): fused on float32
+/// CPU tensors, candle's ops elsewhere.
+pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if use_fused(x) {
+        x.contiguous()?.apply_op1(SoftmaxOp {
+            scale: scale as f32,
+        })
+    } else {
+        candle_nn::ops::softmax(&(x * scale)?, D::Minus1)
+    }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn softmax_grad_row(out: &mut [MaybeUninit<f32>], g: &[f32], y: &[f32], scale: f32) {
+    let dot = lane_sum(g.len(), |j| g[j] * y[j]);
+    for ((o, &g), &y) in out.iter_mut().zip(g).zip(y) {
+        o.write(scale * y * (g - dot));
+    }
+}
+
 /// Softmax over the last dimension: fused on float32 CPU tensors, candle's ops elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if use_fused(x) {
-        x.contiguous()?.apply_op1(SoftmaxOp)
-    } else {
-        candle_nn::ops::softmax(x, D::Minus1)
-    }
+    scaled_softmax_last_dim(x, 1.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -544,6 +631,13 @@ mod tests {
                 &[&s],
                 |t| softmax_last_dim(&t[0]).unwrap(),
                 |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
+                1e-5,
+            );
+            check(
+                "scaled softmax",
+                &[&s],
+                |t| scaled_softmax_last_dim(&t[0], 0.125).unwrap(),
+                |t| candle_nn::ops::softmax(&(&t[0] * 0.125).unwrap(), D::Minus1).unwrap(),
                 1e-5,
             );
             let y = Var::randn(0f32, 1.0, (rows, d), &dev).unwrap();

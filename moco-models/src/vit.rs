@@ -260,8 +260,8 @@ impl Block {
             .permute((2, 0, 3, 1, 4))?;
         let part = |i: usize| qkv.get(i)?.contiguous();
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (hd as f64).powf(-0.5))?;
-        let attn = cpu_transformer::softmax_last_dim(&scores)?;
+        let scores = q.matmul(&k.t()?)?;
+        let attn = cpu_transformer::scaled_softmax_last_dim(&scores, (hd as f64).powf(-0.5))?;
         let heads = attn
             .matmul(&v)?
             .transpose(1, 2)?
