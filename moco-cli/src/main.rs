@@ -162,7 +162,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// A Hugging Face model folder: model.safetensors (backbone, torchvision names), config.json,
+    /// A Hugging Face model folder: model.safetensors (backbone, torchvision or timm names), config.json,
     /// README.md model card.
     Export {
         /// A pretraining run directory.
@@ -245,7 +245,8 @@ struct PretrainArgs {
     /// --preset v3-vit).
     #[arg(long)]
     stop_grad_conv1: bool,
-    /// Width of the first stage (64 = torchvision; 16 gives the CPU-sized 16-32-64-128 net).
+    /// ResNet width of the first stage (64 = torchvision; 16 gives the CPU-sized 16-32-64-128
+    /// net). A ViT's width is in its name.
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]

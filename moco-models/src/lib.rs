@@ -1,7 +1,7 @@
 //! # moco-models
 //!
-//! Trainable backbones for MoCo on Candle, with torchvision's parameter names so that weights
-//! move between moco-rs and PyTorch without renaming:
+//! Trainable backbones for MoCo on Candle, with torchvision's (ResNets) and timm's (ViTs)
+//! parameter names so that weights move between moco-rs and PyTorch without renaming:
 //!
 //! - [`resnet`]: ResNet-18/34/50/101/152 (torchvision v1.5) and small-image variants
 //!   (`resnet18-small`, ...: 3x3 stride-1 stem, no max-pool), any input channels, any width;
@@ -11,7 +11,9 @@
 //! - [`head`]: v1 linear, v2 MLP and v3 projector/predictor heads;
 //! - [`Encoder`]: a backbone with its head, built from an [`EncoderSpec`], saved to and loaded
 //!   from safetensors with the architecture in the metadata;
-//! - [`checkpoint`]: import of official MoCo `checkpoint_*.pth.tar` files.
+//! - [`checkpoint`]: import of official MoCo (v1, v2, v3) `checkpoint_*.pth.tar` files;
+//! - [`cpu_conv`], [`cpu_batch_norm`], [`cpu_elementwise`], [`cpu_transformer`]: the fused CPU
+//!   kernels the backbones run on (other devices run candle's ops).
 
 pub mod batch_norm;
 pub mod checkpoint;
