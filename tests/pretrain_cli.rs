@@ -247,17 +247,8 @@ fn a_vit_trains_with_adamw_and_a_frozen_patch_projection_resumes_exactly_and_exp
 
     // Export: timm names with the fixed position embedding; the folder loads back.
     let out = dir.path().join("export");
-    let o = moco()
-        .args([
-            "export",
-            "--run",
-            a.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, out_arg) = (a.to_str().unwrap(), out.to_str().unwrap());
+    run_ok(moco().args(["export", "--run", a, "--out", out_arg]));
     let model = moco_core::io::load(&out.join("model.safetensors"), &Device::Cpu).unwrap();
     assert!(model.tensors.contains_key("pos_embed"));
     assert!(model.tensors.keys().all(|k| !k.starts_with("head.")));
@@ -266,11 +257,7 @@ fn a_vit_trains_with_adamw_and_a_frozen_patch_projection_resumes_exactly_and_exp
         card.contains("VisionTransformer(img_size=28, patch_size=7"),
         "{card}"
     );
-    let o = moco()
-        .args(["knn", "--weights", out.to_str().unwrap(), "--workers", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_ok(moco().args(["knn", "--weights", out_arg, "--workers", "2"]));
 }
 
 #[test]

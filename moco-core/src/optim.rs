@@ -185,31 +185,39 @@ impl Sgd {
     }
 }
 
-impl candle_nn::Optimizer for Sgd {
-    type Config = SgdConfig;
+/// `candle_nn::Optimizer` for an optimizer with `new_named`, `step_grads` and `config.lr`
+/// (parameters get the names `param.{i}`).
+macro_rules! candle_optimizer {
+    ($opt:ident, $config:ident) => {
+        impl candle_nn::Optimizer for $opt {
+            type Config = $config;
 
-    fn new(vars: Vec<Var>, config: SgdConfig) -> candle_core::Result<Self> {
-        let named = vars
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (format!("param.{i}"), v))
-            .collect();
-        Sgd::new_named(named, config).map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
+            fn new(vars: Vec<Var>, config: $config) -> candle_core::Result<Self> {
+                let named = vars
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("param.{i}"), v))
+                    .collect();
+                $opt::new_named(named, config).map_err(|e| candle_core::Error::Msg(e.to_string()))
+            }
 
-    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        self.step_grads(grads)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
+            fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+                self.step_grads(grads)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            }
 
-    fn learning_rate(&self) -> f64 {
-        self.config.lr
-    }
+            fn learning_rate(&self) -> f64 {
+                self.config.lr
+            }
 
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.config.lr = lr;
-    }
+            fn set_learning_rate(&mut self, lr: f64) {
+                self.config.lr = lr;
+            }
+        }
+    };
 }
+
+candle_optimizer!(Sgd, SgdConfig);
 
 /// Hyperparameters of [`AdamW`], with `torch.optim.AdamW`'s meaning (its defaults: betas
 /// (0.9, 0.999), eps 1e-8, weight decay 0.01).
@@ -368,31 +376,7 @@ impl AdamW {
     }
 }
 
-impl candle_nn::Optimizer for AdamW {
-    type Config = AdamWConfig;
-
-    fn new(vars: Vec<Var>, config: AdamWConfig) -> candle_core::Result<Self> {
-        let named = vars
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (format!("param.{i}"), v))
-            .collect();
-        AdamW::new_named(named, config).map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
-
-    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        self.step_grads(grads)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.config.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.config.lr = lr;
-    }
-}
+candle_optimizer!(AdamW, AdamWConfig);
 
 /// The optimizer of a MoCo run: SGD (or LARS) or AdamW, chosen by [`crate::MocoConfig`].
 #[derive(Debug)]

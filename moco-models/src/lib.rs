@@ -449,6 +449,16 @@ pub fn load_encoder(
 mod tests {
     use super::*;
 
+    /// The variables' current values by name.
+    fn values(vars: &VarMap) -> HashMap<String, Tensor> {
+        vars.data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+            .collect()
+    }
+
     fn build(spec: EncoderSpec) -> (Encoder, VarMap) {
         let vars = VarMap::new();
         let enc = encoder(
@@ -516,13 +526,7 @@ mod tests {
         let (enc, vars) = build(spec);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.safetensors");
-        let tensors: BTreeMap<String, Tensor> = vars
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
-            .collect();
+        let tensors: BTreeMap<String, Tensor> = values(&vars).into_iter().collect();
         save_weights(&path, &spec, &tensors).unwrap();
         let (back, _) = load_encoder(&path, None, &Device::Cpu).unwrap();
         assert_eq!(back.spec(), &spec);
@@ -557,13 +561,7 @@ mod tests {
             head: HeadKind::V3 { hidden: 8, dim: 4 },
         };
         let (_, vars) = build(spec);
-        let mut t: HashMap<String, Tensor> = vars
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
-            .collect();
+        let mut t = values(&vars);
         assert_eq!(checkpoint::detect_spec(&t).unwrap(), spec);
         t.remove("fc.4.running_mean");
         let err = checkpoint::detect_spec(&t).unwrap_err();
@@ -653,13 +651,7 @@ mod tests {
             head: HeadKind::Linear { dim: 3 },
         };
         let (_, vars) = build(spec);
-        let mut t: HashMap<String, Tensor> = vars
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
-            .collect();
+        let mut t = values(&vars);
         t.insert(
             "predictor.0.weight".into(),
             Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),

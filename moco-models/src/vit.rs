@@ -438,34 +438,33 @@ mod tests {
         // Parsed, but no sine-cosine embedding for a width that 4 does not divide.
         let e = VitConfig::from_arch("vit-30x2h3").unwrap_err().to_string();
         assert!(e.contains("embed_dim"), "{e}");
-        let bad = VitConfig {
-            patch_size: 3,
-            ..tiny()
-        };
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("patch_size"));
-        let bad = VitConfig {
-            embed_dim: 18,
-            num_heads: 3,
-            ..tiny()
-        };
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("embed_dim"));
-        let bad = VitConfig {
-            num_heads: 3,
-            ..tiny()
-        };
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("num_heads"));
+        for (bad, key) in [
+            (
+                VitConfig {
+                    patch_size: 3,
+                    ..tiny()
+                },
+                "patch_size",
+            ),
+            (
+                VitConfig {
+                    embed_dim: 18,
+                    num_heads: 3,
+                    ..tiny()
+                },
+                "embed_dim",
+            ),
+            (
+                VitConfig {
+                    num_heads: 3,
+                    ..tiny()
+                },
+                "num_heads",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

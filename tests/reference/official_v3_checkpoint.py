@@ -14,7 +14,7 @@ Writes, under tests/reference/:
   projector output in eval mode.
 The layout: {'epoch', 'arch', 'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*',
 'module.predictor.*'}, 'optimizer', 'scaler'} (the `module.` prefix from DistributedDataParallel).
-The _build_mlp and sin-cos definitions are written here from the paper and the official code's
+The _build_mlp and sin-cos definitions (mocov3.py) are written from the paper and the official code's
 semantics; no moco code is imported.
 """
 import copy
@@ -25,35 +25,13 @@ import torch
 import torch.nn as nn
 import torchvision
 from safetensors.torch import save_file
+
+from mocov3 import mlp, sincos
 from timm.models.vision_transformer import VisionTransformer
 from torchvision.models.resnet import BasicBlock
 
 torch.manual_seed(0)
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def mlp(num_layers, i, h, o, last_bn=True):
-    layers = []
-    for l in range(num_layers):
-        d1 = i if l == 0 else h
-        d2 = o if l == num_layers - 1 else h
-        layers.append(nn.Linear(d1, d2, bias=False))
-        if l < num_layers - 1:
-            layers += [nn.BatchNorm1d(d2), nn.ReLU()]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(d2, affine=False))
-    return nn.Sequential(*layers)
-
-
-def sincos(grid, dim):
-    a, b = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
-                          torch.arange(grid, dtype=torch.float32), indexing="ij")
-    q = dim // 4
-    omega = 1.0 / (10000.0 ** (torch.arange(q, dtype=torch.float32) / q))
-    oa = a.flatten()[:, None] * omega[None, :]
-    ob = b.flatten()[:, None] * omega[None, :]
-    pe = torch.cat([oa.sin(), oa.cos(), ob.sin(), ob.cos()], dim=1)
-    return torch.cat([torch.zeros(1, dim), pe], dim=0)[None]
 
 
 def randomise_bn(m):

@@ -7,7 +7,7 @@ Writes tests/reference/vit_golden.safetensors; moco-models/tests/vit.rs compares
 
 The network is MoCo v3's ViT (`VisionTransformerMoCo`): timm's `VisionTransformer` (qkv bias,
 LayerNorm eps 1e-6, exact GELU) whose position embedding is replaced by the fixed 2-D sine-cosine
-one (written below from the paper's definition and the official code's index order), with MoCo
+one (in mocov3.py, written from the paper's definition and the official code's index order), with MoCo
 v3's ViT projector as `head` (`_build_mlp(3, dim, mlp_dim, out)`: Linear without bias, BN1d,
 ReLU, Linear, BN1d, ReLU, Linear, BN1d without affine). Small sizes: 16x16x3 input, 4x4
 patches, width 32, 2 blocks, 4 heads, MLP ratio 4, projector 32-48-48-16, batch 4.
@@ -24,36 +24,12 @@ import torch
 import torch.nn as nn
 from functools import partial
 from safetensors.torch import save_file
+
+from mocov3 import mlp, sincos
 from timm.models.vision_transformer import VisionTransformer
 
 torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)  # the reference is computed in float64, stored as float32
-
-
-def sincos(grid, dim):
-    """[0 (class token)], then per patch m: sin/cos of a*omega, sin/cos of b*omega, where (a, b)
-    follow torch.meshgrid(arange(w), arange(h)) flattened (a = m // grid, b = m % grid)."""
-    a, b = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
-                          torch.arange(grid, dtype=torch.float32), indexing="ij")
-    q = dim // 4
-    omega = 1.0 / (10000.0 ** (torch.arange(q, dtype=torch.float32) / q))
-    oa = a.flatten()[:, None] * omega[None, :]
-    ob = b.flatten()[:, None] * omega[None, :]
-    pe = torch.cat([oa.sin(), oa.cos(), ob.sin(), ob.cos()], dim=1)
-    return torch.cat([torch.zeros(1, dim), pe.double()], dim=0)[None]
-
-
-def mlp(num_layers, i, h, o, last_bn=True):
-    layers = []
-    for l in range(num_layers):
-        d1 = i if l == 0 else h
-        d2 = o if l == num_layers - 1 else h
-        layers.append(nn.Linear(d1, d2, bias=False))
-        if l < num_layers - 1:
-            layers += [nn.BatchNorm1d(d2), nn.ReLU()]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(d2, affine=False))
-    return nn.Sequential(*layers)
 
 
 DIM, GRID = 32, 4
