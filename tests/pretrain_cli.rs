@@ -23,6 +23,35 @@ fn pretrain(out: &Path, extra: &[&str]) -> std::process::Output {
     )
 }
 
+/// Asserts that two checkpoints hold the same tensors, bit for bit.
+fn assert_same_tensors(ta: &[(String, Vec<f32>)], tb: &[(String, Vec<f32>)]) {
+    assert_eq!(ta.len(), tb.len());
+    for ((ka, va), (kb, vb)) in ta.iter().zip(tb) {
+        assert_eq!(ka, kb);
+        assert!(
+            va == vb,
+            "`{ka}` differs between the uninterrupted and the resumed run"
+        );
+    }
+}
+
+/// Trains run `a` for `steps` steps and run `b` for half as many, then resumes `b` to `steps`;
+/// asserts that both end with the same checkpoint and returns its tensors.
+fn resumed_equals_uninterrupted(
+    a: &Path,
+    b: &Path,
+    flags: &[&str],
+    steps: u32,
+) -> Vec<(String, Vec<f32>)> {
+    let (all, half) = (steps.to_string(), (steps / 2).to_string());
+    pretrain(a, &[flags, &["--max-steps", &all]].concat());
+    pretrain(b, &[flags, &["--max-steps", &half]].concat());
+    pretrain(b, &["--resume", "--max-steps", &all]);
+    let ta = file_tensors(&a.join("checkpoint-last.safetensors"));
+    assert_same_tensors(&ta, &file_tensors(&b.join("checkpoint-last.safetensors")));
+    ta
+}
+
 #[test]
 fn a_run_directory_holds_config_metrics_and_an_atomic_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,18 +147,10 @@ fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
     eprintln!("killed after step {killed_at}");
     pretrain(&b, &["--resume", "--max-steps", "10"]);
 
-    let (ta, tb) = (
-        file_tensors(&a.join("checkpoint-last.safetensors")),
-        file_tensors(&ckpt),
+    assert_same_tensors(
+        &file_tensors(&a.join("checkpoint-last.safetensors")),
+        &file_tensors(&ckpt),
     );
-    assert_eq!(ta.len(), tb.len());
-    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
-        assert_eq!(ka, kb);
-        assert!(
-            va == vb,
-            "`{ka}` differs between the uninterrupted and the resumed run"
-        );
-    }
 }
 
 #[test]
@@ -146,14 +167,7 @@ fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
         "--warmup-epochs",
         "0.5",
     ];
-    pretrain(&a, &[&v3[..], &["--max-steps", "6"]].concat());
-    pretrain(&b, &[&v3[..], &["--max-steps", "3"]].concat());
-    pretrain(&b, &["--resume", "--max-steps", "6"]);
-    let ckpt = a.join("checkpoint-last.safetensors");
-    let (ta, tb) = (
-        file_tensors(&ckpt),
-        file_tensors(&b.join("checkpoint-last.safetensors")),
-    );
+    let ta = resumed_equals_uninterrupted(&a, &b, &v3, 6);
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     // The predictor trains with the query encoder (and has LARS buffers); the key has none.
     assert!(names.contains(&"encoder_q.predictor.0.weight"), "{names:?}");
@@ -164,11 +178,6 @@ fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
         names.contains(&"encoder_q.fc.4.running_mean"),
         "v3 projector, last BN"
     );
-    assert_eq!(ta.len(), tb.len());
-    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
-        assert_eq!(ka, kb);
-        assert!(va == vb, "`{ka}` differs after the resume");
-    }
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["moco"]["loss"], "in_batch");
@@ -211,13 +220,7 @@ fn a_vit_trains_with_adamw_and_a_frozen_patch_projection_resumes_exactly_and_exp
         "--warmup-epochs",
         "0.5",
     ];
-    pretrain(&a, &[&vit[..], &["--max-steps", "4"]].concat());
-    pretrain(&b, &[&vit[..], &["--max-steps", "2"]].concat());
-    pretrain(&b, &["--resume", "--max-steps", "4"]);
-    let (ta, tb) = (
-        file_tensors(&a.join("checkpoint-last.safetensors")),
-        file_tensors(&b.join("checkpoint-last.safetensors")),
-    );
+    let ta = resumed_equals_uninterrupted(&a, &b, &vit, 4);
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     for name in [
         "encoder_q.blocks.1.attn.qkv.weight",
@@ -235,11 +238,6 @@ fn a_vit_trains_with_adamw_and_a_frozen_patch_projection_resumes_exactly_and_exp
     assert!(!names
         .iter()
         .any(|n| n.starts_with("optimizer.") && n.contains("patch_embed")));
-    assert_eq!(ta.len(), tb.len());
-    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
-        assert_eq!(ka, kb);
-        assert!(va == vb, "`{ka}` differs after the resume");
-    }
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["moco"]["optimizer"], "adamw");
