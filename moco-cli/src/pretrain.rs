@@ -327,14 +327,16 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
         c.max_steps = o.max_steps;
     }
     c.moco.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    BackboneConfig::from_arch(&c.arch).context("--arch")?;
+    let is_vit = matches!(
+        BackboneConfig::from_arch(&c.arch).context("--arch")?,
+        BackboneConfig::Vit(_)
+    );
     if o.patch_size.is_some() {
         c.patch_size = o.patch_size;
     }
     if o.stop_grad_conv1 {
         c.stop_grad_conv1 = true;
     }
-    let is_vit = c.arch.starts_with("vit");
     if is_vit && o.preset.as_deref() == Some("v3-vit") {
         // MoCo v3's ViT recipe freezes the patch projection (`--stop-grad-conv1`).
         c.stop_grad_conv1 = true;
