@@ -8,8 +8,8 @@
 #   with target/gpu/moco.gz carried along. Finds the CUDA 13 runtime libraries of the PyTorch
 #   environment (site-packages/nvidia/cu13/lib) instead of carrying them, then
 #   1. `moco check-device --device cuda`: one MoCo v2 step on the GPU next to the same step on
-#      the CPU (same seeded weights, queue and input): loss and every updated tensor within 1e-3;
-#      then the same with `--dist nccl` (NCCL, from the PyTorch environment's nvidia/nccl/lib):
+#      the CPU (same seeded weights, queue and input): loss and every updated tensor within 1e-3,
+#      for the small ResNet and a small ViT; then the same with `--dist nccl` (NCCL, from the PyTorch environment's nvidia/nccl/lib):
 #      the step through NCCL's all-reduce / all-gather / broadcast in a group of one;
 #      with 2+ GPUs, a short `moco launch` data-parallel pretraining over all of them;
 #   2. `moco bench step --device cuda` next to bench/reference/bench_step.py --device cuda:
@@ -56,6 +56,9 @@ echo "CUDA libraries from $cu13; NCCL from ${nccl:-nowhere (no nvidia/nccl/lib)}
 
 echo "== 1. one MoCo step, CUDA vs CPU"
 timeout 180 "$bin" check-device --device cuda --arch resnet18-small --width 16 --image-size 32 --batch-size 32
+echo "== 1a. the same for a ViT (candle's ops on the GPU; the CPU side runs the fused kernels)"
+timeout 120 "$bin" check-device --device cuda --arch vit-64x2h2 --image-size 32 --batch-size 32 ||
+  echo "ViT check failed"
 echo "== 1b. the same step through NCCL (a group of one process)"
 timeout 120 "$bin" check-device --device cuda --dist nccl --arch resnet18-small --width 16 --image-size 32 --batch-size 32 ||
   echo "NCCL check failed"
