@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Re
 use moco_core::math::{erf, exp};
 use rayon::prelude::*;
 
-use crate::scratch::{f32_slice, filled};
+use crate::scratch::{f32_slice, filled, with_scratch};
 
 const CHUNK: usize = 4096;
 
@@ -376,6 +376,327 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention
+
+/// A raw pointer shared by the parallel tasks of one op, each writing its own disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: the tasks that share it write disjoint elements (see the callers).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst (m x n) = [dst +] a (m x k) * b (k x n)` on the calling thread, every matrix given by
+/// its pointer and (row, column) strides.
+///
+/// # Safety
+/// The pointers must address matrices of those sizes and strides; `dst` must not overlap them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2,
+            dst.1,
+            false,
+            a.0,
+            a.2,
+            a.1,
+            b.0,
+            b.2,
+            b.1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `row = softmax(scale * row)` in place.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn softmax_in_place(row: &mut [f32], scale: f32) {
+    let max = lane_max(row, scale);
+    for v in row.iter_mut() {
+        *v = exp(*v * scale - max);
+    }
+    let inv = 1.0 / lane_sum(row.len(), |j| row[j]);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `dp = scale * p * (dp - sum(dp * p))` in place: the softmax's backward for one row.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1"
+))]
+fn softmax_grad_in_place(dp: &mut [f32], p: &[f32], scale: f32) {
+    let dot = lane_sum(dp.len(), |j| dp[j] * p[j]);
+    for (d, &p) in dp.iter_mut().zip(p) {
+        *d = scale * p * (*d - dot);
+    }
+}
+
+/// Shapes of one attention call: N samples of T tokens, H heads of `hd` channels.
+#[derive(Clone, Copy)]
+struct Heads {
+    n: usize,
+    t: usize,
+    h: usize,
+    hd: usize,
+}
+
+impl Heads {
+    fn d(&self) -> usize {
+        self.h * self.hd
+    }
+    /// Offset of head `h`'s part `which` (0: q, 1: k, 2: v) of sample `n` in the qkv tensor
+    /// (N x T x 3D, channels ordered (which, head, j) as timm's reshape).
+    fn qkv_at(&self, n: usize, which: usize, h: usize) -> usize {
+        n * self.t * 3 * self.d() + which * self.d() + h * self.hd
+    }
+    /// Offset of head `h` of sample `n` in the N x T x D output.
+    fn out_at(&self, n: usize, h: usize) -> usize {
+        n * self.t * self.d() + h * self.hd
+    }
+    /// `scores = softmax(scale q k^T)` (T x T) for head `h` of sample `n`.
+    fn probabilities(&self, qkv: &[f32], n: usize, h: usize, scores: &mut [f32], scale: f32) {
+        let (t, rs) = (self.t, 3 * self.d() as isize);
+        let q = qkv[self.qkv_at(n, 0, h)..].as_ptr();
+        let k = qkv[self.qkv_at(n, 1, h)..].as_ptr();
+        // SAFETY: q and k are T x hd matrices with row stride 3D inside `qkv` (the caller checked
+        // its length), `scores` is a separate T x T buffer.
+        unsafe {
+            gemm_strided(
+                t,
+                t,
+                self.hd,
+                (scores.as_mut_ptr(), t as isize, 1),
+                (q, rs, 1),
+                (k, 1, rs),
+            )
+        };
+        for row in scores.chunks_exact_mut(t) {
+            softmax_in_place(row, scale);
+        }
+    }
+}
+
+/// Multi-head self-attention on the output of the qkv projection, as timm's `Attention` between
+/// its two linear layers: N x T x 3D -> N x T x D.
+struct AttentionOp {
+    heads: usize,
+    scale: f32,
+}
+
+impl AttentionOp {
+    fn shape(&self, l: &Layout) -> Result<Heads> {
+        let (n, t, c) = l.shape().dims3()?;
+        if c % (3 * self.heads) != 0 {
+            candle_core::bail!("attention: {c} channels are not 3 x {} heads", self.heads)
+        }
+        Ok(Heads {
+            n,
+            t,
+            h: self.heads,
+            hd: c / (3 * self.heads),
+        })
+    }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "moco-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s, l, "attention")?;
+        let hs = self.shape(l)?;
+        let (t, d) = (hs.t, hs.d());
+        let mut out = vec![0f32; hs.n * t * d];
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..hs.n * hs.h).into_par_iter().for_each(|task| {
+            let (n, h) = (task / hs.h, task % hs.h);
+            let v = qkv[hs.qkv_at(n, 2, h)..].as_ptr();
+            with_scratch(t * t, 0, |scores, _| {
+                hs.probabilities(qkv, n, h, scores, self.scale);
+                // SAFETY: task (n, h) writes only the T x hd block of head h of sample n in
+                // `out` (row stride D): disjoint from every other task's; v is a T x hd matrix
+                // with row stride 3D in `qkv`.
+                unsafe {
+                    gemm_strided(
+                        t,
+                        hs.hd,
+                        t,
+                        (dst.ptr().add(hs.out_at(n, h)), d as isize, 1),
+                        (scores.as_ptr(), t as isize, 1),
+                        (v, 3 * d as isize, 1),
+                    )
+                };
+            });
+        });
+        Ok((CpuStorage::F32(out), Shape::from((hs.n, t, d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let grad = qkv.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &AttentionGrad {
+                heads: self.heads,
+                scale: self.scale,
+            },
+        )?;
+        Ok(Some(grad))
+    }
+}
+
+/// `(qkv, dout)` -> dqkv, the probabilities recomputed: with `P = softmax(s q k^T)`,
+/// `dv = P^T do`, `dS = s P (dP - rowsum(dP P))` for `dP = do v^T`, `dq = dS k`, `dk = dS^T q`.
+struct AttentionGrad {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "moco-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, "attention backward (qkv)")?;
+        let g = f32_slice(s2, l2, "attention backward (gradient)")?;
+        let hs = AttentionOp {
+            heads: self.heads,
+            scale: self.scale,
+        }
+        .shape(l1)?;
+        let (t, d, hd) = (hs.t, hs.d(), hs.hd);
+        if g.len() != hs.n * t * d {
+            candle_core::bail!("attention backward: gradient of {} elements", g.len())
+        }
+        let mut grad = vec![0f32; qkv.len()];
+        let dst = SharedMut(grad.as_mut_ptr());
+        let rs = 3 * d as isize;
+        (0..hs.n * hs.h).into_par_iter().for_each(|task| {
+            let (n, h) = (task / hs.h, task % hs.h);
+            let q = qkv[hs.qkv_at(n, 0, h)..].as_ptr();
+            let k = qkv[hs.qkv_at(n, 1, h)..].as_ptr();
+            let v = qkv[hs.qkv_at(n, 2, h)..].as_ptr();
+            let go = g[hs.out_at(n, h)..].as_ptr();
+            with_scratch(t * t, t * t, |p, dp| {
+                hs.probabilities(qkv, n, h, p, self.scale);
+                // SAFETY: task (n, h) writes only head h's q, k and v columns of sample n in
+                // `grad` (T x hd blocks, row stride 3D): disjoint from every other task's. The
+                // operands are T x hd blocks of `qkv` and `g` or the task's own T x T scratch.
+                unsafe {
+                    let at = |which| dst.ptr().add(hs.qkv_at(n, which, h));
+                    // dv = P^T do
+                    gemm_strided(
+                        t,
+                        hd,
+                        t,
+                        (at(2), rs, 1),
+                        (p.as_ptr(), 1, t as isize),
+                        (go, d as isize, 1),
+                    );
+                    // dP = do v^T
+                    gemm_strided(
+                        t,
+                        t,
+                        hd,
+                        (dp.as_mut_ptr(), t as isize, 1),
+                        (go, d as isize, 1),
+                        (v, 1, rs),
+                    );
+                    for (dp, p) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                        softmax_grad_in_place(dp, p, self.scale);
+                    }
+                    // dq = dS k, dk = dS^T q
+                    gemm_strided(
+                        t,
+                        hd,
+                        t,
+                        (at(0), rs, 1),
+                        (dp.as_ptr(), t as isize, 1),
+                        (k, rs, 1),
+                    );
+                    gemm_strided(
+                        t,
+                        hd,
+                        t,
+                        (at(1), rs, 1),
+                        (dp.as_ptr(), 1, t as isize),
+                        (q, rs, 1),
+                    );
+                }
+            });
+        });
+        Ok((CpuStorage::F32(grad), l1.shape().clone()))
+    }
+}
+
+/// Multi-head self-attention from the qkv projection's output (N x T x 3D, channels (q|k|v,
+/// head, j) as timm reshapes them) to the heads' outputs side by side (N x T x D):
+/// `softmax(q k^T / sqrt(hd)) v` per head. On float32 CPU tensors one fused op, parallel over
+/// samples and heads, that never copies q, k and v out and recomputes the probabilities in the
+/// backward; candle's ops elsewhere.
+pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (n, t, c) = qkv.dims3()?;
+    if heads == 0 || c % (3 * heads) != 0 {
+        candle_core::bail!("attention: {c} channels are not 3 x {heads} heads")
+    }
+    let (d, hd) = (c / 3, c / (3 * heads));
+    let scale = (hd as f64).powf(-0.5);
+    if use_fused(qkv) {
+        return qkv.contiguous()?.apply_op1(AttentionOp {
+            heads,
+            scale: scale as f32,
+        });
+    }
+    let qkv = qkv
+        .reshape((n, t, 3, heads, hd))?
+        .permute((2, 0, 3, 1, 4))?;
+    let part = |i: usize| qkv.get(i)?.contiguous();
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let attn = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?;
+    attn.matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, t, d))
+}
+
+// ---------------------------------------------------------------------------------------------
 // GELU
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -656,6 +977,33 @@ mod tests {
                 2e-6,
             );
         }
+    }
+
+    #[test]
+    fn fused_attention_matches_candle_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        // (samples, tokens, heads, head width): odd sizes, one head, tokens beyond a lane block.
+        for (n, t, h, hd) in [(2, 5, 1, 3), (3, 17, 4, 8), (2, 65, 3, 16)] {
+            let qkv = Var::randn(0f32, 1.0, (n, t, 3 * h * hd), &dev).unwrap();
+            check(
+                "attention",
+                &[&qkv],
+                |x| attention(&x[0], h).unwrap(),
+                |x| {
+                    // The generic path (taken for a float64 input), in float64.
+                    attention(&x[0].to_dtype(DType::F64).unwrap(), h)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                },
+                2e-5,
+            );
+        }
+        let qkv = Tensor::zeros((2, 3, 10), DType::F32, &dev).unwrap();
+        assert!(attention(&qkv, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("3 x 3 heads"));
     }
 
     #[test]

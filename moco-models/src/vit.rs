@@ -252,21 +252,9 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, t, d) = x.dims3()?;
-        let hd = d / self.heads;
         // Multi-head self-attention: softmax(q k^T / sqrt(hd)) v per head.
-        let qkv = linear(&self.qkv, &self.norm1.forward(x)?)?
-            .reshape((n, t, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let part = |i: usize| qkv.get(i)?.contiguous();
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scores = q.matmul(&k.t()?)?;
-        let attn = cpu_transformer::scaled_softmax_last_dim(&scores, (hd as f64).powf(-0.5))?;
-        let heads = attn
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, t, d))?;
+        let qkv = linear(&self.qkv, &self.norm1.forward(x)?)?;
+        let heads = cpu_transformer::attention(&qkv, self.heads)?;
         let x = (x + linear(&self.proj, &heads)?)?;
         // MLP with the exact (erf) GELU.
         let m = cpu_transformer::gelu_erf(&linear(&self.fc1, &self.norm2.forward(&x)?)?)?;
