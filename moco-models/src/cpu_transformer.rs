@@ -1,7 +1,7 @@
 //! Fused transformer kernels for float32 tensors on the CPU, as candle custom ops with their own
-//! backward: LayerNorm over the last dimension, softmax over the last dimension, the exact
-//! (erf) GELU and the bias of a linear layer. Each is one parallel pass over rows (or elements) each way, where candle's generic
-//! ops take five to ten passes and a single-threaded reduction; candle-nn's fused layer norm and
+//! backward: LayerNorm over the last dimension, multi-head self-attention, the exact (erf) GELU
+//! and the bias of a linear layer. Each is one parallel pass each way where candle's generic ops
+//! take five to ten passes and a single-threaded reduction; candle-nn's fused layer norm and
 //! softmax have no backward. Other devices and dtypes run the generic ops.
 
 use std::mem::MaybeUninit;
@@ -258,124 +258,6 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 }
 
 // ---------------------------------------------------------------------------------------------
-// Softmax
-
-/// `out = softmax(scale * row)`.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma",
-    "x86_64+sse4.1"
-))]
-fn row_softmax(out: &mut [MaybeUninit<f32>], row: &[f32], scale: f32) {
-    let max = lane_max(row, scale);
-    for (o, &v) in out.iter_mut().zip(row) {
-        o.write(exp(v * scale - max));
-    }
-    // SAFETY: every element was written just above.
-    let e: &[f32] = unsafe { &*(out as *const [MaybeUninit<f32>] as *const [f32]) };
-    let inv = 1.0 / lane_sum(e.len(), |j| e[j]);
-    for o in out.iter_mut() {
-        // SAFETY: written in the loop above.
-        let v = unsafe { o.assume_init() };
-        o.write(v * inv);
-    }
-}
-
-struct SoftmaxOp {
-    scale: f32,
-}
-
-impl CustomOp1 for SoftmaxOp {
-    fn name(&self) -> &'static str {
-        "moco-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "softmax")?;
-        let d = l.dims().last().copied().unwrap_or(1);
-        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
-            let start = i * row_chunk(d);
-            for (r, o) in out.chunks_mut(d).enumerate() {
-                row_softmax(o, &x[start + r * d..start + (r + 1) * d], self.scale);
-            }
-        };
-        // SAFETY: every chunk holds whole rows, each written in full.
-        let y = unsafe { filled(x.len(), row_chunk(d), fill) };
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
-        let scale = self.scale;
-        Ok(Some(
-            gy.contiguous()?
-                .apply_op2_no_bwd(y, &SoftmaxGrad { scale })?,
-        ))
-    }
-}
-
-/// `(gy, y)` -> `scale y (gy - sum(gy y))` per row.
-struct SoftmaxGrad {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "moco-softmax-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let gy = f32_slice(s1, l1, "softmax backward (gradient)")?;
-        let y = f32_slice(s2, l2, "softmax backward (output)")?;
-        let d = l1.dims().last().copied().unwrap_or(1);
-        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
-            let start = i * row_chunk(d);
-            for (r, o) in out.chunks_mut(d).enumerate() {
-                let at = start + r * d;
-                softmax_grad_row(o, &gy[at..at + d], &y[at..at + d], self.scale);
-            }
-        };
-        // SAFETY: every chunk holds whole rows, each written in full.
-        let gx = unsafe { filled(gy.len(), row_chunk(d), fill) };
-        Ok((CpuStorage::F32(gx), l1.shape().clone()))
-    }
-}
-
-/// `softmax(scale * x)` over the last dimension (attention's scaled scores): fused on float32
-/// CPU tensors, candle's ops elsewhere.
-pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
-    if use_fused(x) {
-        x.contiguous()?.apply_op1(SoftmaxOp {
-            scale: scale as f32,
-        })
-    } else {
-        candle_nn::ops::softmax(&(x * scale)?, D::Minus1)
-    }
-}
-
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma",
-    "x86_64+sse4.1"
-))]
-fn softmax_grad_row(out: &mut [MaybeUninit<f32>], g: &[f32], y: &[f32], scale: f32) {
-    let dot = lane_sum(g.len(), |j| g[j] * y[j]);
-    for ((o, &g), &y) in out.iter_mut().zip(g).zip(y) {
-        o.write(scale * y * (g - dot));
-    }
-}
-
-/// Softmax over the last dimension: fused on float32 CPU tensors, candle's ops elsewhere.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    scaled_softmax_last_dim(x, 1.0)
-}
-
-// ---------------------------------------------------------------------------------------------
 // Attention
 
 /// A raw pointer shared by the parallel tasks of one op, each writing its own disjoint part.
@@ -472,6 +354,20 @@ struct Heads {
 }
 
 impl Heads {
+    /// The shapes of a qkv tensor (N x T x 3D) of `heads` heads.
+    fn of(l: &Layout, heads: usize) -> Result<Self> {
+        let (n, t, c) = l.shape().dims3()?;
+        if c % (3 * heads) != 0 {
+            candle_core::bail!("attention: {c} channels are not 3 x {heads} heads")
+        }
+        Ok(Self {
+            n,
+            t,
+            h: heads,
+            hd: c / (3 * heads),
+        })
+    }
+
     fn d(&self) -> usize {
         self.h * self.hd
     }
@@ -514,21 +410,6 @@ struct AttentionOp {
     scale: f32,
 }
 
-impl AttentionOp {
-    fn shape(&self, l: &Layout) -> Result<Heads> {
-        let (n, t, c) = l.shape().dims3()?;
-        if c % (3 * self.heads) != 0 {
-            candle_core::bail!("attention: {c} channels are not 3 x {} heads", self.heads)
-        }
-        Ok(Heads {
-            n,
-            t,
-            h: self.heads,
-            hd: c / (3 * self.heads),
-        })
-    }
-}
-
 impl CustomOp1 for AttentionOp {
     fn name(&self) -> &'static str {
         "moco-attention"
@@ -536,7 +417,7 @@ impl CustomOp1 for AttentionOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_slice(s, l, "attention")?;
-        let hs = self.shape(l)?;
+        let hs = Heads::of(l, self.heads)?;
         let (t, d) = (hs.t, hs.d());
         let mut out = vec![0f32; hs.n * t * d];
         let dst = SharedMut(out.as_mut_ptr());
@@ -596,11 +477,7 @@ impl CustomOp2 for AttentionGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_slice(s1, l1, "attention backward (qkv)")?;
         let g = f32_slice(s2, l2, "attention backward (gradient)")?;
-        let hs = AttentionOp {
-            heads: self.heads,
-            scale: self.scale,
-        }
-        .shape(l1)?;
+        let hs = Heads::of(l1, self.heads)?;
         let (t, d, hd) = (hs.t, hs.d(), hs.hd);
         if g.len() != hs.n * t * d {
             candle_core::bail!("attention backward: gradient of {} elements", g.len())
@@ -947,20 +824,6 @@ mod tests {
                 2e-5,
             );
             let s = Var::randn(0f32, 3.0, (2, rows, d), &dev).unwrap();
-            check(
-                "softmax",
-                &[&s],
-                |t| softmax_last_dim(&t[0]).unwrap(),
-                |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
-                1e-5,
-            );
-            check(
-                "scaled softmax",
-                &[&s],
-                |t| scaled_softmax_last_dim(&t[0], 0.125).unwrap(),
-                |t| candle_nn::ops::softmax(&(&t[0] * 0.125).unwrap(), D::Minus1).unwrap(),
-                1e-5,
-            );
             let y = Var::randn(0f32, 1.0, (rows, d), &dev).unwrap();
             check(
                 "add_bias",
@@ -1008,14 +871,13 @@ mod tests {
 
     #[test]
     fn softmax_keeps_extreme_rows_finite_and_layer_norm_names_bad_shapes() {
-        let x = Tensor::new(
-            &[[1000f32, 0.0, -1000.0], [-1e30, -1e30, -1e30]],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let y: Vec<Vec<f32>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        let mut y = [[1000f32, 0.0, -1000.0], [-1e30, -1e30, -1e30]];
+        for row in y.iter_mut() {
+            softmax_in_place(row, 1.0);
+        }
         assert_eq!(y[0], [1.0, 0.0, 0.0]);
         assert!(y[1].iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-6));
+        let x = Tensor::new(&y, &Device::Cpu).unwrap();
         let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
         let err = layer_norm(&x, &w, &w, 1e-6).unwrap_err().to_string();
         assert!(err.contains("rows of 3"), "{err}");
