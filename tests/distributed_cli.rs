@@ -84,6 +84,20 @@ fn bad_launches_are_clear_errors() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("multiple of the world size"), "{err}");
     assert!(err.contains("failed") && err.contains("stopped"), "{err}");
+    // SyncBN (v3's default) and BatchNorm splits exclude each other in a data-parallel run.
+    let o = moco()
+        .args(["launch", "--nproc-per-node", "2", "--"])
+        .args(TINY)
+        .args(TINY_RUN)
+        .args(["--preset", "v3", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--bn-splits 2") && err.contains("--sync-bn false"),
+        "{err}"
+    );
     // NCCL needs CUDA.
     let o = moco()
         .args(["pretrain", "--world-size", "2", "--dist-backend", "nccl"])
@@ -97,4 +111,83 @@ fn bad_launches_are_clear_errors() {
         err.contains("--dist-backend nccl needs --device cuda"),
         "{err}"
     );
+}
+
+/// MoCo v3 on two processes equals MoCo v3 on one with the same global batch, because its
+/// BatchNorm layers are synchronised (SyncBN, the v3 presets' default, as the official code):
+/// every tensor of the checkpoint (weights, key encoder, running statistics, LARS buffers)
+/// within 1e-3 of its magnitude. With `--sync-bn false` each process normalises its own half,
+/// another computation, which the same comparison tells apart.
+#[test]
+fn moco_v3_on_two_processes_equals_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let v3 = [
+        "--preset",
+        "v3",
+        "--moco-mlp-dim",
+        "32",
+        "--moco-dim",
+        "16",
+        "--warmup-epochs",
+        "0.5",
+        "--width",
+        "4",
+        "--batch-size",
+        "16",
+        "--subset",
+        "256",
+        "--knn-every",
+        "0",
+        "--quiet",
+        "--max-steps",
+        "3",
+    ];
+    let one = dir.path().join("one");
+    run_ok(
+        moco()
+            .arg("pretrain")
+            .args(TINY)
+            .args(v3)
+            .args(["--out", one.to_str().unwrap()]),
+    );
+    let want = checkpoint(&one);
+    let worst = |run: &Path| {
+        let got = checkpoint(run);
+        assert_eq!(got.len(), want.len());
+        let mut worst = (0f32, String::new());
+        for ((name, a), (nb, b)) in got.iter().zip(&want) {
+            assert_eq!(name, nb);
+            let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let d = a
+                .iter()
+                .zip(b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale));
+            if d > worst.0 {
+                worst = (d, name.clone());
+            }
+        }
+        worst
+    };
+    let synced = dir.path().join("synced");
+    run_ok(
+        moco()
+            .args(["launch", "--nproc-per-node", "2", "--"])
+            .args(TINY)
+            .args(v3)
+            .args(["--out", synced.to_str().unwrap()]),
+    );
+    let (d, name) = worst(&synced);
+    eprintln!("SyncBN: worst relative difference {d:e} (`{name}`)");
+    assert!(d < 1e-3, "`{name}` differs by {d} of its magnitude");
+    let per_rank = dir.path().join("per-rank");
+    run_ok(
+        moco()
+            .args(["launch", "--nproc-per-node", "2", "--"])
+            .args(TINY)
+            .args(v3)
+            .args(["--sync-bn", "false", "--out", per_rank.to_str().unwrap()]),
+    );
+    let (d, name) = worst(&per_rank);
+    eprintln!("per-rank BatchNorm: worst relative difference {d:e} (`{name}`)");
+    assert!(d > 1e-1, "per-rank BatchNorm matched ({d}, `{name}`)");
 }

@@ -293,6 +293,10 @@ struct PretrainArgs {
     /// BatchNorm splits (shuffle-BN on one device).
     #[arg(long)]
     bn_splits: Option<usize>,
+    /// SyncBN in a data-parallel run: BatchNorm statistics of the global batch (true in the v3
+    /// presets, as the official code) or of each rank's share (false: v1/v2, shuffle-BN).
+    #[arg(long, value_name = "BOOL")]
+    sync_bn: Option<bool>,
     /// Data worker threads.
     #[arg(long)]
     workers: Option<usize>,
@@ -530,6 +534,7 @@ fn main() -> Result<()> {
                 warmup_epochs: a.warmup_epochs,
                 optimizer: a.optimizer.clone(),
                 bn_splits: a.bn_splits,
+                sync_bn: a.sync_bn,
                 workers: a.workers,
                 seed: a.seed,
                 knn_every: a.knn_every,

@@ -223,6 +223,7 @@ pub struct Overrides {
     pub warmup_epochs: Option<f64>,
     pub optimizer: Option<String>,
     pub bn_splits: Option<usize>,
+    pub sync_bn: Option<bool>,
     pub workers: Option<usize>,
     pub seed: Option<u64>,
     pub knn_every: Option<usize>,
@@ -268,6 +269,7 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
     set!(m.momentum, o.moco_m);
     set!(m.temperature, o.temperature);
     set!(m.bn_splits, o.bn_splits);
+    set!(m.sync_bn, o.sync_bn);
     set!(m.seed, o.seed);
     if o.mlp {
         m.mlp = true;
@@ -524,6 +526,12 @@ pub fn run(
         .context("--batch-size / --world-size")?;
     let ipe = loader.batches_per_epoch();
     let local_batch = c.moco.batch_size / world;
+    if world > 1 && c.moco.sync_bn && c.moco.bn_splits > 1 {
+        bail!(
+            "--bn-splits {}: BatchNorm splits emulate several devices on one, and this data-parallel run synchronises BatchNorm over its processes (--sync-bn, on in the v3 presets): drop --bn-splits or pass --sync-bn false",
+            c.moco.bn_splits
+        );
+    }
     if local_batch % c.moco.bn_splits.max(1) != 0 {
         bail!(
             "--bn-splits {}: each process's batch ({local_batch}) must be a multiple of it",

@@ -71,6 +71,13 @@ pub struct MocoConfig {
     pub loss: LossKind,
     /// Shuffle the key batch around the key encoder (shuffle-BN).
     pub shuffle_bn: bool,
+    /// SyncBN: in a data-parallel run, BatchNorm layers (those of `moco_models`) normalise with
+    /// the statistics of the global batch, gathered from every rank in the forward pass and
+    /// summed over the ranks in the backward pass (`torch.nn.SyncBatchNorm`, which MoCo v3's
+    /// official code applies to the whole model). No effect on one process; a data-parallel run
+    /// refuses it with `bn_splits` > 1. v1/v2 keep per-rank
+    /// statistics (shuffle-BN depends on them).
+    pub sync_bn: bool,
     /// BatchNorm splits emulating several GPUs on one device (official demo `--bn-splits`; 1 = off).
     pub bn_splits: usize,
     /// Base learning rate.
@@ -120,6 +127,7 @@ impl MocoConfig {
             temperature: 0.07,
             loss: LossKind::Queue,
             shuffle_bn: true,
+            sync_bn: false,
             bn_splits: 1,
             lr: 0.03,
             lr_per_256: false,
@@ -170,7 +178,7 @@ impl MocoConfig {
     /// in-batch loss at T 1.0, projector 2048-4096-256 and predictor 256-4096-256, m 0.99 rising
     /// to 1 along a cosine, LARS (trust 0.001, momentum 0.9, wd 1e-6) at lr 0.6 per 256 images,
     /// 10 warm-up epochs then a per-iteration cosine, batch 4096, asymmetric v3 augmentations.
-    /// The official code synchronises BatchNorm across GPUs instead of shuffling it.
+    /// The official code synchronises BatchNorm across GPUs instead of shuffling it (`sync_bn`).
     pub fn v3() -> Self {
         Self {
             preset: "v3".into(),
@@ -183,6 +191,7 @@ impl MocoConfig {
             temperature: 1.0,
             loss: LossKind::InBatch,
             shuffle_bn: false,
+            sync_bn: true,
             bn_splits: 1,
             lr: 0.6,
             lr_per_256: true,

@@ -10,6 +10,7 @@
 //!   their cross-entropy fused into one op on float32 CPU tensors;
 //! - [`BatchShuffle`]: shuffle-BN on one device;
 //! - [`dist`]: data-parallel training over several processes (TCP on CPUs, NCCL on GPUs);
+//! - [`sync`]: BatchNorm statistics over all ranks (SyncBN, as MoCo v3's official runs);
 //! - [`Sgd`]: `torch.optim.SGD` with momentum, Nesterov and weight decay;
 //! - [`schedule`]: step, cosine and warm-up learning rates, cosine momentum;
 //! - [`MocoConfig`]: every setting, with the official presets;
@@ -47,6 +48,7 @@ pub mod optim;
 pub mod queue;
 pub mod schedule;
 pub mod shuffle;
+pub mod sync;
 pub mod trainer;
 
 pub use config::{AugmentationPreset, LossKind, MocoConfig, OptimizerKind};

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::rc::Rc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
@@ -64,7 +65,7 @@ pub struct Moco<E: ModuleT> {
     queue: Option<Queue>,
     optimizer: Optimizer,
     step: u64,
-    comm: Box<dyn Collective>,
+    comm: Rc<dyn Collective>,
 }
 
 impl<E: ModuleT> std::fmt::Debug for Moco<E> {
@@ -117,7 +118,7 @@ impl<E: ModuleT> Moco<E> {
             queue,
             optimizer,
             step: 0,
-            comm: Box::new(SingleProcess),
+            comm: Rc::new(SingleProcess),
         })
     }
 
@@ -144,11 +145,22 @@ impl<E: ModuleT> Moco<E> {
     /// shuffles the keys' images across all ranks (gather, one permutation, each rank encodes
     /// its slice, gather, unshuffle); the keys of all ranks are enqueued (every rank keeps the
     /// same queue), and MoCo v3's in-batch loss takes all ranks' keys as negatives.
-    /// BatchNorm statistics are per rank (no SyncBN), as in the official MoCo v1/v2.
+    /// BatchNorm statistics are per rank, as in the official MoCo v1/v2, unless
+    /// [`MocoConfig::sync_bn`] (MoCo v3's SyncBN: the layers of `moco_models` then normalise
+    /// with the global batch's statistics, see [`crate::sync`]; `bn_splits` must then be 1).
     ///
     /// Rank 0's weights, key encoder and queue are broadcast to the others here, so every rank
     /// starts from the same state (a resumed run: load the checkpoint first, on every rank).
     pub fn with_collective(mut self, comm: Box<dyn Collective>) -> Result<Self> {
+        if self.config.sync_bn && self.config.bn_splits > 1 && comm.world_size() > 1 {
+            return Err(Error::config(
+                "bn_splits",
+                format!(
+                    "{} splits emulate several devices' BatchNorm on one; with sync_bn a data-parallel run normalises over all ranks instead: use one or the other",
+                    self.config.bn_splits
+                ),
+            ));
+        }
         if comm.backend() != "single" {
             // By name: every rank must broadcast the variables in the same order.
             let vars: BTreeMap<String, candle_core::Var> = self
@@ -174,7 +186,7 @@ impl<E: ModuleT> Moco<E> {
                 self.queue = Some(Queue::from_parts(keys, q.ptr(), labels)?);
             }
         }
-        self.comm = comm;
+        self.comm = Rc::from(comm);
         Ok(self)
     }
 
@@ -263,12 +275,27 @@ impl<E: ModuleT> Moco<E> {
     }
 
     /// q = normalize(predictor(f_q(x))): N x C, tracked for backprop.
+    ///
+    /// With [`MocoConfig::sync_bn`] in a data-parallel run, a backward pass through `q` must
+    /// run inside [`crate::sync::scope`] with this model's group (as [`train_step`](Self::train_step) does).
     pub fn encode_query(&self, x: &Tensor) -> Result<Tensor> {
-        let mut q = self.query.forward_t(x, true)?;
-        if let Some(p) = &self.predictor {
-            q = p.forward_t(&q, true)?;
+        self.synced(|| {
+            let mut q = self.query.forward_t(x, true)?;
+            if let Some(p) = &self.predictor {
+                q = p.forward_t(&q, true)?;
+            }
+            l2_normalize(&q, 1)
+        })
+    }
+
+    /// Runs `f` with this model's process group installed for synchronised BatchNorm when the
+    /// configuration asks for it ([`MocoConfig::sync_bn`]).
+    fn synced<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.config.sync_bn && self.distributed() {
+            crate::sync::scope(self.comm.clone(), f)
+        } else {
+            f()
         }
-        l2_normalize(&q, 1)
     }
 
     /// k = normalize(f_k(x)): N x C, detached. With shuffle-BN the batch is permuted before the
@@ -276,6 +303,10 @@ impl<E: ModuleT> Moco<E> {
     /// data-parallel run the permutation runs over the images of all ranks (the same one on
     /// every rank): each rank encodes its slice of the shuffled global batch.
     pub fn encode_key(&self, x: &Tensor, shuffle_seed: u64) -> Result<Tensor> {
+        self.synced(|| self.encode_key_inner(x, shuffle_seed))
+    }
+
+    fn encode_key_inner(&self, x: &Tensor, shuffle_seed: u64) -> Result<Tensor> {
         let (world, rank) = (self.comm.world_size(), self.comm.rank());
         let k = if self.config.shuffle_bn && self.distributed() {
             let n = x.dim(0)?;
@@ -308,8 +339,13 @@ impl<E: ModuleT> Moco<E> {
     }
 
     /// Forward pass of both encoders and the configured loss on views `x1` (query) and `x2` (key).
-    /// Changes no state except BatchNorm running statistics.
+    /// Changes no state except BatchNorm running statistics. (With [`MocoConfig::sync_bn`] in a
+    /// data-parallel run, the backward pass must run inside [`crate::sync::scope`].)
     pub fn forward_loss(&self, x1: &Tensor, x2: &Tensor) -> Result<Forward> {
+        self.synced(|| self.forward_loss_inner(x1, x2))
+    }
+
+    fn forward_loss_inner(&self, x1: &Tensor, x2: &Tensor) -> Result<Forward> {
         let t = self.config.temperature;
         match self.config.loss {
             LossKind::Queue => {
@@ -364,18 +400,21 @@ impl<E: ModuleT> Moco<E> {
         lr: f64,
         momentum: f64,
     ) -> Result<StepOutput> {
-        // 1-2. forward and loss
-        let fwd = self.forward_loss(x1, x2)?;
-        let (loss, acc1, acc5) = self.mean_over_ranks(&fwd.output)?;
-        if !loss.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: self.step,
-                value: loss,
-            });
-        }
-        // 3. backward (gradients averaged over the ranks)
-        let mut grads = fwd.output.loss.backward()?;
-        self.average_gradients(&mut grads)?;
+        // 1-3. forward, loss, backward (gradients averaged over the ranks); SyncBN's
+        // collectives run in both passes.
+        let (fwd, (loss, acc1, acc5), grads) = self.synced(|| -> Result<_> {
+            let fwd = self.forward_loss_inner(x1, x2)?;
+            let metrics = self.mean_over_ranks(&fwd.output)?;
+            if !metrics.0.is_finite() {
+                return Err(Error::NonFiniteLoss {
+                    step: self.step,
+                    value: metrics.0,
+                });
+            }
+            let mut grads = fwd.output.loss.backward()?;
+            self.average_gradients(&mut grads)?;
+            Ok((fwd, metrics, grads))
+        })?;
         // 4-6. SGD step, momentum update, enqueue
         self.update(&grads, &fwd.keys, lr, momentum)?;
         self.step += 1;

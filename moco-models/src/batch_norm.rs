@@ -13,6 +13,9 @@ use crate::cpu_batch_norm;
 /// `SplitBatchNorm` does with `input.view(-1, C * s, H, W)`: group j holds the samples
 /// j, j + s, j + 2s, ...; the running statistics move towards the mean over groups of the group
 /// statistics. In evaluation mode the running statistics are used, whatever `splits`.
+///
+/// In training mode inside a data-parallel [`moco_core::sync::scope`] (a MoCo run with
+/// `sync_bn`), it is `torch.nn.SyncBatchNorm`: the statistics are the global batch's.
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     weight_bias: Option<(Tensor, Tensor)>,
@@ -102,6 +105,9 @@ impl BatchNorm {
     }
 
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(group) = moco_core::sync::group() {
+            return self.forward_sync(x, group.world_size());
+        }
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
         let s = self.splits;
@@ -168,7 +174,8 @@ impl BatchNorm {
     /// tensors.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check(x)?;
-        if train && x.device().is_cpu() && x.dtype() == DType::F32 {
+        let synced = moco_core::sync::group().is_some();
+        if train && !synced && x.device().is_cpu() && x.dtype() == DType::F32 {
             let n = x.dim(0)?;
             let l: usize = x.dims()[2..].iter().product();
             if n % self.splits == 0 && (n / self.splits) * l >= 2 {
@@ -176,6 +183,49 @@ impl BatchNorm {
             }
         }
         self.forward_t(x, train)?.relu()
+    }
+
+    /// Training mode inside a data-parallel [`moco_core::sync::scope`] (SyncBN, as
+    /// `torch.nn.SyncBatchNorm`): the mean and the biased variance of the global batch (every
+    /// rank holds an equal share, as the data-parallel loader gives), each an all-reduce of
+    /// per-rank sums that the backward pass sums over the ranks too; the running statistics
+    /// move with the unbiased variance over the global count, the same on every rank.
+    fn forward_sync(&self, x: &Tensor, world: usize) -> Result<Tensor> {
+        if self.splits != 1 {
+            candle_core::bail!(
+                "batch norm splits ({}) emulate several devices on one and cannot be combined with SyncBN across ranks",
+                self.splits
+            )
+        }
+        let dims = x.dims().to_vec();
+        let (n, c) = (dims[0], dims[1]);
+        let l: usize = dims[2..].iter().product();
+        let count = n * l * world;
+        if count < 2 {
+            candle_core::bail!(
+                "batch norm in training mode needs more than one value per channel, got input {dims:?} on each of {world} ranks"
+            )
+        }
+        let xs = x.to_dtype(DType::F32)?.reshape((n, c, l))?;
+        // Two passes (mean, then centred squares), each a sum over the local samples in f64
+        // then over the ranks.
+        let sum = xs.to_dtype(DType::F64)?.sum((0, 2))?.to_dtype(DType::F32)?;
+        let mean = (moco_core::sync::all_reduce_sum(&sum)? / count as f64)?;
+        let centered = xs.broadcast_sub(&mean.reshape((1, c, 1))?)?;
+        let sq = centered
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum((0, 2))?
+            .to_dtype(DType::F32)?;
+        let var = (moco_core::sync::all_reduce_sum(&sq)? / count as f64)?;
+        let mut y = centered.broadcast_div(&(&var + self.eps)?.sqrt()?.reshape((1, c, 1))?)?;
+        if let Some((w, b)) = &self.weight_bias {
+            y = y
+                .broadcast_mul(&w.reshape((1, c, 1))?)?
+                .broadcast_add(&b.reshape((1, c, 1))?)?;
+        }
+        self.update_running(&mean.reshape((1, c))?, &var.reshape((1, c))?, count as f64)?;
+        y.reshape(dims)?.to_dtype(x.dtype())
     }
 
     /// Running statistics: the mean over groups of each group's update (unbiased variance).
