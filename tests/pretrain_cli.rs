@@ -259,6 +259,71 @@ fn a_vit_trains_with_adamw_and_a_frozen_patch_projection_resumes_exactly_and_exp
 }
 
 #[test]
+fn a_vit_with_the_convolutional_stem_trains_it_resumes_exactly_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    // MoCo v3's convolutional stem for 4x4 patches of 28x28 crops: two stride-2 3x3 layers.
+    let vit = [
+        "--preset",
+        "v3-vit",
+        "--arch",
+        "vit-conv-32x2h2",
+        "--patch-size",
+        "4",
+        "--moco-mlp-dim",
+        "32",
+        "--moco-dim",
+        "16",
+        "--warmup-epochs",
+        "0.5",
+    ];
+    let ta = resumed_equals_uninterrupted(&a, &b, &vit, 4);
+    let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
+    for name in [
+        "encoder_q.patch_embed.proj.0.weight",
+        "encoder_q.patch_embed.proj.4.running_var",
+        "encoder_k.patch_embed.proj.1.running_mean",
+        "encoder_q.patch_embed.proj.6.bias",
+        // The stem trains (the v3-vit recipe's frozen projection is the linear one's).
+        "optimizer.exp_avg.patch_embed.proj.0.weight",
+    ] {
+        assert!(names.contains(&name), "no {name} in {names:?}");
+    }
+    assert!(!names.contains(&"encoder_q.patch_embed.proj.weight"));
+
+    let out = dir.path().join("export");
+    let (a, out_arg) = (a.to_str().unwrap(), out.to_str().unwrap());
+    run_ok(moco().args(["export", "--run", a, "--out", out_arg]));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("class ConvStem") && card.contains("embed_layer=ConvStem"),
+        "{card}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["conv_stem"], true);
+    run_ok(moco().args(["knn", "--weights", out_arg, "--workers", "2"]));
+
+    // The stem trains: freezing "the patch projection" is refused.
+    let o = moco()
+        .arg("pretrain")
+        .args(vit)
+        .args([
+            "--stop-grad-conv1",
+            "--out",
+            dir.path().join("c").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--stop-grad-conv1") && err.contains("stem"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_settings_fail_before_any_training() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r");

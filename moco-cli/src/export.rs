@@ -108,6 +108,7 @@ pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
             "depth": v.depth,
             "num_heads": v.num_heads,
             "mlp_ratio": v.mlp_ratio,
+            "conv_stem": v.conv_stem,
             "weights": "model.safetensors (backbone only, timm VisionTransformer state_dict names)",
         }),
     };
@@ -161,14 +162,21 @@ pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
         BackboneConfig::Vit(v) => (
             "vision-transformer",
             format!(
-                "{s}x{s} input in {p}x{p} patches, {cin} input channel(s), {fd}-d class-token features",
+                "{s}x{s} input in {p}x{p} patches{stem}, {cin} input channel(s), {fd}-d class-token features",
                 s = v.image_size,
-                p = v.patch_size
+                p = v.patch_size,
+                stem = if v.conv_stem { " embedded by MoCo v3's convolutional stem" } else { "" },
             ),
-            "timm's `VisionTransformer` state_dict names\n(`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ...; `pos_embed` is MoCo v3's fixed 2-D\nsine-cosine embedding)",
+            if v.conv_stem {
+                "timm's `VisionTransformer` state_dict names\n(`patch_embed.proj.0.weight` ... the stem as MoCo v3's `ConvStem` `nn.Sequential`, `blocks.0.attn.qkv.weight`,\n...; `pos_embed` is MoCo v3's fixed 2-D sine-cosine embedding)"
+            } else {
+                "timm's `VisionTransformer` state_dict names\n(`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ...; `pos_embed` is MoCo v3's fixed 2-D\nsine-cosine embedding)"
+            },
             format!(
-                "import torch\nfrom functools import partial\nfrom safetensors.torch import load_file\nfrom timm.models.vision_transformer import VisionTransformer\nm = VisionTransformer(img_size={s}, patch_size={p}, in_chans={cin}, embed_dim={d}, depth={n}, num_heads={h},\n                      mlp_ratio={r}, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0)\nm.load_state_dict(load_file(\"model.safetensors\"))  # features: m(x), the class token\n",
-                s = v.image_size, p = v.patch_size, d = v.embed_dim, n = v.depth, h = v.num_heads, r = v.mlp_ratio
+                "import torch\nfrom functools import partial\nfrom safetensors.torch import load_file\nfrom timm.models.vision_transformer import VisionTransformer\n{stem_def}m = VisionTransformer(img_size={s}, patch_size={p}, in_chans={cin}, embed_dim={d}, depth={n}, num_heads={h},\n                      mlp_ratio={r}, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0{stem_arg})\nm.load_state_dict(load_file(\"model.safetensors\"))  # features: m(x), the class token\n",
+                s = v.image_size, p = v.patch_size, d = v.embed_dim, n = v.depth, h = v.num_heads, r = v.mlp_ratio,
+                stem_def = if v.conv_stem { CONV_STEM_PY } else { "" },
+                stem_arg = if v.conv_stem { ",\n                      embed_layer=ConvStem" } else { "" },
             ),
         ),
     };
@@ -231,3 +239,8 @@ pub fn source(run: Option<PathBuf>, weights: Option<String>) -> Result<(String, 
         _ => bail!("moco export needs exactly one of --run RUN_DIR or --weights FILE"),
     }
 }
+
+/// MoCo v3's convolutional patch embedding in PyTorch, for the model card of a `vit_conv_*`
+/// (timm has none): log2(patch) stride-2 3x3 convolutions without bias, each with BatchNorm and
+/// ReLU, then a 1x1 convolution; `nn.Sequential` indices as the official `vits.ConvStem`.
+const CONV_STEM_PY: &str = "from torch import nn\n\n\nclass ConvStem(nn.Module):  # MoCo v3's convolutional patch embedding\n    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, **kwargs):\n        super().__init__()\n        n, grid, cin, layers = patch_size.bit_length() - 1, img_size // patch_size, in_chans, []\n        self.grid_size, self.num_patches = (grid, grid), grid * grid\n        for i in range(n):\n            cout = embed_dim >> (n - 1 - i)\n            layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]\n            cin = cout\n        self.proj = nn.Sequential(*layers, nn.Conv2d(cin, embed_dim, 1))\n\n    def forward(self, x):\n        return self.proj(x).flatten(2).transpose(1, 2)\n\n\n";

@@ -329,23 +329,30 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
         c.max_steps = o.max_steps;
     }
     c.moco.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let is_vit = matches!(
-        BackboneConfig::from_arch(&c.arch).context("--arch")?,
-        BackboneConfig::Vit(_)
-    );
+    let (is_vit, conv_stem) = match BackboneConfig::from_arch(&c.arch).context("--arch")? {
+        BackboneConfig::Vit(v) => (true, v.conv_stem),
+        BackboneConfig::ResNet(_) => (false, false),
+    };
     if o.patch_size.is_some() {
         c.patch_size = o.patch_size;
     }
     if o.stop_grad_conv1 {
         c.stop_grad_conv1 = true;
     }
-    if is_vit && o.preset.as_deref() == Some("v3-vit") {
-        // MoCo v3's ViT recipe freezes the patch projection (`--stop-grad-conv1`).
+    if is_vit && !conv_stem && o.preset.as_deref() == Some("v3-vit") {
+        // MoCo v3's ViT recipe freezes the linear patch projection (`--stop-grad-conv1`); the
+        // convolutional stem of `vit_conv_*` trains (the official flag has no effect on it).
         c.stop_grad_conv1 = true;
     }
     if !is_vit && (c.patch_size.is_some() || c.stop_grad_conv1) {
         bail!(
-            "--patch-size and --stop-grad-conv1 apply to ViTs (vit_tiny, vit_small, vit_base), not {}",
+            "--patch-size and --stop-grad-conv1 apply to ViTs (vit_tiny, vit_small, vit_base, vit_conv_*), not {}",
+            c.arch
+        );
+    }
+    if conv_stem && c.stop_grad_conv1 {
+        bail!(
+            "--stop-grad-conv1 freezes a ViT's linear patch projection; {} embeds patches with a convolutional stem, which trains",
             c.arch
         );
     }
@@ -589,9 +596,14 @@ pub fn run(
         let shape = match spec.backbone {
             BackboneConfig::ResNet(r) => format!("width {}", r.width),
             BackboneConfig::Vit(v) => format!(
-                "{}x{} patches{}",
+                "{}x{} patches{}{}",
                 v.patch_size,
                 v.patch_size,
+                if v.conv_stem {
+                    " by a convolutional stem"
+                } else {
+                    ""
+                },
                 if v.stop_grad_patch_embed {
                     ", frozen patch projection"
                 } else {

@@ -421,7 +421,9 @@ pub fn detect_spec(t: &HashMap<String, Tensor>) -> std::result::Result<EncoderSp
 }
 
 /// Reads a ViT's configuration and head off its tensors: width, input channels and patch size
-/// from `patch_embed.proj.weight`, the input size from `pos_embed` (1 x (1 + grid^2) x width),
+/// from `patch_embed.proj.weight` (or, for MoCo v3's convolutional stem, from its layers
+/// `patch_embed.proj.{0,3,6,...}.weight`: one halving per 3x3 layer, a 1x1 layer last), the
+/// input size from `pos_embed` (1 x (1 + grid^2) x width),
 /// depth from the blocks, MLP ratio from `blocks.0.mlp.fc1`, head from `head.*` (MoCo v3's
 /// 3-layer projector, a linear classifier, or none). The weights do not record the number of
 /// heads: `heads` when given, else MoCo v3's for the standard widths (192: 3, 384 and 768: 12,
@@ -435,21 +437,36 @@ pub fn detect_vit(
             .map(|x| x.dims().to_vec())
             .ok_or_else(|| format!("missing `{k}`: not a timm VisionTransformer encoder"))
     };
-    if t.contains_key("patch_embed.proj.0.weight") {
-        return Err(
-            "a convolutional stem (`patch_embed.proj.0.weight`, vit_conv_*) is not supported"
-                .into(),
-        );
-    }
-    let pw = dims("patch_embed.proj.weight")?;
-    let [d, c, p, p2] = pw[..] else {
-        return Err(format!(
-            "`patch_embed.proj.weight` has shape {pw:?}, expected a 4-d convolution kernel"
-        ));
+    let conv_stem = t.contains_key("patch_embed.proj.0.weight");
+    let (d, c, p) = if conv_stem {
+        // 3x3 layers at 0, 3, 6, ... (convolution, BatchNorm, ReLU), then the 1x1 projection.
+        let mut layers = 0;
+        while dims(&format!("patch_embed.proj.{}.weight", 3 * layers))
+            .is_ok_and(|s| s.len() == 4 && s[2..] == [3, 3])
+        {
+            layers += 1;
+        }
+        let last = format!("patch_embed.proj.{}.weight", 3 * layers);
+        let lw = dims(&last)?;
+        let first = dims("patch_embed.proj.0.weight")?;
+        if layers == 0 || lw.len() != 4 || lw[2..] != [1, 1] || lw[0] != lw[1] {
+            return Err(format!(
+                "`{last}` has shape {lw:?}: expected MoCo v3's convolutional stem (3x3 layers at `patch_embed.proj.0`, `.3`, ..., then a square 1x1 projection)"
+            ));
+        }
+        (lw[0], first[1], 1usize << layers)
+    } else {
+        let pw = dims("patch_embed.proj.weight")?;
+        let [d, c, p, p2] = pw[..] else {
+            return Err(format!(
+                "`patch_embed.proj.weight` has shape {pw:?}, expected a 4-d convolution kernel"
+            ));
+        };
+        if p != p2 {
+            return Err(format!("non-square {p}x{p2} patches are not supported"));
+        }
+        (d, c, p)
     };
-    if p != p2 {
-        return Err(format!("non-square {p}x{p2} patches are not supported"));
-    }
     let pe = dims("pos_embed")?;
     let tokens = pe.get(1).copied().unwrap_or(0);
     let grid = (1..=tokens).find(|g| 1 + g * g >= tokens).unwrap_or(0);
@@ -482,6 +499,7 @@ pub fn detect_vit(
         num_heads,
         mlp_ratio: fc1[0] / d,
         stop_grad_patch_embed: false,
+        conv_stem,
     };
     vit.validate().map_err(|e| e.to_string())?;
     let head = if let (Ok(a), Ok(b), true) = (

@@ -14,7 +14,7 @@ pub enum Error {
     Core(#[from] moco_core::Error),
 
     /// An architecture name that is not in the zoo.
-    #[error("unknown architecture `{0}` (expected one of: {list}, or vit-DxNhH for a width-D, N-block, H-head ViT)", list = crate::ARCH_NAMES.join(", "))]
+    #[error("unknown architecture `{0}` (expected one of: {list}, or vit-DxNhH for a width-D, N-block, H-head ViT, vit-conv-DxNhH with MoCo v3's convolutional stem)", list = crate::ARCH_NAMES.join(", "))]
     UnknownArch(String),
 
     /// A setting out of range.

@@ -47,7 +47,7 @@ pub use resnet::{Depth, ResNet, ResNetConfig};
 pub use vit::{Vit, VitConfig};
 
 /// Every architecture name `--arch` accepts.
-pub const ARCH_NAMES: [&str; 11] = [
+pub const ARCH_NAMES: [&str; 13] = [
     "resnet18",
     "resnet34",
     "resnet50",
@@ -59,6 +59,8 @@ pub const ARCH_NAMES: [&str; 11] = [
     "vit_tiny",
     "vit_small",
     "vit_base",
+    "vit_conv_small",
+    "vit_conv_base",
 ];
 
 /// A network that maps images to pooled features, and (through its head) to embeddings.

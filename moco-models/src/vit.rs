@@ -4,6 +4,12 @@
 //! parameter names: `patch_embed.proj.*`, `cls_token`, `blocks.{i}.{norm1,attn.qkv,attn.proj,
 //! norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`. The head sits under `head`.
 //!
+//! `vit_conv_small` / `vit_conv_base` replace the linear patch projection by the official
+//! `ConvStem` (Xiao et al., "Early convolutions help transformers see better"): stride-2 3x3
+//! convolutions without bias, each followed by BatchNorm and ReLU, widths D/8, D/4, D/2, D for
+//! 16x16 patches, then a 1x1 convolution with bias to D; one transformer block fewer. Its
+//! variables are `patch_embed.proj.{0,1,3,4,6,7,9,10,12}.*` (the `nn.Sequential` indices).
+//!
 //! The pooled feature is the class token after the final LayerNorm. The position embedding is
 //! not a parameter here (it is fixed: the official code stores it with `requires_grad=False`);
 //! [`sincos_position_embedding`] computes it. Weights that carry it as `pos_embed` (official
@@ -13,6 +19,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::batch_norm::{batch_norm, BatchNorm, BatchNormConfig};
 use crate::cpu_transformer;
 
 /// Everything that shapes a Vision Transformer.
@@ -36,25 +43,48 @@ pub struct VitConfig {
     /// no gradient reaches it, so no optimizer changes it.
     #[serde(default)]
     pub stop_grad_patch_embed: bool,
+    /// Patches embedded by MoCo v3's convolutional stem (`vit_conv_*`) instead of one linear
+    /// projection: log2(patch_size) stride-2 3x3 convolutions with BatchNorm and ReLU, then a
+    /// 1x1 convolution. `patch_size` must be a power of two (the official stem: 16).
+    #[serde(default)]
+    pub conv_stem: bool,
 }
 
 /// The ViT architecture names: `vit_tiny` (192 wide, 3 heads), `vit_small` (384, 12 heads),
-/// `vit_base` (768, 12 heads); 12 blocks, 16x16 patches, 224x224 RGB input by default.
-pub const VIT_NAMES: [&str; 3] = ["vit_tiny", "vit_small", "vit_base"];
+/// `vit_base` (768, 12 heads); 12 blocks, 16x16 patches, 224x224 RGB input by default; and
+/// `vit_conv_small`, `vit_conv_base`: the convolutional stem and 11 blocks.
+pub const VIT_NAMES: [&str; 5] = [
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+    "vit_conv_small",
+    "vit_conv_base",
+];
 
 /// LayerNorm epsilon of MoCo v3's ViTs.
 const LN_EPS: f64 = 1e-6;
 
 impl VitConfig {
     /// A configuration from an architecture name: one of [`VIT_NAMES`], or `vit-{D}x{N}h{H}`
-    /// for a width-D, N-block, H-head ViT (MLP ratio 4; `vit-64x4h4` is a CPU-sized one).
+    /// for a width-D, N-block, H-head ViT (MLP ratio 4; `vit-64x4h4` is a CPU-sized one), or
+    /// `vit-conv-{D}x{N}h{H}` for one with the convolutional stem.
     pub fn from_arch(name: &str) -> crate::Result<Self> {
-        let (embed_dim, depth, num_heads) = match name {
-            "vit_tiny" => (192, 12, 3),
-            "vit_small" => (384, 12, 12),
-            "vit_base" => (768, 12, 12),
-            _ => Self::parse_custom(name)
-                .ok_or_else(|| crate::Error::UnknownArch(name.to_string()))?,
+        let ((embed_dim, depth, num_heads), conv_stem) = match name {
+            "vit_tiny" => ((192, 12, 3), false),
+            "vit_small" => ((384, 12, 12), false),
+            "vit_base" => ((768, 12, 12), false),
+            "vit_conv_small" => ((384, 11, 12), true),
+            "vit_conv_base" => ((768, 11, 12), true),
+            _ => {
+                let (rest, conv) = match name.strip_prefix("vit-conv-") {
+                    Some(rest) => (Some(rest), true),
+                    None => (name.strip_prefix("vit-"), false),
+                };
+                let dims = rest
+                    .and_then(Self::parse_custom)
+                    .ok_or_else(|| crate::Error::UnknownArch(name.to_string()))?;
+                (dims, conv)
+            }
         };
         let c = Self {
             image_size: 224,
@@ -65,28 +95,39 @@ impl VitConfig {
             num_heads,
             mlp_ratio: 4,
             stop_grad_patch_embed: false,
+            conv_stem,
         };
         c.validate()?;
         Ok(c)
     }
 
-    /// `vit-{D}x{N}h{H}` -> (D, N, H).
-    fn parse_custom(name: &str) -> Option<(usize, usize, usize)> {
-        let rest = name.strip_prefix("vit-")?;
+    /// `{D}x{N}h{H}` -> (D, N, H).
+    fn parse_custom(rest: &str) -> Option<(usize, usize, usize)> {
         let (d, rest) = rest.split_once('x')?;
         let (n, h) = rest.split_once('h')?;
         Some((d.parse().ok()?, n.parse().ok()?, h.parse().ok()?))
     }
 
     /// The architecture name: `vit_small` and the like for the standard sizes, else
-    /// `vit-{D}x{N}h{H}` (with MLP ratio 4; `vit-{D}x{N}h{H}m{R}` otherwise).
+    /// `vit-{D}x{N}h{H}` (with MLP ratio 4; `vit-{D}x{N}h{H}m{R}` otherwise), `vit-conv-...`
+    /// with the convolutional stem.
     pub fn arch(&self) -> String {
-        match (self.embed_dim, self.num_heads, self.depth, self.mlp_ratio) {
-            (192, 3, 12, 4) => "vit_tiny".into(),
-            (384, 12, 12, 4) => "vit_small".into(),
-            (768, 12, 12, 4) => "vit_base".into(),
-            (d, h, n, 4) => format!("vit-{d}x{n}h{h}"),
-            (d, h, n, r) => format!("vit-{d}x{n}h{h}m{r}"),
+        let dims = (self.embed_dim, self.num_heads, self.depth, self.mlp_ratio);
+        match (self.conv_stem, dims) {
+            (false, (192, 3, 12, 4)) => "vit_tiny".into(),
+            (false, (384, 12, 12, 4)) => "vit_small".into(),
+            (false, (768, 12, 12, 4)) => "vit_base".into(),
+            (true, (384, 12, 11, 4)) => "vit_conv_small".into(),
+            (true, (768, 12, 11, 4)) => "vit_conv_base".into(),
+            (conv, (d, h, n, r)) => {
+                let stem = if conv { "conv-" } else { "" };
+                let ratio = if r == 4 {
+                    String::new()
+                } else {
+                    format!("m{r}")
+                };
+                format!("vit-{stem}{d}x{n}h{h}{ratio}")
+            }
         }
     }
 
@@ -143,7 +184,50 @@ impl VitConfig {
                 ),
             );
         }
+        if self.conv_stem {
+            let p = self.patch_size;
+            if p < 2 || !p.is_power_of_two() {
+                return bad(
+                    "patch_size",
+                    format!("{p}: the convolutional stem halves the image per layer, so its patch size is a power of two (16 in MoCo v3)"),
+                );
+            }
+            let narrowest = p / 2; // the first layer's width is embed_dim / (patch / 2)
+            if self.embed_dim % narrowest != 0 {
+                return bad(
+                    "embed_dim",
+                    format!(
+                        "{} is not a multiple of {narrowest}, the width ratio of the convolutional stem's first and last layers for {p}x{p} patches",
+                        self.embed_dim
+                    ),
+                );
+            }
+            if self.stop_grad_patch_embed {
+                return bad(
+                    "stop_grad_patch_embed",
+                    "freezes the linear patch projection; the convolutional stem trains (the official code ignores the flag there)".into(),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The convolutional stem's layers: (input channels, output channels) of each stride-2 3x3
+    /// convolution; empty without the stem.
+    pub fn stem_widths(&self) -> Vec<(usize, usize)> {
+        if !self.conv_stem {
+            return vec![];
+        }
+        let layers = self.patch_size.trailing_zeros() as usize;
+        let mut cin = self.in_channels;
+        (0..layers)
+            .map(|i| {
+                let cout = self.embed_dim >> (layers - 1 - i);
+                let io = (cin, cout);
+                cin = cout;
+                io
+            })
+            .collect()
     }
 }
 
@@ -262,12 +346,118 @@ impl Block {
     }
 }
 
+/// How patches become tokens.
+#[derive(Debug, Clone)]
+enum PatchEmbed {
+    /// One p x p stride-p convolution (`patch_embed.proj`).
+    Linear { weight: Tensor, bias: Tensor },
+    /// MoCo v3's convolutional stem: stride-2 3x3 convolutions without bias, each followed by
+    /// BatchNorm and ReLU, then a 1x1 convolution with bias.
+    Conv {
+        layers: Vec<(Tensor, BatchNorm)>,
+        weight: Tensor,
+        bias: Tensor,
+    },
+}
+
+/// PyTorch's default initialisation of a convolution or linear layer (the official ConvStem
+/// keeps it): weight and bias uniform in +-1/sqrt(fan_in).
+fn torch_default_uniform(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+impl PatchEmbed {
+    fn new(config: &VitConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, p, c) = (config.embed_dim, config.patch_size, config.in_channels);
+        if !config.conv_stem {
+            let bound = xavier(c * p * p, d);
+            let weight = vb.get_with_hints(
+                (d, c, p, p),
+                "weight",
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?;
+            let bias = vb.get_with_hints(d, "bias", Init::Const(0.0))?;
+            return Ok(Self::Linear { weight, bias });
+        }
+        let widths = config.stem_widths();
+        let layers = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &(cin, cout))| {
+                let w = vb.get_with_hints(
+                    (cout, cin, 3, 3),
+                    &format!("{}.weight", 3 * i),
+                    torch_default_uniform(cin * 9),
+                )?;
+                let bn = batch_norm(cout, BatchNormConfig::default(), vb.pp(3 * i + 1))?;
+                Ok((w, bn))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let last = vb.pp(3 * widths.len());
+        let weight = last.get_with_hints((d, d, 1, 1), "weight", torch_default_uniform(d))?;
+        let bias = last.get_with_hints(d, "bias", torch_default_uniform(d))?;
+        Ok(Self::Conv {
+            layers,
+            weight,
+            bias,
+        })
+    }
+
+    /// (N, C, H, W) images -> (N, patches, D) tokens, patches in row-major order.
+    fn forward(&self, config: &VitConfig, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (n, ch, _, _) = x.dims4()?;
+        let (p, g, d) = (config.patch_size, config.grid(), config.embed_dim);
+        let x = x.to_dtype(DType::F32)?;
+        // Both end in a linear map over the channels of each patch: rows (N * g * g, K).
+        let (rows, weight, bias) = match self {
+            Self::Linear { weight, bias } => {
+                // The p x p stride-p convolution as one GEMM over the patches.
+                let rows = x
+                    .reshape((n, ch, g, p, g, p))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .contiguous()?
+                    .reshape((n * g * g, ch * p * p))?;
+                if config.stop_grad_patch_embed {
+                    (rows, weight.detach(), bias.detach())
+                } else {
+                    (rows, weight.clone(), bias.clone())
+                }
+            }
+            Self::Conv {
+                layers,
+                weight,
+                bias,
+            } => {
+                let mut y = x;
+                for (w, bn) in layers {
+                    y = bn.forward_relu_t(&crate::cpu_conv::conv2d(&y, w, 1, 2, 1)?, train)?;
+                }
+                let rows = y
+                    .permute((0, 2, 3, 1))?
+                    .contiguous()?
+                    .reshape((n * g * g, d))?;
+                (rows, weight.clone(), bias.clone())
+            }
+        };
+        let k = rows.dim(1)?;
+        rows.matmul(&weight.reshape((d, k))?.t()?)?
+            .broadcast_add(&bias)?
+            .reshape((n, g * g, d))
+    }
+}
+
 /// A Vision Transformer backbone (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct Vit {
     config: VitConfig,
-    patch_weight: Tensor,
-    patch_bias: Tensor,
+    patch: PatchEmbed,
     cls_token: Tensor,
     pos_embed: Tensor,
     blocks: Vec<Block>,
@@ -277,22 +467,14 @@ pub struct Vit {
 /// Builds a ViT with MoCo v3's initialisation (timm's `VisionTransformer` + `vits.py`): Q, K,
 /// V weights uniform in +-sqrt(6 / 2d), the other linear weights Xavier-uniform, biases zero,
 /// class token N(0, 1e-6^2), patch projection Xavier-uniform over (channels x patch^2, dim),
-/// LayerNorms 1 and 0.
+/// LayerNorms 1 and 0; a convolutional stem keeps PyTorch's defaults (convolutions uniform in
+/// +-1/sqrt(fan_in), BatchNorm 1 and 0), as the official code leaves it.
 pub fn vit(config: VitConfig, vb: VarBuilder) -> Result<Vit> {
     config
         .validate()
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let (d, p, c) = (config.embed_dim, config.patch_size, config.in_channels);
-    let bound = xavier(c * p * p, d);
-    let patch_weight = vb.get_with_hints(
-        (d, c, p, p),
-        "patch_embed.proj.weight",
-        Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )?;
-    let patch_bias = vb.get_with_hints(d, "patch_embed.proj.bias", Init::Const(0.0))?;
+    let d = config.embed_dim;
+    let patch = PatchEmbed::new(&config, vb.pp("patch_embed.proj"))?;
     let cls_token = vb.get_with_hints(
         (1, 1, d),
         "cls_token",
@@ -322,8 +504,7 @@ pub fn vit(config: VitConfig, vb: VarBuilder) -> Result<Vit> {
     let norm = layer_norm(d, vb.pp("norm"))?;
     Ok(Vit {
         config,
-        patch_weight,
-        patch_bias,
+        patch,
         cls_token,
         pos_embed,
         blocks,
@@ -342,8 +523,9 @@ impl Vit {
         &self.pos_embed
     }
 
-    /// The tokens after the final LayerNorm, N x (1 + patches) x dim (class token first).
-    pub fn tokens(&self, x: &Tensor) -> Result<Tensor> {
+    /// The tokens after the final LayerNorm, N x (1 + patches) x dim (class token first);
+    /// `train` is the convolutional stem's BatchNorm mode.
+    pub fn tokens(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = &self.config;
         let (n, ch, h, w) = x.dims4()?;
         if (ch, h, w) != (c.in_channels, c.image_size, c.image_size) {
@@ -356,23 +538,8 @@ impl Vit {
                 x.dims()
             )
         }
-        let (p, g, d) = (c.patch_size, c.grid(), c.embed_dim);
-        // The patch projection (a p x p stride-p convolution) as one GEMM over the patches.
-        let patches = x
-            .to_dtype(DType::F32)?
-            .reshape((n, ch, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((n * g * g, ch * p * p))?;
-        let (wt, b) = if c.stop_grad_patch_embed {
-            (self.patch_weight.detach(), self.patch_bias.detach())
-        } else {
-            (self.patch_weight.clone(), self.patch_bias.clone())
-        };
-        let tokens = patches
-            .matmul(&wt.reshape((d, ch * p * p))?.t()?)?
-            .broadcast_add(&b)?
-            .reshape((n, g * g, d))?;
+        let d = c.embed_dim;
+        let tokens = self.patch.forward(c, x, train)?;
         let cls = self.cls_token.broadcast_as((n, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
@@ -382,8 +549,8 @@ impl Vit {
     }
 
     /// The class token after the final LayerNorm, N x dim.
-    pub fn features(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        self.tokens(x)?.narrow(1, 0, 1)?.squeeze(1)
+    pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.tokens(x, train)?.narrow(1, 0, 1)?.squeeze(1)
     }
 }
 
@@ -409,16 +576,28 @@ mod tests {
             num_heads: 4,
             mlp_ratio: 2,
             stop_grad_patch_embed: false,
+            conv_stem: false,
         }
     }
 
     #[test]
     fn names_parse_and_print_back_and_bad_shapes_are_named() {
-        for name in VIT_NAMES.into_iter().chain(["vit-64x4h4", "vit-32x2h1"]) {
+        for name in VIT_NAMES
+            .into_iter()
+            .chain(["vit-64x4h4", "vit-32x2h1", "vit-conv-64x4h4"])
+        {
             let c = VitConfig::from_arch(name).unwrap();
             assert_eq!(c.arch(), name);
+            assert_eq!(c.conv_stem, name.contains("conv"), "{name}");
         }
         assert_eq!(VitConfig::from_arch("vit-64x4h4").unwrap().num_heads, 4);
+        let conv = VitConfig::from_arch("vit_conv_small").unwrap();
+        assert_eq!((conv.embed_dim, conv.depth, conv.num_heads), (384, 11, 12));
+        // The official stem: 3 -> 48 -> 96 -> 192 -> 384, then the 1x1 projection.
+        assert_eq!(
+            conv.stem_widths(),
+            [(3, 48), (48, 96), (96, 192), (192, 384)]
+        );
         for bad in ["vit-64x4", "vit-64x4h", "vit_huge", "vit-axbhc"] {
             let e = VitConfig::from_arch(bad).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("vit-DxNhH"), "{e}");
@@ -448,6 +627,33 @@ mod tests {
                     ..tiny()
                 },
                 "num_heads",
+            ),
+            (
+                VitConfig {
+                    image_size: 12,
+                    patch_size: 6,
+                    conv_stem: true,
+                    ..tiny()
+                },
+                "power of two",
+            ),
+            (
+                VitConfig {
+                    image_size: 32,
+                    patch_size: 32,
+                    embed_dim: 24,
+                    conv_stem: true,
+                    ..tiny()
+                },
+                "multiple of 16",
+            ),
+            (
+                VitConfig {
+                    stop_grad_patch_embed: true,
+                    conv_stem: true,
+                    ..tiny()
+                },
+                "stop_grad_patch_embed",
             ),
         ] {
             let e = bad.validate().unwrap_err().to_string();
@@ -494,6 +700,42 @@ mod tests {
         assert!(max_abs("cls_token") < 1e-5 && max_abs("cls_token") > 0.0);
         let ln: Vec<f32> = data["blocks.1.norm2.weight"].as_tensor().to_vec1().unwrap();
         assert!(ln.iter().all(|&v| v == 1.0));
+        drop(data);
+
+        // The convolutional stem keeps PyTorch's defaults: +-1/sqrt(fan_in), BatchNorm 1 and 0.
+        let vars = VarMap::new();
+        let c = VitConfig {
+            embed_dim: 64,
+            conv_stem: true,
+            ..tiny()
+        };
+        vit(c, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
+        let data = vars.data().lock().unwrap();
+        let max_abs = |k: &str| -> f64 {
+            let m: f32 = data[k]
+                .as_tensor()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            f64::from(m)
+        };
+        // 2 -> 32 -> 64 (3x3), then 64 -> 64 (1x1): fan-ins 18, 288, 64.
+        for (k, fan_in, min) in [
+            ("patch_embed.proj.0.weight", 18.0, 0.9),
+            ("patch_embed.proj.3.weight", 288.0, 0.98),
+            ("patch_embed.proj.6.weight", 64.0, 0.98),
+            ("patch_embed.proj.6.bias", 64.0, 0.5),
+        ] {
+            let bound = 1.0 / f64::sqrt(fan_in);
+            let m = max_abs(k);
+            assert!(m <= bound && m > min * bound, "{k}: {m} vs {bound}");
+        }
+        assert_eq!(max_abs("patch_embed.proj.4.bias"), 0.0);
+        assert_eq!(max_abs("patch_embed.proj.1.running_mean"), 0.0);
+        assert!(!data.contains_key("patch_embed.proj.weight"));
     }
 
     #[test]

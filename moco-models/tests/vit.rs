@@ -58,6 +58,7 @@ fn spec() -> EncoderSpec {
             num_heads: 4,
             mlp_ratio: 4,
             stop_grad_patch_embed: false,
+            conv_stem: false,
         }),
         head: HeadKind::V3 {
             hidden: 48,
@@ -139,4 +140,105 @@ fn wrong_input_size_is_an_error_naming_the_expected_shape() {
     let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
     let err = enc.forward_t(&x, false).unwrap_err().to_string();
     assert!(err.contains("(N, 3, 16, 16)"), "{err}");
+}
+
+/// MoCo v3's convolutional stem (`vit_conv_*`) against timm + the stem of
+/// `tests/reference/mocov3.py` (`vit_conv_golden.py`, float64): the official 16x16-patch stem
+/// with the v3 projector, and a 4x4-patch stem on one-channel images. The spec read off the
+/// weights is the one built; eval features, train-mode output, gradients wrt the input and the
+/// stem's first and last convolutions, and the stem's running statistics after the train-mode
+/// pass, within the same tolerance.
+#[test]
+fn vit_with_the_convolutional_stem_matches_timm() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/reference/vit_conv_golden.safetensors");
+    let gold = moco_core::io::load(&path, &Device::Cpu).unwrap().tensors;
+    for (prefix, image_size, patch_size, in_channels, head, last) in [
+        (
+            "p16",
+            48,
+            16,
+            3,
+            HeadKind::V3 {
+                hidden: 48,
+                dim: 16,
+            },
+            12,
+        ),
+        ("p4", 16, 4, 1, HeadKind::None, 6),
+    ] {
+        let g = |k: &str| {
+            gold.get(&format!("{prefix}.{k}"))
+                .unwrap_or_else(|| panic!("missing {prefix}.{k}"))
+                .clone()
+        };
+        let weights: HashMap<String, Tensor> = gold
+            .iter()
+            .filter_map(|(k, v)| {
+                let n = k.strip_prefix(prefix)?.strip_prefix(".w.")?;
+                Some((n.to_string(), v.clone()))
+            })
+            .collect();
+        let spec = EncoderSpec {
+            backbone: BackboneConfig::Vit(VitConfig {
+                image_size,
+                patch_size,
+                in_channels,
+                embed_dim: 32,
+                depth: 2,
+                num_heads: 4,
+                mlp_ratio: 4,
+                stop_grad_patch_embed: false,
+                conv_stem: true,
+            }),
+            head,
+        };
+        let detected = moco_models::checkpoint::detect_vit(&weights, Some(4)).unwrap();
+        assert_eq!(detected, spec, "{prefix}: spec read off the weights");
+        let (enc, vars, unused) =
+            encoder_from_tensors(spec, &weights, &Device::Cpu, Path::new(prefix)).unwrap();
+        assert!(unused.is_empty(), "{prefix}: {unused:?}");
+        let x = g("x");
+        assert_close(
+            &format!("{prefix} features_eval"),
+            &enc.features(&x, false).unwrap(),
+            &g("features_eval"),
+        );
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = enc.forward_t(xv.as_tensor(), true).unwrap();
+        assert_close(&format!("{prefix} out_train"), &y, &g("out_train"));
+        let grads = (y * g("r")).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(
+            &format!("{prefix} grad.x"),
+            grads.get(xv.as_tensor()).unwrap(),
+            &g("grad.x"),
+        );
+        let data = vars.data().lock().unwrap();
+        for name in [
+            "patch_embed.proj.0.weight".to_string(),
+            format!("patch_embed.proj.{last}.weight"),
+        ] {
+            let grad = grads.get(data[&name].as_tensor()).unwrap();
+            assert_close(
+                &format!("{prefix} grad.{name}"),
+                grad,
+                &g(&format!("grad.{name}")),
+            );
+        }
+        let mut moved = 0;
+        for (k, v) in &gold {
+            if let Some(name) = k
+                .strip_prefix(prefix)
+                .and_then(|k| k.strip_prefix(".after."))
+            {
+                assert_close(&format!("{prefix} {name}"), data[name].as_tensor(), v);
+                moved += 1;
+            }
+        }
+        assert_eq!(
+            moved,
+            2 * (last / 3),
+            "{prefix}: running statistics compared"
+        );
+    }
 }

@@ -31,3 +31,32 @@ def mlp(num_layers, i, h, o, last_bn=True):
         elif last_bn:
             layers.append(nn.BatchNorm1d(d2, affine=False))
     return nn.Sequential(*layers)
+
+
+class ConvStem(nn.Module):
+    """MoCo v3's convolutional patch embedding (the official `vits.ConvStem`, after Xiao et al.,
+    "Early convolutions help transformers see better"), usable as timm's `embed_layer`: for 16x16
+    patches, four stride-2 3x3 convolutions without bias of widths D/8, D/4, D/2, D, each followed
+    by BatchNorm2d and ReLU, then a 1x1 convolution with bias; tokens in row-major order. For
+    another power-of-two patch size p (moco-rs' extension), log2(p) such layers of widths
+    D/(p/2), ..., D/2, D."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, norm_layer=None,
+                 flatten=True):
+        super().__init__()
+        layers = patch_size.bit_length() - 1
+        assert patch_size == 1 << layers and embed_dim % (patch_size // 2) == 0
+        grid = img_size // patch_size
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.grid_size, self.num_patches = (grid, grid), grid * grid
+        stem, cin = [], in_chans
+        for i in range(layers):
+            cout = embed_dim >> (layers - 1 - i)
+            stem += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                     nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            cin = cout
+        stem.append(nn.Conv2d(cin, embed_dim, 1))
+        self.proj = nn.Sequential(*stem)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
