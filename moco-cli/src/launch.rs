@@ -53,6 +53,14 @@ impl Launch {
                 bail!("--{own} is set by `moco launch` for each process; leave it out of the pretrain flags");
             }
         }
+        if let Some(dev) = flag_value(&self.args, "device") {
+            if self.nproc_per_node > 1 && dev.starts_with("cuda:") {
+                bail!(
+                    "--device {dev} would put all {} processes of this machine on one GPU: pass --device cuda (process i gets cuda:i)",
+                    self.nproc_per_node
+                );
+            }
+        }
         let Some(out) = flag_value(&self.args, "out") else {
             bail!("moco launch: the pretrain flags need --out RUN_DIR (every process writes to the same run)");
         };
@@ -208,6 +216,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--rank is set by `moco launch`"), "{e}");
+        // An explicit GPU would be every local process's GPU.
+        let e = launch(&["--out", "x", "--device", "cuda:1"])
+            .commands()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--device cuda:1") && e.contains("--device cuda "),
+            "{e}"
+        );
+        let mut one = launch(&["--out", "x", "--device=cuda:1"]);
+        one.nproc_per_node = 1;
+        assert!(
+            one.commands().is_ok(),
+            "one process per machine may pick its GPU"
+        );
         let mut l = launch(&["--out", "x"]);
         l.dist_init = None;
         let e = l.commands().unwrap_err().to_string();
