@@ -182,6 +182,25 @@ fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
         serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["moco"]["loss"], "in_batch");
     assert_eq!(config["moco"]["lars"], 0.001);
+    assert_eq!(config["moco"]["sync_bn"], true);
+    assert_eq!(config["zero_init_residual"], true);
+    // As the official v3 code, the ResNet starts with the last BatchNorm of each block at zero.
+    let z = dir.path().join("z");
+    pretrain(&z, &[&v3[..], &["--max-steps", "0"]].concat());
+    let start = file_tensors(&z.join("checkpoint-last.safetensors"));
+    let get = |name: &str| &start.iter().find(|(k, _)| k == name).unwrap().1;
+    assert!(get("encoder_q.layer1.0.bn2.weight")
+        .iter()
+        .all(|&v| v == 0.0));
+    assert!(get("encoder_q.layer4.1.bn2.weight")
+        .iter()
+        .all(|&v| v == 0.0));
+    assert!(get("encoder_q.layer1.0.bn1.weight")
+        .iter()
+        .all(|&v| v == 1.0));
+    assert!(get("encoder_k.layer2.0.bn2.weight")
+        .iter()
+        .all(|&v| v == 0.0));
     // lr 0.6 per 256 images at batch 16, warming up over half an epoch.
     let first: serde_json::Value = serde_json::from_str(
         std::fs::read_to_string(a.join("metrics.jsonl"))

@@ -297,6 +297,10 @@ struct PretrainArgs {
     /// presets, as the official code) or of each rank's share (false: v1/v2, shuffle-BN).
     #[arg(long, value_name = "BOOL")]
     sync_bn: Option<bool>,
+    /// Start the last BatchNorm of each residual block at zero (torchvision's option; true with
+    /// --preset v3 and a ResNet, as the official v3 code).
+    #[arg(long, value_name = "BOOL")]
+    zero_init_residual: Option<bool>,
     /// Data worker threads.
     #[arg(long)]
     workers: Option<usize>,
@@ -535,6 +539,7 @@ fn main() -> Result<()> {
                 optimizer: a.optimizer.clone(),
                 bn_splits: a.bn_splits,
                 sync_bn: a.sync_bn,
+                zero_init_residual: a.zero_init_residual,
                 workers: a.workers,
                 seed: a.seed,
                 knn_every: a.knn_every,

@@ -37,6 +37,9 @@ pub struct RunConfig {
     pub arch: String,
     /// Width of the first stage (ResNets).
     pub width: usize,
+    /// Start the last BatchNorm of every residual block at zero (torchvision's
+    /// `zero_init_residual`, which MoCo v3's ResNets use; ResNets only).
+    pub zero_init_residual: bool,
     /// Patch size (ViTs; default: the architecture's, 16).
     pub patch_size: Option<usize>,
     /// Freeze the ViT's patch projection at its initialisation (MoCo v3's `--stop-grad-conv1`).
@@ -83,6 +86,7 @@ impl Default for RunConfig {
             },
             arch: "resnet18-small".into(),
             width: 8,
+            zero_init_residual: false,
             patch_size: None,
             stop_grad_conv1: false,
             dataset: "default".into(),
@@ -109,6 +113,7 @@ impl RunConfig {
         let backbone = match backbone {
             BackboneConfig::ResNet(r) => BackboneConfig::ResNet(ResNetConfig {
                 bn_splits: self.moco.bn_splits,
+                zero_init_residual: self.zero_init_residual,
                 ..r
             }),
             BackboneConfig::Vit(v) => BackboneConfig::Vit(VitConfig {
@@ -224,6 +229,7 @@ pub struct Overrides {
     pub optimizer: Option<String>,
     pub bn_splits: Option<usize>,
     pub sync_bn: Option<bool>,
+    pub zero_init_residual: Option<bool>,
     pub workers: Option<usize>,
     pub seed: Option<u64>,
     pub knn_every: Option<usize>,
@@ -343,6 +349,14 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
         // MoCo v3's ViT recipe freezes the linear patch projection (`--stop-grad-conv1`); the
         // convolutional stem of `vit_conv_*` trains (the official flag has no effect on it).
         c.stop_grad_conv1 = true;
+    }
+    if !is_vit && o.preset.as_deref() == Some("v3") {
+        // MoCo v3 builds its ResNets with `zero_init_residual=True`.
+        c.zero_init_residual = true;
+    }
+    set!(c.zero_init_residual, o.zero_init_residual);
+    if is_vit && c.zero_init_residual {
+        bail!("--zero-init-residual applies to ResNets, not {}", c.arch);
     }
     if !is_vit && (c.patch_size.is_some() || c.stop_grad_conv1) {
         bail!(
