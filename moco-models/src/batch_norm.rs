@@ -106,6 +106,9 @@ impl BatchNorm {
 
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(group) = moco_core::sync::group() {
+            if x.device().is_cpu() && x.dtype() == DType::F32 {
+                return self.forward_train_cpu_synced(&x.contiguous()?, &*group, false);
+            }
             return self.forward_sync(x, group.world_size());
         }
         let dims = x.dims().to_vec();
@@ -160,22 +163,69 @@ impl BatchNorm {
             &Tensor::from_slice(&st.var, (s, c), dev)?,
             count,
         )?;
-        let (w, b) = match &self.weight_bias {
+        let (w, b) = self.weight_bias_or_identity(dev)?;
+        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, s, relu, false)
+    }
+
+    /// [`forward_train_cpu`](Self::forward_train_cpu) with the global batch's statistics
+    /// (SyncBN): the fused kernels with their sums reduced over `group`.
+    fn forward_train_cpu_synced(
+        &self,
+        x: &Tensor,
+        group: &dyn moco_core::Collective,
+        relu: bool,
+    ) -> Result<Tensor> {
+        self.check_sync(x, group.world_size())?;
+        let c = self.channels;
+        let st = cpu_batch_norm::stats_synced(x, group)?;
+        let dev = x.device();
+        self.update_running(
+            &Tensor::from_slice(&st.mean, (1, c), dev)?,
+            &Tensor::from_slice(&st.var, (1, c), dev)?,
+            st.count as f64,
+        )?;
+        let (w, b) = self.weight_bias_or_identity(dev)?;
+        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, 1, relu, true)
+    }
+
+    /// SyncBN's preconditions: one split, more than one value per channel in the global batch.
+    fn check_sync(&self, x: &Tensor, world: usize) -> Result<()> {
+        if self.splits != 1 {
+            candle_core::bail!(
+                "batch norm splits ({}) emulate several devices on one and cannot be combined with SyncBN across ranks",
+                self.splits
+            )
+        }
+        let count = x.elem_count() / self.channels * world;
+        if count < 2 {
+            candle_core::bail!(
+                "batch norm in training mode needs more than one value per channel, got input {:?} on each of {world} ranks",
+                x.dims()
+            )
+        }
+        Ok(())
+    }
+
+    /// The affine parameters, or 1 and 0 without them.
+    fn weight_bias_or_identity(&self, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        Ok(match &self.weight_bias {
             Some((w, b)) => (w.clone(), b.clone()),
             None => (
-                Tensor::ones(c, DType::F32, dev)?,
-                Tensor::zeros(c, DType::F32, dev)?,
+                Tensor::ones(self.channels, DType::F32, dev)?,
+                Tensor::zeros(self.channels, DType::F32, dev)?,
             ),
-        };
-        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, s, relu)
+        })
     }
 
     /// `relu(forward_t(x, train))`, fused into one kernel in training mode on float32 CPU
     /// tensors.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check(x)?;
-        let synced = moco_core::sync::group().is_some();
-        if train && !synced && x.device().is_cpu() && x.dtype() == DType::F32 {
+        let cpu32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        if let (true, true, Some(group)) = (train, cpu32, moco_core::sync::group()) {
+            return self.forward_train_cpu_synced(&x.contiguous()?, &*group, true);
+        }
+        if train && cpu32 {
             let n = x.dim(0)?;
             let l: usize = x.dims()[2..].iter().product();
             if n % self.splits == 0 && (n / self.splits) * l >= 2 {
@@ -191,39 +241,29 @@ impl BatchNorm {
     /// per-rank sums that the backward pass sums over the ranks too; the running statistics
     /// move with the unbiased variance over the global count, the same on every rank.
     fn forward_sync(&self, x: &Tensor, world: usize) -> Result<Tensor> {
-        if self.splits != 1 {
-            candle_core::bail!(
-                "batch norm splits ({}) emulate several devices on one and cannot be combined with SyncBN across ranks",
-                self.splits
-            )
-        }
+        self.check_sync(x, world)?;
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
         let l: usize = dims[2..].iter().product();
         let count = n * l * world;
-        if count < 2 {
-            candle_core::bail!(
-                "batch norm in training mode needs more than one value per channel, got input {dims:?} on each of {world} ranks"
-            )
-        }
         let xs = x.to_dtype(DType::F32)?.reshape((n, c, l))?;
-        // Two passes (mean, then centred squares), each a sum over the local samples in f64
-        // then over the ranks.
-        let sum = xs.to_dtype(DType::F64)?.sum((0, 2))?.to_dtype(DType::F32)?;
-        let mean = (moco_core::sync::all_reduce_sum(&sum)? / count as f64)?;
+        // Per-channel sums over the local values: over each sample's positions (a contiguous
+        // reduction), then over the samples in f64; then over the ranks. Two passes: the mean,
+        // then the centred squares.
+        let channel_sum = |t: &Tensor| -> Result<Tensor> {
+            t.sum(2)?.to_dtype(DType::F64)?.sum(0)?.to_dtype(DType::F32)
+        };
+        let mean = (moco_core::sync::all_reduce_sum(&channel_sum(&xs)?)? / count as f64)?;
         let centered = xs.broadcast_sub(&mean.reshape((1, c, 1))?)?;
-        let sq = centered
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum((0, 2))?
-            .to_dtype(DType::F32)?;
-        let var = (moco_core::sync::all_reduce_sum(&sq)? / count as f64)?;
-        let mut y = centered.broadcast_div(&(&var + self.eps)?.sqrt()?.reshape((1, c, 1))?)?;
-        if let Some((w, b)) = &self.weight_bias {
-            y = y
-                .broadcast_mul(&w.reshape((1, c, 1))?)?
-                .broadcast_add(&b.reshape((1, c, 1))?)?;
-        }
+        let var =
+            (moco_core::sync::all_reduce_sum(&channel_sum(&centered.sqr()?)?)? / count as f64)?;
+        let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
+        let y = match &self.weight_bias {
+            Some((w, b)) => centered
+                .broadcast_mul(&(w * &inv_std)?.reshape((1, c, 1))?)?
+                .broadcast_add(&b.reshape((1, c, 1))?)?,
+            None => centered.broadcast_mul(&inv_std.reshape((1, c, 1))?)?,
+        };
         self.update_running(&mean.reshape((1, c))?, &var.reshape((1, c))?, count as f64)?;
         y.reshape(dims)?.to_dtype(x.dtype())
     }

@@ -5,10 +5,16 @@
 //!
 //! Split BatchNorm (the official demo's `SplitBatchNorm`) is supported: with `s` splits, sample
 //! `n` belongs to group `n % s`, and every (group, channel) pair has its own statistics.
+//!
+//! So is SyncBN ([`stats_synced`], `normalize(.., synced = true)`): the per-channel sums of the
+//! forward statistics and of the backward's reductions are summed over the ranks of the current
+//! [`moco_core::sync`] group, so that the statistics and the input gradient are those of the
+//! global batch.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
+use moco_core::Collective;
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
@@ -102,12 +108,56 @@ pub fn stats(x: &Tensor, splits: usize) -> Result<Stats> {
     Ok(Stats { mean, var, count })
 }
 
+/// The element-wise sum of `v` over the ranks of `comm` (float32 on the wire, as every
+/// collective here).
+fn all_reduce(comm: &dyn Collective, v: Vec<f32>) -> Result<Vec<f32>> {
+    let n = v.len();
+    let t = Tensor::from_vec(v, n, &Device::Cpu)?;
+    comm.all_reduce_sum(&t)
+        .map_err(|e| candle_core::Error::Msg(format!("SyncBatchNorm: {e}")))?
+        .to_vec1::<f32>()
+}
+
+/// The statistics of the global batch of a data-parallel run, from this rank's contiguous
+/// (N, C, ...) share `x` (every rank holds as many values): each rank's mean and biased
+/// variance ([`stats`]) gathered from all ranks in one collective and combined in f64 (the
+/// mean of the means; the mean of the variances plus the variance of the means), as
+/// `torch.nn.SyncBatchNorm` combines its ranks' statistics. `count` is the global count.
+pub fn stats_synced(x: &Tensor, comm: &dyn Collective) -> Result<Stats> {
+    let local = stats(x, 1)?;
+    let c = local.mean.len();
+    let world = comm.world_size();
+    let mine = Tensor::from_vec([local.mean, local.var].concat(), (1, 2 * c), &Device::Cpu)?;
+    let all = comm
+        .all_gather(&mine)
+        .map_err(|e| candle_core::Error::Msg(format!("SyncBatchNorm: {e}")))?
+        .to_vec2::<f32>()?;
+    let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
+    for ch in 0..c {
+        let means = all.iter().map(|r| f64::from(r[ch]));
+        let m = means.clone().sum::<f64>() / world as f64;
+        let spread: f64 = means.map(|v| (v - m) * (v - m)).sum();
+        let within: f64 = all.iter().map(|r| f64::from(r[c + ch])).sum();
+        mean[ch] = m as f32;
+        var[ch] = ((within + spread) / world as f64) as f32;
+    }
+    Ok(Stats {
+        mean,
+        var,
+        count: local.count * world,
+    })
+}
+
 /// `y = (x - mean) / sqrt(var + eps) * weight + bias` with the batch statistics `stats`;
 /// its backward is BatchNorm's, the statistics depending on `x`.
 struct Normalize {
     stats: Arc<Stats>,
     inv_std: Arc<Vec<f32>>,
     splits: usize,
+    /// The statistics are the global batch's ([`stats_synced`]): the backward's per-channel
+    /// sums are summed over the ranks of the current sync group before they enter the input
+    /// gradient.
+    synced: bool,
     /// Followed by a ReLU (fused: one pass forward, the mask read from the output backward).
     relu: bool,
 }
@@ -200,6 +250,25 @@ impl CustomOp3 for Normalize {
                     .collect()
             })
         })??;
+        // The input gradient takes the global batch's sums under SyncBN; the weight and bias
+        // gradients stay this rank's (they are averaged over the ranks with the others).
+        let global: Vec<(Vec<f64>, Vec<f64>)> = if self.synced {
+            let Some(comm) = moco_core::sync::group() else {
+                candle_core::bail!(
+                    "SyncBatchNorm backward outside the data-parallel scope of its forward pass (moco_core::sync::scope)"
+                )
+            };
+            let flat = sums
+                .iter()
+                .flat_map(|(sg, sgx)| [sg[0] as f32, sgx[0] as f32])
+                .collect();
+            let all = all_reduce(&*comm, flat)?;
+            all.chunks_exact(2)
+                .map(|p| (vec![f64::from(p[0])], vec![f64::from(p[1])]))
+                .collect()
+        } else {
+            sums.clone()
+        };
         let gx = if x.track_op() {
             let out = with_f32(x, |xv| {
                 with_f32(&gy, |gv| {
@@ -209,8 +278,8 @@ impl CustomOp3 for Normalize {
                         let gc = g * c + ch;
                         let (mean, inv) = (self.stats.mean[gc], self.inv_std[gc]);
                         let k = wv[ch] * inv;
-                        let mg = (sums[ch].0[g] / m) as f32;
-                        let mgx = (sums[ch].1[g] / m) as f32;
+                        let mg = (global[ch].0[g] / m) as f32;
+                        let mgx = (global[ch].1[g] / m) as f32;
                         let off = plane * l;
                         for ((o, &xv), &gv) in
                             o.iter_mut().zip(&xv[off..off + l]).zip(&gv[off..off + l])
@@ -252,7 +321,9 @@ impl CustomOp3 for Normalize {
 /// Normalises the contiguous float32 CPU tensor `x` (N, C, ...) with the batch statistics
 /// `stats` (from [`stats`] on the same `x`), scales by `weight` and shifts by `bias` (C each).
 /// Differentiable wrt all three, with the statistics' dependence on `x` included.
-/// With `relu`, a ReLU follows in the same pass.
+/// With `relu`, a ReLU follows in the same pass. `synced`: `stats` are the global batch's
+/// ([`stats_synced`]; one split), and the backward pass must run in the same sync scope.
+#[allow(clippy::too_many_arguments)]
 pub fn normalize(
     x: &Tensor,
     weight: &Tensor,
@@ -261,7 +332,11 @@ pub fn normalize(
     eps: f64,
     splits: usize,
     relu: bool,
+    synced: bool,
 ) -> Result<Tensor> {
+    if synced && splits != 1 {
+        candle_core::bail!("batch norm (cpu): SyncBN with {splits} splits")
+    }
     let inv_std = stats
         .var
         .iter()
@@ -272,6 +347,7 @@ pub fn normalize(
         inv_std: Arc::new(inv_std),
         splits,
         relu,
+        synced,
     };
     x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }

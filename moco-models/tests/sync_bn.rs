@@ -49,18 +49,35 @@ fn data(shape: &[usize], salt: u64) -> Tensor {
 /// One BatchNorm layer: forward and backward of `sum(y * mix)` with the global batch in one
 /// process, then with each of two ranks holding half of it inside a sync scope: the outputs
 /// and input gradients are the global batch's slices, the weight and bias gradients add up
-/// to the global ones, the running statistics are the global ones on every rank.
+/// to the global ones, the running statistics are the global ones on every rank. Float32
+/// input takes the fused CPU kernels, float64 the generic candle ops (CUDA's path), with and
+/// without the fused ReLU.
 #[test]
 fn batch_norm_layer_over_two_ranks_is_the_global_batch_norm() {
+    for (dtype, relu) in [
+        (DType::F32, false),
+        (DType::F32, true),
+        (DType::F64, false),
+        (DType::F64, true),
+    ] {
+        layer_over_two_ranks(dtype, relu);
+    }
+}
+
+fn layer_over_two_ranks(dtype: DType, relu: bool) {
     let shape = [N * WORLD, 3, 2, 2];
-    let x = data(&shape, 1);
-    let mix = data(&shape, 2);
-    let run = |x: &Tensor, mix: &Tensor| {
+    let x = data(&shape, 1).to_dtype(dtype).unwrap();
+    let mix = data(&shape, 2).to_dtype(dtype).unwrap();
+    let run = move |x: &Tensor, mix: &Tensor| {
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
         let bn = batch_norm(3, BatchNormConfig::default(), vb).unwrap();
         let xv = Var::from_tensor(x).unwrap();
-        let y = bn.forward_t(xv.as_tensor(), true).unwrap();
+        let y = if relu {
+            bn.forward_relu_t(xv.as_tensor(), true).unwrap()
+        } else {
+            bn.forward_t(xv.as_tensor(), true).unwrap()
+        };
         let grads = (&y * mix).unwrap().sum_all().unwrap().backward().unwrap();
         let mut out = BTreeMap::new();
         out.insert("y".to_string(), y.clone());
@@ -75,6 +92,7 @@ fn batch_norm_layer_over_two_ranks_is_the_global_batch_norm() {
     };
     let want = run(&x, &mix);
     let (xs, ms) = (x.clone(), mix.clone());
+    let what = format!("{dtype:?} relu {relu}");
     let got = on_threads(WORLD, move |comm| {
         let r = comm.rank();
         let comm: Rc<dyn Collective> = Rc::from(comm);
@@ -91,22 +109,25 @@ fn batch_norm_layer_over_two_ranks_is_the_global_batch_norm() {
     for (r, (got, alone)) in got.iter().enumerate() {
         for key in ["y", "dx"] {
             let d = max_diff(&got[key], &want[key].narrow(0, r * N, N).unwrap());
-            assert!(d < 1e-5, "rank {r}: {key} differs by {d}");
+            assert!(d < 1e-5, "{what} rank {r}: {key} differs by {d}");
         }
         for key in ["running_mean", "running_var"] {
             let d = max_diff(&got[key], &want[key]);
-            assert!(d < 1e-6, "rank {r}: {key} differs by {d}");
+            assert!(d < 1e-6, "{what} rank {r}: {key} differs by {d}");
         }
         let d = max_diff(&alone["y"], &want["y"].narrow(0, r * N, N).unwrap());
         assert!(
             d > 1e-2,
-            "rank {r}: the local statistics are not the global ones"
+            "{what} rank {r}: the local statistics are not the global ones"
         );
     }
     for key in ["dweight", "dbias"] {
         let sum = (&got[0].0[key] + &got[1].0[key]).unwrap();
         let d = max_diff(&sum, &want[key]);
-        assert!(d < 1e-4, "{key}: the ranks' gradients add up to {d} off");
+        assert!(
+            d < 1e-4,
+            "{what} {key}: the ranks' gradients add up to {d} off"
+        );
     }
 }
 
@@ -192,8 +213,8 @@ fn distance(got: &Run, want: &Run) -> (f32, f32, String) {
 /// Two steps (forward with synchronised statistics in both encoders and the predictor, backward
 /// through them, LARS step, momentum update, running statistics): every state tensor (weights,
 /// key encoder, running statistics, optimizer buffers) within 1e-3 of its magnitude. Measured:
-/// 9e-5 (the BatchNorm backward's cancellations amplify rounding in this tiny network: three
-/// steps at lr 0.5 reach 0.2, so the run is kept short and slow); per-rank statistics: 3.6.
+/// 2.1e-5 (the BatchNorm backward's cancellations amplify rounding in this tiny network: three
+/// steps at lr 0.5 reached 0.2, so the run is kept short and slow); per-rank statistics: 3.6.
 #[test]
 fn moco_v3_over_two_ranks_with_sync_bn_equals_one_process() {
     let want = train(&mut v3_model(v3_config(true)), None);
