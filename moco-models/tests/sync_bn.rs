@@ -14,7 +14,7 @@ use moco_core::dist::on_threads;
 use moco_core::{Collective, Moco, MocoConfig};
 use moco_models::batch_norm::{batch_norm, BatchNormConfig};
 use moco_models::resnet::{Depth, ResNetConfig};
-use moco_models::{EncoderSpec, HeadKind};
+use moco_models::{BackboneConfig, EncoderSpec, HeadKind, VitConfig};
 
 const N: usize = 8; // samples per rank
 const WORLD: usize = 2;
@@ -162,6 +162,46 @@ fn v3_model(config: MocoConfig) -> Moco<moco_models::Encoder> {
         .unwrap()
 }
 
+/// MoCo v3 with a small ViT: SyncBN in its convolutional stem, 3-layer projector and
+/// predictor (which ends in a BatchNorm, as `MoCo_ViT`). Plain SGD rather than the recipe's
+/// AdamW: some gradients are zero but for rounding (the final LayerNorm's bias only shifts
+/// every sample alike, which the projector's first BatchNorm removes), and AdamW turns such
+/// noise into full-size steps of random sign in either run.
+fn v3_vit_model(sync_bn: bool) -> Moco<moco_models::Encoder> {
+    let config = MocoConfig {
+        batch_size: N * WORLD,
+        dim: 8,
+        mlp_dim: Some(16),
+        lr: 0.05,
+        lr_per_256: false,
+        optimizer: moco_core::OptimizerKind::Sgd,
+        lars: None,
+        weight_decay: 1e-4,
+        sync_bn,
+        seed: 4,
+        ..MocoConfig::v3_vit()
+    };
+    let vit = VitConfig {
+        image_size: 8,
+        patch_size: 4,
+        in_channels: 1,
+        embed_dim: 16,
+        depth: 1,
+        num_heads: 2,
+        mlp_ratio: 2,
+        stop_grad_patch_embed: false,
+        conv_stem: true,
+    };
+    let spec = EncoderSpec {
+        backbone: BackboneConfig::Vit(vit),
+        head: HeadKind::V3 { hidden: 16, dim: 8 },
+    };
+    Moco::new(config, &Device::Cpu, |vb| moco_models::encoder(spec, vb))
+        .unwrap()
+        .with_predictor(|vb| moco_models::head::v3_mlp(2, 8, 16, 8, true, vb))
+        .unwrap()
+}
+
 struct Run {
     losses: Vec<f32>,
     state: BTreeMap<String, Tensor>,
@@ -190,7 +230,9 @@ fn train(moco: &mut Moco<moco_models::Encoder>, rank: Option<usize>) -> Run {
 }
 
 /// Largest differences between a rank's run and the one-process run: loss, and state tensor
-/// relative to the tensor's largest magnitude (at least 1e-3), with the tensor's name.
+/// relative to the tensor's largest magnitude, with the tensor's name. The magnitude counts as
+/// at least 1e-2, so that a tensor that is zero but for rounding (the momentum buffer of a
+/// parameter the loss does not depend on) is held to 1e-5 absolute by the 1e-3 tolerance.
 fn distance(got: &Run, want: &Run) -> (f32, f32, String) {
     let dl = got
         .losses
@@ -202,7 +244,7 @@ fn distance(got: &Run, want: &Run) -> (f32, f32, String) {
     assert_eq!(got.state.len(), want.state.len());
     for (name, t) in &want.state {
         let zero = t.zeros_like().unwrap();
-        let d = max_diff(&got.state[name], t) / max_diff(t, &zero).max(1e-3);
+        let d = max_diff(&got.state[name], t) / max_diff(t, &zero).max(1e-2);
         if d > worst.0 {
             worst = (d, name.clone());
         }
@@ -236,6 +278,34 @@ fn moco_v3_over_two_ranks_with_sync_bn_equals_one_process() {
                 assert!(ds < 1e-3, "rank {rank}: `{name}` differs by {ds}");
             } else {
                 // Per-rank statistics are another computation: the comparison can fail.
+                assert!(ds > 1e-1, "rank {rank}: per-rank BatchNorm matched ({ds})");
+            }
+        }
+    }
+}
+
+/// The same for a ViT with the convolutional stem: a data-parallel ViT run equals one process
+/// too.
+#[test]
+fn moco_v3_vit_over_two_ranks_with_sync_bn_equals_one_process() {
+    let want = train(&mut v3_vit_model(true), None);
+    assert!(want.losses[0] != want.losses[1], "{:?}", want.losses);
+    for sync_bn in [true, false] {
+        let runs = on_threads(WORLD, move |comm| {
+            let rank = comm.rank();
+            let mut moco = v3_vit_model(sync_bn).with_collective(comm).unwrap();
+            let run = train(&mut moco, Some(rank));
+            moco.check_in_sync().unwrap();
+            run
+        })
+        .unwrap();
+        for (rank, got) in runs.iter().enumerate() {
+            let (dl, ds, name) = distance(got, &want);
+            eprintln!("ViT sync_bn {sync_bn} rank {rank}: loss {dl:e}, state {ds:e} (`{name}`)");
+            if sync_bn {
+                assert!(dl < 1e-4, "rank {rank}: losses differ by {dl}");
+                assert!(ds < 1e-3, "rank {rank}: `{name}` differs by {ds}");
+            } else {
                 assert!(ds > 1e-1, "rank {rank}: per-rank BatchNorm matched ({ds})");
             }
         }
