@@ -11,6 +11,8 @@
 #      the CPU (same seeded weights, queue and input): loss and every updated tensor within 1e-3,
 #      for the small ResNet and a small ViT; then the same with `--dist nccl` (NCCL, from the PyTorch environment's nvidia/nccl/lib):
 #      the step through NCCL's all-reduce / all-gather / broadcast in a group of one;
+#      `--sync-bn`: a MoCo v3 step as two ranks sharing the GPU (TCP), SyncBN on CUDA's path,
+#      against one CPU process on the whole batch;
 #      with 2+ GPUs, a short `moco launch` data-parallel pretraining over all of them;
 #   2. `moco bench step --device cuda` next to bench/reference/bench_step.py --device cuda:
 #      resnet50 at 224x224 (batch 256, K 65536, v2 head) and the small ResNet-18 (width 64,
@@ -62,9 +64,12 @@ timeout 120 "$bin" check-device --device cuda --arch vit-64x2h2 --image-size 32 
 echo "== 1b. the same step through NCCL (a group of one process)"
 timeout 120 "$bin" check-device --device cuda --dist nccl --arch resnet18-small --width 16 --image-size 32 --batch-size 32 ||
   echo "NCCL check failed"
+echo "== 1c. SyncBN: one MoCo v3 step as two ranks sharing the GPU (TCP) vs one CPU process"
+timeout 120 "$bin" check-device --device cuda --sync-bn --arch resnet18-small --width 16 --image-size 32 --batch-size 32 ||
+  echo "SyncBN check failed"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [ "$gpus" -ge 2 ]; then
-  echo "== 1c. data-parallel pretraining on $gpus GPUs (NCCL)"
+  echo "== 1d. data-parallel pretraining on $gpus GPUs (NCCL)"
   rm -rf target/gpu/ddp-run
   timeout 240 "$bin" launch --nproc-per-node "$gpus" -- --device cuda --batch-size $((64 * gpus)) \
     --max-steps 20 --log-every 5 --knn-every 0 --out target/gpu/ddp-run --quiet || echo "launch failed"

@@ -58,3 +58,34 @@ fn a_one_process_group_leaves_the_step_unchanged() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--features nccl"), "{err}");
 }
+
+#[test]
+fn sync_bn_over_two_ranks_matches_one_process() {
+    // The GPU check of SyncBN (`--sync-bn`: two ranks sharing the device over TCP, against one
+    // CPU process on the whole batch), here with the CPU as the device: the fused kernels'
+    // synchronised path against the plain one.
+    let o = run_ok(
+        moco()
+            .args(["check-device", "--device", "cpu", "--sync-bn"])
+            .args(["--width", "4", "--image-size", "16", "--batch-size", "8"]),
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("one MoCo v3 step with SyncBN over 2 ranks"),
+        "{out}"
+    );
+    // An odd batch does not split into the two ranks.
+    let o = moco()
+        .args([
+            "check-device",
+            "--device",
+            "cpu",
+            "--sync-bn",
+            "--batch-size",
+            "7",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--batch-size 7"));
+}

@@ -166,6 +166,7 @@ pub struct CheckOptions {
     pub device: candle_core::Device,
     pub tolerance: f64,
     pub dist: Option<String>,
+    pub sync_bn: bool,
 }
 
 /// `moco check-device`: one MoCo step (v2 head, shuffle-BN, SGD, momentum update, enqueue) on
@@ -177,6 +178,9 @@ pub struct CheckOptions {
 /// still match the CPU.
 pub fn check_device(o: CheckOptions) -> Result<()> {
     use candle_core::{DType, Device, Tensor};
+    if o.sync_bn {
+        return check_sync_bn(&o);
+    }
     let group = |device: &Device| -> Result<Option<Box<dyn moco_core::Collective>>> {
         let Some(name) = &o.dist else { return Ok(None) };
         let backend =
@@ -245,19 +249,44 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
     };
     let (loss_dev, dev_state) = run(&o.device, true)?;
     let (loss_cpu, cpu_state) = run(&Device::Cpu, false)?;
+    compare(
+        &o,
+        "one MoCo v2 step",
+        1e-6,
+        (loss_dev, &dev_state),
+        (loss_cpu, &cpu_state),
+    )
+}
+
+/// Compares a step's loss and state on the device with the CPU's: prints the largest
+/// difference relative to each tensor's scale (its largest magnitude, at least `floor`) and
+/// fails above the tolerance.
+fn compare(
+    o: &CheckOptions,
+    what: &str,
+    floor: f32,
+    (loss_dev, dev_state): (
+        f32,
+        &std::collections::BTreeMap<String, candle_core::Tensor>,
+    ),
+    (loss_cpu, cpu_state): (
+        f32,
+        &std::collections::BTreeMap<String, candle_core::Tensor>,
+    ),
+) -> Result<()> {
     let mut worst = (String::from("loss"), rel(loss_dev as f64, loss_cpu as f64));
-    for (name, c) in &cpu_state {
+    for (name, c) in cpu_state {
         let d = dev_state
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("`{name}` missing from the {:?} run", o.device))?;
-        let scale = c.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6) as f64;
+        let scale = c.abs()?.max_all()?.to_scalar::<f32>()?.max(floor) as f64;
         let diff = (d - c)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale;
         if diff > worst.1 || diff.is_nan() {
             worst = (name.clone(), diff);
         }
     }
     println!(
-        "one MoCo v2 step on {:?} vs the CPU ({} {}x{}x{}, batch {}): loss {loss_dev:.6} vs {loss_cpu:.6}; {} tensors compared, largest relative difference {:.2e} in `{}` (tolerance {:.0e})",
+        "{what} on {:?} vs the CPU ({} {}x{}x{}, batch {}): loss {loss_dev:.6} vs {loss_cpu:.6}; {} tensors compared, largest relative difference {:.2e} in `{}` (tolerance {:.0e})",
         o.device, o.arch, o.image_size, o.image_size, o.channels, o.batch_size,
         cpu_state.len(), worst.1, worst.0, o.tolerance
     );
@@ -271,6 +300,87 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `moco check-device --sync-bn`: one MoCo v3 step (in-batch loss, v3 projector and predictor,
+/// SyncBN) as two ranks on `--device` (threads joined by a TCP group, each with half of the
+/// batch; on a GPU both share it) against one CPU process on the whole batch, from the same
+/// seeded weights. With SyncBN the two are the same computation: every BatchNorm of the
+/// backbone, projector and predictor normalises with the whole batch's statistics.
+fn check_sync_bn(o: &CheckOptions) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    const RANKS: usize = 2;
+    if o.batch_size % RANKS != 0 {
+        bail!(
+            "--batch-size {} does not split into {RANKS} ranks",
+            o.batch_size
+        );
+    }
+    let backbone =
+        moco_models::BackboneConfig::for_input(&o.arch, o.width, o.channels, o.image_size, None)?;
+    let (dim, hidden) = (16, 64);
+    let spec = moco_models::EncoderSpec {
+        backbone,
+        head: moco_models::HeadKind::V3 { hidden, dim },
+    };
+    let last_bn = matches!(backbone, moco_models::BackboneConfig::Vit(_));
+    let config = moco_core::MocoConfig {
+        batch_size: o.batch_size,
+        dim,
+        mlp_dim: Some(hidden),
+        sync_bn: true,
+        ..moco_core::MocoConfig::v3()
+    };
+    let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
+    let x1 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
+    let x2 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
+    type State = std::collections::BTreeMap<String, Tensor>;
+    let step = move |device: &Device,
+                     comm: Option<Box<dyn moco_core::Collective>>,
+                     x1: &Tensor,
+                     x2: &Tensor|
+          -> Result<(f32, State)> {
+        let mut moco =
+            moco_core::Moco::new(config.clone(), device, |vb| moco_models::encoder(spec, vb))?
+                .with_predictor(|vb| moco_models::head::v3_mlp(2, dim, hidden, dim, last_bn, vb))?;
+        if let Some(comm) = comm {
+            moco = moco.with_collective(comm)?;
+        }
+        let out = moco.train_step(&x1.to_device(device)?, &x2.to_device(device)?, 0.1, 0.99)?;
+        let state = moco
+            .state_tensors()?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        Ok((out.loss, state))
+    };
+    let per_rank = o.batch_size / RANKS;
+    let device = o.device.clone();
+    let (a, b) = (x1.clone(), x2.clone());
+    let on_rank = step.clone();
+    let ranks = moco_core::dist::on_threads(RANKS, move |comm| {
+        let r = comm.rank();
+        let mine = |x: &Tensor| x.narrow(0, r * per_rank, per_rank);
+        (|| on_rank(&device, Some(comm), &mine(&a)?, &mine(&b)?))()
+            .map_err(|e| format!("rank {r}: {e:#}"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut ranks = ranks
+        .into_iter()
+        .collect::<std::result::Result<Vec<_>, String>>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (loss_dev, dev_state) = ranks.swap_remove(0);
+    let (loss_cpu, cpu_state) = step(&Device::Cpu, None, &x1, &x2)?;
+    compare(
+        o,
+        "one MoCo v3 step with SyncBN over 2 ranks",
+        // Some tensors are zero but for rounding (the predictor's first BatchNorm sees
+        // zero-mean inputs: the projector ends in a BatchNorm, the predictor's first layer has
+        // no bias): their scale counts as 1e-2.
+        1e-2,
+        (loss_dev, &dev_state),
+        (loss_cpu, &cpu_state),
+    )
 }
 
 fn rel(a: f64, b: f64) -> f64 {

@@ -54,7 +54,9 @@ impl Launch {
             }
         }
         if let Some(dev) = flag_value(&self.args, "device") {
-            if self.nproc_per_node > 1 && dev.starts_with("cuda:") {
+            // NCCL refuses two ranks on one GPU; the TCP backend may share one (a test setup).
+            let tcp = flag_value(&self.args, "dist-backend") == Some("tcp");
+            if self.nproc_per_node > 1 && dev.starts_with("cuda:") && !tcp {
                 bail!(
                     "--device {dev} would put all {} processes of this machine on one GPU: pass --device cuda (process i gets cuda:i)",
                     self.nproc_per_node
@@ -225,6 +227,8 @@ mod tests {
             e.contains("--device cuda:1") && e.contains("--device cuda "),
             "{e}"
         );
+        let shared = launch(&["--out", "x", "--device", "cuda:0", "--dist-backend", "tcp"]);
+        assert!(shared.commands().is_ok(), "TCP ranks may share a GPU");
         let mut one = launch(&["--out", "x", "--device=cuda:1"]);
         one.nproc_per_node = 1;
         assert!(

@@ -78,6 +78,11 @@ enum Command {
         /// one process of it, whose collectives must change nothing.
         #[arg(long)]
         dist: Option<String>,
+        /// Check SyncBN instead: one MoCo v3 step (SyncBN in the backbone and the heads) as two
+        /// ranks sharing --device (threads joined over TCP, each with half the batch) against
+        /// one CPU process on the whole batch.
+        #[arg(long, conflicts_with = "dist")]
+        sync_bn: bool,
     },
     /// Draw a run's training curves (loss, acc1, lr per step; kNN top-1 per epoch) into PNG files.
     Plot {
@@ -483,6 +488,7 @@ fn main() -> Result<()> {
             batch_size,
             tolerance,
             dist,
+            sync_bn,
         } => bench::check_device(bench::CheckOptions {
             arch,
             width,
@@ -492,6 +498,7 @@ fn main() -> Result<()> {
             device: device::parse(&device)?,
             tolerance,
             dist,
+            sync_bn,
         })?,
         Command::Plot { run, out } => {
             for f in plot::run(&run, out.as_deref())? {
