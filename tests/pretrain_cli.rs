@@ -456,6 +456,42 @@ fn a_run_evaluates_with_knn_and_linear_eval() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(run.join("linear-eval/results.json").is_file());
+    // MoCo v3's protocol: lr 0.1 x batch/256 on a per-epoch cosine.
+    let v3 = dir.path().join("lin-v3");
+    run_ok(
+        moco()
+            .args(["linear-eval", "--weights", run.to_str().unwrap()])
+            .args([
+                "--dataset",
+                "default",
+                "--cached-features",
+                "--protocol",
+                "v3",
+            ])
+            .args([
+                "--epochs",
+                "2",
+                "--batch-size",
+                "128",
+                "--out",
+                v3.to_str().unwrap(),
+            ]),
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v3.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["config"]["lr"], 0.05);
+    assert_eq!(r["config"]["schedule"]["decay"]["kind"], "cosine");
+    let o = moco()
+        .args([
+            "linear-eval",
+            "--weights",
+            run.to_str().unwrap(),
+            "--protocol",
+            "v2",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--protocol v2"));
     // A 1-channel model on 3-channel data is refused with a clear error.
     let o = moco()
         .args([

@@ -150,12 +150,17 @@ enum Command {
     LinearEval {
         #[command(flatten)]
         common: EvalArgs,
-        /// Epochs (lr x0.1 at 60% and 80% of them, as 60 and 80 of 100).
-        #[arg(long, default_value_t = 100)]
-        epochs: usize,
-        /// Base learning rate.
-        #[arg(long, default_value_t = 30.0)]
-        lr: f64,
+        /// The protocol: v1 (MoCo v1/v2's main_lincls.py: lr 30, 100 epochs, lr x0.1 at 60% and
+        /// 80% of them) or v3 (MoCo v3's: lr 0.1 x batch/256, 90 epochs, per-epoch cosine).
+        #[arg(long, default_value = "v1")]
+        protocol: String,
+        /// Epochs (default: the protocol's).
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Learning rate (default: the protocol's; v3 scales 0.1 by batch/256, a given value is
+        /// used as it is).
+        #[arg(long)]
+        lr: Option<f64>,
         /// Train on features extracted once (no augmentation; fast on CPU, reported as such).
         #[arg(long)]
         cached_features: bool,
@@ -605,20 +610,34 @@ fn main() -> Result<()> {
         Command::Knn { common, k, t } => evaluate::knn(common.common()?, k, t)?,
         Command::LinearEval {
             common,
+            protocol,
             epochs,
             lr,
             cached_features,
             out,
             seed,
         } => {
-            let milestones = vec![epochs * 60 / 100, epochs * 80 / 100];
-            let cfg = moco_eval::linear::LinearConfig {
+            use moco_eval::linear::LinearConfig;
+            let base = match protocol.as_str() {
+                "v1" => LinearConfig {
+                    batch_size: common.batch_size,
+                    ..LinearConfig::default()
+                },
+                "v3" => LinearConfig::v3(common.batch_size),
+                other => anyhow::bail!("--protocol {other}: expected v1 or v3"),
+            };
+            let epochs = epochs.unwrap_or(base.epochs);
+            let schedule = match protocol.as_str() {
+                // The milestones at 60% and 80% of the run, as 60 and 80 of 100.
+                "v1" => moco_core::LrSchedule::step(vec![epochs * 60 / 100, epochs * 80 / 100]),
+                _ => base.schedule.clone(),
+            };
+            let cfg = LinearConfig {
                 epochs,
-                lr,
-                milestones,
-                batch_size: common.batch_size,
+                lr: lr.unwrap_or(base.lr),
+                schedule,
                 seed,
-                ..Default::default()
+                ..base
             };
             evaluate::linear_eval(common.common()?, cfg, cached_features, out)?
         }

@@ -1,7 +1,9 @@
 //! The linear classification protocol of the official `main_lincls.py`: the backbone frozen and
 //! in eval mode, a fresh `fc` initialised N(0, 0.01) with zero bias, SGD (lr 30, momentum 0.9,
 //! weight decay 0), 100 epochs with lr x0.1 at 60 and 80, batch 256; then the sanity check that
-//! every backbone tensor is bit-identical to the pretrained one.
+//! every backbone tensor is bit-identical to the pretrained one. MoCo v3's `main_lincls.py`
+//! differs in the schedule only ([`LinearConfig::v3`]: 90 epochs of a per-epoch cosine from
+//! 0.1 x batch / 256).
 //!
 //! Two modes: [`train_augmented`] (the protocol itself: RandomResizedCrop + flip every epoch) and
 //! [`train_cached`] (features extracted once with the evaluation transform, no augmentation:
@@ -37,8 +39,8 @@ pub struct LinearConfig {
     pub momentum: f64,
     /// Weight decay.
     pub weight_decay: f64,
-    /// Epochs at which the learning rate is multiplied by 0.1.
-    pub milestones: Vec<usize>,
+    /// Learning-rate schedule over the epochs (updated once per epoch).
+    pub schedule: LrSchedule,
     /// Batch size.
     pub batch_size: usize,
     /// Seed of the initialisation, shuffles and augmentations.
@@ -52,9 +54,23 @@ impl Default for LinearConfig {
             lr: 30.0,
             momentum: 0.9,
             weight_decay: 0.0,
-            milestones: vec![60, 80],
+            schedule: LrSchedule::step(vec![60, 80]),
             batch_size: 256,
             seed: 0,
+        }
+    }
+}
+
+impl LinearConfig {
+    /// MoCo v3's protocol (its `main_lincls.py`): SGD at `0.1 x batch_size / 256`, momentum
+    /// 0.9, no weight decay, 90 epochs of the per-epoch cosine `lr * (1 + cos(pi e / E)) / 2`.
+    pub fn v3(batch_size: usize) -> Self {
+        Self {
+            epochs: 90,
+            lr: 0.1 * batch_size as f64 / 256.0,
+            schedule: LrSchedule::cosine(),
+            batch_size,
+            ..Self::default()
         }
     }
 }
@@ -104,7 +120,7 @@ impl Classifier {
         Ok(Self {
             fc: Linear::new(w, Some(b)),
             opt: Sgd::new_named(params, sgd)?,
-            schedule: LrSchedule::step(cfg.milestones.clone()),
+            schedule: cfg.schedule.clone(),
         })
     }
 

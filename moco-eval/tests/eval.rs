@@ -143,7 +143,7 @@ fn linear_probe_separates_separable_features_perfectly() {
     let (train, test) = (make(400, 0.0), make(100, 1.7));
     let cfg = LinearConfig {
         epochs: 10,
-        milestones: vec![6, 8],
+        schedule: moco_core::LrSchedule::step(vec![6, 8]),
         batch_size: 64,
         ..Default::default()
     };
