@@ -43,14 +43,20 @@ impl HeadKind {
     }
 }
 
+/// PyTorch's default initialisation of a linear or convolution layer's weight and bias
+/// (`kaiming_uniform_(a=sqrt(5))` and its bias rule): uniform in +-1/sqrt(fan_in).
+pub fn torch_default_init(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
 /// A linear layer initialised as `torch.nn.Linear`: weight and bias uniform in
 /// +-1/sqrt(fan_in).
 pub fn torch_linear(cin: usize, cout: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let bound = 1.0 / (cin as f64).sqrt();
-    let init = Init::Uniform {
-        lo: -bound,
-        up: bound,
-    };
+    let init = torch_default_init(cin);
     let w = vb.get_with_hints((cout, cin), "weight", init)?;
     let b = if bias {
         Some(vb.get_with_hints(cout, "bias", init)?)

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch_norm::{batch_norm, BatchNorm, BatchNormConfig};
 use crate::cpu_transformer;
+use crate::head::torch_default_init;
 
 /// Everything that shapes a Vision Transformer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,16 +361,6 @@ enum PatchEmbed {
     },
 }
 
-/// PyTorch's default initialisation of a convolution or linear layer (the official ConvStem
-/// keeps it): weight and bias uniform in +-1/sqrt(fan_in).
-fn torch_default_uniform(fan_in: usize) -> Init {
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    Init::Uniform {
-        lo: -bound,
-        up: bound,
-    }
-}
-
 impl PatchEmbed {
     fn new(config: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let (d, p, c) = (config.embed_dim, config.patch_size, config.in_channels);
@@ -394,15 +385,15 @@ impl PatchEmbed {
                 let w = vb.get_with_hints(
                     (cout, cin, 3, 3),
                     &format!("{}.weight", 3 * i),
-                    torch_default_uniform(cin * 9),
+                    torch_default_init(cin * 9),
                 )?;
                 let bn = batch_norm(cout, BatchNormConfig::default(), vb.pp(3 * i + 1))?;
                 Ok((w, bn))
             })
             .collect::<Result<Vec<_>>>()?;
         let last = vb.pp(3 * widths.len());
-        let weight = last.get_with_hints((d, d, 1, 1), "weight", torch_default_uniform(d))?;
-        let bias = last.get_with_hints(d, "bias", torch_default_uniform(d))?;
+        let weight = last.get_with_hints((d, d, 1, 1), "weight", torch_default_init(d))?;
+        let bias = last.get_with_hints(d, "bias", torch_default_init(d))?;
         Ok(Self::Conv {
             layers,
             weight,
