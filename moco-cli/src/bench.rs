@@ -177,7 +177,7 @@ pub struct CheckOptions {
 /// its all-reduce, all-gather and broadcast must return their input exactly, and the step must
 /// still match the CPU.
 pub fn check_device(o: CheckOptions) -> Result<()> {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
     if o.sync_bn {
         return check_sync_bn(&o);
     }
@@ -239,13 +239,7 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
                 moco = moco.with_collective(comm)?;
             }
         }
-        let out = moco.train_step(&x1.to_device(device)?, &x2.to_device(device)?, 0.03, 0.99)?;
-        let state = moco
-            .state_tensors()?
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
-            .collect::<Result<_>>()?;
-        Ok((out.loss, state))
+        one_step(&mut moco, device, (&x1, &x2), 0.03)
     };
     let (loss_dev, dev_state) = run(&o.device, true)?;
     let (loss_cpu, cpu_state) = run(&Device::Cpu, false)?;
@@ -256,6 +250,24 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
         (loss_dev, &dev_state),
         (loss_cpu, &cpu_state),
     )
+}
+
+/// One training step of `moco` on `device` (lr `lr`, momentum 0.99) on CPU views moved there:
+/// the loss and every state tensor, back on the CPU in float32.
+fn one_step(
+    moco: &mut moco_core::Moco<moco_models::Encoder>,
+    device: &candle_core::Device,
+    (x1, x2): (&candle_core::Tensor, &candle_core::Tensor),
+    lr: f64,
+) -> Result<(f32, std::collections::BTreeMap<String, candle_core::Tensor>)> {
+    use candle_core::{DType, Device};
+    let out = moco.train_step(&x1.to_device(device)?, &x2.to_device(device)?, lr, 0.99)?;
+    let state = moco
+        .state_tensors()?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    Ok((out.loss, state))
 }
 
 /// Compares a step's loss and state on the device with the CPU's: prints the largest
@@ -308,7 +320,7 @@ fn compare(
 /// seeded weights. With SyncBN the two are the same computation: every BatchNorm of the
 /// backbone, projector and predictor normalises with the whole batch's statistics.
 fn check_sync_bn(o: &CheckOptions) -> Result<()> {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
     const RANKS: usize = 2;
     if o.batch_size % RANKS != 0 {
         bail!(
@@ -346,13 +358,7 @@ fn check_sync_bn(o: &CheckOptions) -> Result<()> {
         if let Some(comm) = comm {
             moco = moco.with_collective(comm)?;
         }
-        let out = moco.train_step(&x1.to_device(device)?, &x2.to_device(device)?, 0.1, 0.99)?;
-        let state = moco
-            .state_tensors()?
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
-            .collect::<Result<_>>()?;
-        Ok((out.loss, state))
+        one_step(&mut moco, device, (x1, x2), 0.1)
     };
     let per_rank = o.batch_size / RANKS;
     let device = o.device.clone();

@@ -652,6 +652,22 @@ mod tests {
         }
     }
 
+    /// max |v| over the variable `k`.
+    fn largest_magnitude(
+        data: &std::collections::HashMap<String, candle_core::Var>,
+        k: &str,
+    ) -> f64 {
+        let m: f32 = data[k]
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        f64::from(m)
+    }
+
     #[test]
     fn initialisation_follows_moco_v3() {
         let c = VitConfig {
@@ -662,16 +678,7 @@ mod tests {
         let vars = VarMap::new();
         vit(c, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
         let data = vars.data().lock().unwrap();
-        let max_abs = |k: &str| -> f32 {
-            data[k]
-                .as_tensor()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let max_abs = |k: &str| largest_magnitude(&data, k) as f32;
         // Uniform in +-bound: the largest of thousands of draws is within 2% of the bound.
         let near = |k: &str, bound: f64| {
             let m = f64::from(max_abs(k));
@@ -702,17 +709,7 @@ mod tests {
         };
         vit(c, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
         let data = vars.data().lock().unwrap();
-        let max_abs = |k: &str| -> f64 {
-            let m: f32 = data[k]
-                .as_tensor()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            f64::from(m)
-        };
+        let max_abs = |k: &str| largest_magnitude(&data, k);
         // 2 -> 32 -> 64 (3x3), then 64 -> 64 (1x1): fan-ins 18, 288, 64.
         for (k, fan_in, min) in [
             ("patch_embed.proj.0.weight", 18.0, 0.9),

@@ -259,41 +259,26 @@ fn distance(got: &Run, want: &Run) -> (f32, f32, String) {
 /// steps at lr 0.5 reached 0.2, so the run is kept short and slow); per-rank statistics: 3.6.
 #[test]
 fn moco_v3_over_two_ranks_with_sync_bn_equals_one_process() {
-    let want = train(&mut v3_model(v3_config(true)), None);
-    assert!(want.losses[0] != want.losses[1], "{:?}", want.losses);
-    for sync_bn in [true, false] {
-        let runs = on_threads(WORLD, move |comm| {
-            let rank = comm.rank();
-            let mut moco = v3_model(v3_config(sync_bn)).with_collective(comm).unwrap();
-            let run = train(&mut moco, Some(rank));
-            moco.check_in_sync().unwrap();
-            run
-        })
-        .unwrap();
-        for (rank, got) in runs.iter().enumerate() {
-            let (dl, ds, name) = distance(got, &want);
-            eprintln!("sync_bn {sync_bn} rank {rank}: loss {dl:e}, state {ds:e} (`{name}`)");
-            if sync_bn {
-                assert!(dl < 1e-4, "rank {rank}: losses differ by {dl}");
-                assert!(ds < 1e-3, "rank {rank}: `{name}` differs by {ds}");
-            } else {
-                // Per-rank statistics are another computation: the comparison can fail.
-                assert!(ds > 1e-1, "rank {rank}: per-rank BatchNorm matched ({ds})");
-            }
-        }
-    }
+    two_ranks_against_one_process("ResNet", |sync_bn| v3_model(v3_config(sync_bn)));
 }
 
 /// The same for a ViT with the convolutional stem: a data-parallel ViT run equals one process
 /// too.
 #[test]
 fn moco_v3_vit_over_two_ranks_with_sync_bn_equals_one_process() {
-    let want = train(&mut v3_vit_model(true), None);
+    two_ranks_against_one_process("ViT", v3_vit_model);
+}
+
+/// Trains `make(true)` in one process on the global batches, then `make(sync_bn)` as two ranks
+/// with half of each: with SyncBN they must agree, with per-rank statistics they must not (so
+/// that the comparison can fail).
+fn two_ranks_against_one_process(what: &str, make: fn(bool) -> Moco<moco_models::Encoder>) {
+    let want = train(&mut make(true), None);
     assert!(want.losses[0] != want.losses[1], "{:?}", want.losses);
     for sync_bn in [true, false] {
         let runs = on_threads(WORLD, move |comm| {
             let rank = comm.rank();
-            let mut moco = v3_vit_model(sync_bn).with_collective(comm).unwrap();
+            let mut moco = make(sync_bn).with_collective(comm).unwrap();
             let run = train(&mut moco, Some(rank));
             moco.check_in_sync().unwrap();
             run
@@ -301,12 +286,15 @@ fn moco_v3_vit_over_two_ranks_with_sync_bn_equals_one_process() {
         .unwrap();
         for (rank, got) in runs.iter().enumerate() {
             let (dl, ds, name) = distance(got, &want);
-            eprintln!("ViT sync_bn {sync_bn} rank {rank}: loss {dl:e}, state {ds:e} (`{name}`)");
+            eprintln!("{what} sync_bn {sync_bn} rank {rank}: loss {dl:e}, state {ds:e} (`{name}`)");
             if sync_bn {
-                assert!(dl < 1e-4, "rank {rank}: losses differ by {dl}");
-                assert!(ds < 1e-3, "rank {rank}: `{name}` differs by {ds}");
+                assert!(dl < 1e-4, "{what} rank {rank}: losses differ by {dl}");
+                assert!(ds < 1e-3, "{what} rank {rank}: `{name}` differs by {ds}");
             } else {
-                assert!(ds > 1e-1, "rank {rank}: per-rank BatchNorm matched ({ds})");
+                assert!(
+                    ds > 1e-1,
+                    "{what} rank {rank}: per-rank BatchNorm matched ({ds})"
+                );
             }
         }
     }

@@ -18,6 +18,28 @@ def sincos(grid, dim):
     return torch.cat([torch.zeros(1, dim), pe.to(torch.get_default_dtype())], dim=0)[None]
 
 
+def randomise_vit(m):
+    """Random values for every parameter and buffer of a timm ViT (so that the class token,
+    BatchNorm statistics and biases matter), the fixed position embedding left alone; rounded
+    to float32 values, so that a float32 implementation starts from the same numbers."""
+    with torch.no_grad():
+        for name, t in m.state_dict().items():
+            if name == "pos_embed" or "num_batches_tracked" in name:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand_like(t))
+            elif t.dim() >= 2:
+                fan_in = t[0].numel()
+                t.copy_((torch.rand_like(t) * 2 - 1) * (3.0 / fan_in) ** 0.5)
+            elif name.endswith("weight"):
+                t.copy_(1.0 + 0.2 * torch.randn_like(t))
+            else:
+                t.copy_(0.1 * torch.randn_like(t))
+        m.cls_token.copy_(0.5 * torch.randn_like(m.cls_token))
+        for t in m.state_dict().values():
+            t.copy_(t.float().double())
+
+
 def mlp(num_layers, i, h, o, last_bn=True):
     """moco.builder.MoCo._build_mlp: Linear without bias, BN1d and ReLU between, a BN1d without
     affine after the last when last_bn."""

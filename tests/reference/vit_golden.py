@@ -25,7 +25,7 @@ import torch.nn as nn
 from functools import partial
 from safetensors.torch import save_file
 
-from mocov3 import mlp, sincos
+from mocov3 import mlp, randomise_vit, sincos
 from timm.models.vision_transformer import VisionTransformer
 
 torch.manual_seed(0)
@@ -38,22 +38,7 @@ m = VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=48, emb
                       norm_layer=partial(nn.LayerNorm, eps=1e-6))
 m.pos_embed = nn.Parameter(sincos(GRID, DIM), requires_grad=False)
 m.head = mlp(3, DIM, 48, 16)
-with torch.no_grad():
-    for name, t in m.state_dict().items():
-        if name == "pos_embed" or "num_batches_tracked" in name:
-            continue
-        if name.endswith("running_var"):
-            t.copy_(0.5 + torch.rand_like(t))
-        elif t.dim() >= 2:
-            fan_in = t[0].numel()
-            t.copy_((torch.rand_like(t) * 2 - 1) * (3.0 / fan_in) ** 0.5)
-        elif name.endswith("weight"):
-            t.copy_(1.0 + 0.2 * torch.randn_like(t))
-        else:
-            t.copy_(0.1 * torch.randn_like(t))
-    m.cls_token.copy_(0.5 * torch.randn_like(m.cls_token))
-    for t in m.state_dict().values():  # float32 values, so both sides start from the same numbers
-        t.copy_(t.float().double())
+randomise_vit(m)
 
 out = {f"w.{k}": v.float().contiguous() for k, v in m.state_dict().items()
        if "num_batches_tracked" not in k}
