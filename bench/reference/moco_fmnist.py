@@ -124,6 +124,16 @@ def encoder(width=8):
     m.layer3 = m._make_layer(BasicBlock, 4 * width, 2, stride=2)
     m.layer4 = m._make_layer(BasicBlock, 8 * width, 2, stride=2)
     m.fc = nn.Linear(8 * width, 128)
+    # The layers above were rebuilt after torchvision's constructor initialised its own: give
+    # them its initialisation (Kaiming normal, fan-out, for every convolution; BatchNorm 1 and 0),
+    # which moco-rs's ResNets use. (The official demo keeps torchvision's initialisation for all
+    # but its replaced conv1; moco-rs initialises that one as torchvision's too.)
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
     return m
 
 
