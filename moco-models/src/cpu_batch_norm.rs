@@ -252,7 +252,8 @@ impl CustomOp3 for Normalize {
         })??;
         // The input gradient takes the global batch's sums under SyncBN; the weight and bias
         // gradients stay this rank's (they are averaged over the ranks with the others).
-        let global: Vec<(Vec<f64>, Vec<f64>)> = if self.synced {
+        let reduced: Vec<(Vec<f64>, Vec<f64>)>;
+        let global = if self.synced {
             let Some(comm) = moco_core::sync::group() else {
                 candle_core::bail!(
                     "SyncBatchNorm backward outside the data-parallel scope of its forward pass (moco_core::sync::scope)"
@@ -263,11 +264,13 @@ impl CustomOp3 for Normalize {
                 .flat_map(|(sg, sgx)| [sg[0] as f32, sgx[0] as f32])
                 .collect();
             let all = all_reduce(&*comm, flat)?;
-            all.chunks_exact(2)
+            reduced = all
+                .chunks_exact(2)
                 .map(|p| (vec![f64::from(p[0])], vec![f64::from(p[1])]))
-                .collect()
+                .collect();
+            &reduced
         } else {
-            sums.clone()
+            &sums
         };
         let gx = if x.track_op() {
             let out = with_f32(x, |xv| {
