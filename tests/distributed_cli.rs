@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use moco_tests::{file_tensors, moco, run_ok, TINY_RUN};
+use moco_tests::{file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_RUN};
 
 /// [`TINY_RUN`] with one data worker and a metrics line every step.
 const TINY: &[&str] = &["--workers", "1", "--log-every", "1"];
@@ -122,32 +122,29 @@ fn bad_launches_are_clear_errors() {
 fn moco_v3_on_two_processes_equals_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let v3 = [
-        "--preset",
-        "v3",
-        "--moco-mlp-dim",
-        "32",
-        "--moco-dim",
-        "16",
-        "--warmup-epochs",
-        "0.5",
-        "--width",
-        "4",
-        "--batch-size",
-        "16",
-        "--subset",
-        "256",
-        "--knn-every",
-        "0",
-        "--quiet",
-        "--max-steps",
-        "3",
-    ];
+        &["--preset", "v3"],
+        SMALL_V3_HEADS,
+        &[
+            "--width",
+            "4",
+            "--batch-size",
+            "16",
+            "--subset",
+            "256",
+            "--knn-every",
+            "0",
+            "--quiet",
+            "--max-steps",
+            "3",
+        ],
+    ]
+    .concat();
     let one = dir.path().join("one");
     run_ok(
         moco()
             .arg("pretrain")
             .args(TINY)
-            .args(v3)
+            .args(&v3)
             .args(["--out", one.to_str().unwrap()]),
     );
     let want = checkpoint(&one);
@@ -173,7 +170,7 @@ fn moco_v3_on_two_processes_equals_one_process() {
         moco()
             .args(["launch", "--nproc-per-node", "2", "--"])
             .args(TINY)
-            .args(v3)
+            .args(&v3)
             .args(["--out", synced.to_str().unwrap()]),
     );
     let (d, name) = worst(&synced);
@@ -184,7 +181,7 @@ fn moco_v3_on_two_processes_equals_one_process() {
         moco()
             .args(["launch", "--nproc-per-node", "2", "--"])
             .args(TINY)
-            .args(v3)
+            .args(&v3)
             .args(["--sync-bn", "false", "--out", per_rank.to_str().unwrap()]),
     );
     let (d, name) = worst(&per_rank);

@@ -39,6 +39,17 @@ pub const TINY_RUN: &[&str] = &[
     "--quiet",
 ];
 
+/// MoCo v3 heads sized for [`TINY_RUN`]-like runs (projector and predictor hidden 32, output
+/// 16) and half an epoch of warm-up, for `--preset v3` / `v3-vit` runs of a few steps.
+pub const SMALL_V3_HEADS: &[&str] = &[
+    "--moco-mlp-dim",
+    "32",
+    "--moco-dim",
+    "16",
+    "--warmup-epochs",
+    "0.5",
+];
+
 /// `tests/reference/<name>`.
 pub fn reference(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

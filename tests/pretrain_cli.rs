@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use moco_tests::{file_tensors, moco, run_ok, TINY_RUN};
+use moco_tests::{file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_RUN};
 
 /// A tiny, fast configuration on the embedded data: `moco pretrain` with [`TINY_RUN`], 2
 /// epochs, 2 data workers.
@@ -157,16 +157,7 @@ fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
 fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    let v3 = [
-        "--preset",
-        "v3",
-        "--moco-mlp-dim",
-        "32",
-        "--moco-dim",
-        "16",
-        "--warmup-epochs",
-        "0.5",
-    ];
+    let v3 = [&["--preset", "v3"], SMALL_V3_HEADS].concat();
     let ta = resumed_equals_uninterrupted(&a, &b, &v3, 6);
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     // The predictor trains with the query encoder (and has LARS buffers); the key has none.
@@ -226,19 +217,17 @@ fn a_vit_trains_with_adamw_and_a_frozen_patch_projection_resumes_exactly_and_exp
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     // MoCo v3's ViT recipe on 28x28 crops cut into 7x7 patches (16 tokens + the class token).
     let vit = [
-        "--preset",
-        "v3-vit",
-        "--arch",
-        "vit-32x2h2",
-        "--patch-size",
-        "7",
-        "--moco-mlp-dim",
-        "32",
-        "--moco-dim",
-        "16",
-        "--warmup-epochs",
-        "0.5",
-    ];
+        &[
+            "--preset",
+            "v3-vit",
+            "--arch",
+            "vit-32x2h2",
+            "--patch-size",
+            "7",
+        ],
+        SMALL_V3_HEADS,
+    ]
+    .concat();
     let ta = resumed_equals_uninterrupted(&a, &b, &vit, 4);
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     for name in [
@@ -283,19 +272,17 @@ fn a_vit_with_the_convolutional_stem_trains_it_resumes_exactly_and_exports() {
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     // MoCo v3's convolutional stem for 4x4 patches of 28x28 crops: two stride-2 3x3 layers.
     let vit = [
-        "--preset",
-        "v3-vit",
-        "--arch",
-        "vit-conv-32x2h2",
-        "--patch-size",
-        "4",
-        "--moco-mlp-dim",
-        "32",
-        "--moco-dim",
-        "16",
-        "--warmup-epochs",
-        "0.5",
-    ];
+        &[
+            "--preset",
+            "v3-vit",
+            "--arch",
+            "vit-conv-32x2h2",
+            "--patch-size",
+            "4",
+        ],
+        SMALL_V3_HEADS,
+    ]
+    .concat();
     let ta = resumed_equals_uninterrupted(&a, &b, &vit, 4);
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     for name in [
