@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
-use crate::cpu_batch_norm;
+use crate::cpu_batch_norm::{self, Epilogue};
 
 /// BatchNorm over dimension 1 of an (N, C, ...) input: `BatchNorm1d` on (N, C), `BatchNorm2d` on
 /// (N, C, H, W). Variables: `weight`, `bias` (when affine), `running_mean`, `running_var`.
@@ -107,7 +107,7 @@ impl BatchNorm {
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(group) = moco_core::sync::group() {
             if x.device().is_cpu() && x.dtype() == DType::F32 {
-                return self.forward_train_cpu_synced(&x.contiguous()?, &*group, false);
+                return self.forward_train_cpu_synced(&x.contiguous()?, &*group, Epilogue::None);
             }
             return self.forward_sync(x, group.world_size());
         }
@@ -125,7 +125,7 @@ impl BatchNorm {
             )
         }
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return self.forward_train_cpu(&x.contiguous()?, false);
+            return self.forward_train_cpu(&x.contiguous()?, Epilogue::None);
         }
         // x: (N/s, s, C, L): sample i*s + j is element [i, j] (group j).
         let xs = x.to_dtype(DType::F32)?.reshape((n / s, s, c, l))?;
@@ -153,7 +153,7 @@ impl BatchNorm {
 
     /// Training mode on float32 CPU tensors: the fused kernels of [`crate::cpu_batch_norm`],
     /// same arithmetic as the generic path.
-    fn forward_train_cpu(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+    fn forward_train_cpu(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
         let (s, c) = (self.splits, self.channels);
         let st = cpu_batch_norm::stats(x, s)?;
         let count = st.count as f64;
@@ -164,7 +164,7 @@ impl BatchNorm {
             count,
         )?;
         let (w, b) = self.weight_bias_or_identity(dev)?;
-        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, s, relu, false)
+        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, s, epilogue, false)
     }
 
     /// [`forward_train_cpu`](Self::forward_train_cpu) with the global batch's statistics
@@ -173,7 +173,7 @@ impl BatchNorm {
         &self,
         x: &Tensor,
         group: &dyn moco_core::Collective,
-        relu: bool,
+        epilogue: Epilogue<'_>,
     ) -> Result<Tensor> {
         self.check_sync(x, group.world_size())?;
         let c = self.channels;
@@ -185,7 +185,7 @@ impl BatchNorm {
             st.count as f64,
         )?;
         let (w, b) = self.weight_bias_or_identity(dev)?;
-        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, 1, relu, true)
+        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, 1, epilogue, true)
     }
 
     /// SyncBN's preconditions: one split, more than one value per channel in the global batch.
@@ -220,19 +220,46 @@ impl BatchNorm {
     /// `relu(forward_t(x, train))`, fused into one kernel in training mode on float32 CPU
     /// tensors.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.check(x)?;
-        let cpu32 = x.device().is_cpu() && x.dtype() == DType::F32;
-        if let (true, true, Some(group)) = (train, cpu32, moco_core::sync::group()) {
-            return self.forward_train_cpu_synced(&x.contiguous()?, &*group, true);
-        }
-        if train && cpu32 {
-            let n = x.dim(0)?;
-            let l: usize = x.dims()[2..].iter().product();
-            if n % self.splits == 0 && (n / self.splits) * l >= 2 {
-                return self.forward_train_cpu(&x.contiguous()?, true);
-            }
+        if let Some(y) = self.forward_fused(x, train, Epilogue::Relu)? {
+            return Ok(y);
         }
         self.forward_t(x, train)?.relu()
+    }
+
+    /// `relu(forward_t(x, train) + residual)`, the end of a ResNet block: fused into one kernel
+    /// in training mode on float32 CPU tensors, where the BatchNorm's own output is then never
+    /// kept for the backward pass.
+    pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if residual.dims() == x.dims() && residual.dtype() == x.dtype() {
+            if let Some(y) = self.forward_fused(x, train, Epilogue::AddRelu(residual))? {
+                return Ok(y);
+            }
+        }
+        crate::cpu_elementwise::add_relu(&self.forward_t(x, train)?, residual)
+    }
+
+    /// Training mode with `epilogue` on the fused CPU kernels, where they apply (float32 CPU
+    /// input that the splits divide); `None` elsewhere.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        train: bool,
+        epilogue: Epilogue<'_>,
+    ) -> Result<Option<Tensor>> {
+        self.check(x)?;
+        if !(train && x.device().is_cpu() && x.dtype() == DType::F32) {
+            return Ok(None);
+        }
+        if let Some(group) = moco_core::sync::group() {
+            let y = self.forward_train_cpu_synced(&x.contiguous()?, &*group, epilogue)?;
+            return Ok(Some(y));
+        }
+        let n = x.dim(0)?;
+        let l: usize = x.dims()[2..].iter().product();
+        if n % self.splits == 0 && (n / self.splits) * l >= 2 {
+            return Ok(Some(self.forward_train_cpu(&x.contiguous()?, epilogue)?));
+        }
+        Ok(None)
     }
 
     /// Training mode inside a data-parallel [`moco_core::sync::scope`] (SyncBN, as
@@ -426,6 +453,71 @@ mod tests {
                         max_rel(a, b)
                     );
                 }
+            }
+        }
+    }
+
+    /// The fused `relu(bn(x) + r)` against BatchNorm followed by the separate add + ReLU op:
+    /// equal to the bit, output and every gradient (x, weight, bias, residual), with and
+    /// without splits.
+    #[test]
+    fn fused_residual_equals_batch_norm_then_add_relu() {
+        let dev = Device::Cpu;
+        for splits in [1, 4] {
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+            let cfg = BatchNormConfig {
+                splits,
+                ..Default::default()
+            };
+            let bn = batch_norm(6, cfg, vb).unwrap();
+            let (w, b) = bn.weight_bias.clone().unwrap();
+            for (t, v) in [(&w, 1.5f64), (&b, -0.25)] {
+                let var = vars
+                    .data()
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .find(|var| var.as_tensor().id() == t.id())
+                    .cloned()
+                    .unwrap();
+                var.set(
+                    &((Tensor::randn(0f32, 1.0, 6, &dev).unwrap() * 0.3).unwrap() + v).unwrap(),
+                )
+                .unwrap();
+            }
+            let x = Var::randn(0f32, 2.0, (8, 6, 5, 3), &dev).unwrap();
+            let r = Var::randn(0f32, 1.0, (8, 6, 5, 3), &dev).unwrap();
+            let mix = Tensor::randn(0f32, 1.0, (8, 6, 5, 3), &dev).unwrap();
+            let fused = bn
+                .forward_add_relu_t(x.as_tensor(), r.as_tensor(), true)
+                .unwrap();
+            let separate = crate::cpu_elementwise::add_relu(
+                &bn.forward_t(x.as_tensor(), true).unwrap(),
+                r.as_tensor(),
+            )
+            .unwrap();
+            assert_eq!(max_rel(&fused, &separate), 0.0, "splits {splits}: output");
+            let ga = (&fused * &mix)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (&separate * &mix)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (t, name) in [
+                (x.as_tensor(), "x"),
+                (r.as_tensor(), "residual"),
+                (&w, "weight"),
+                (&b, "bias"),
+            ] {
+                let (a, b) = (ga.get(t).unwrap(), gb.get(t).unwrap());
+                assert_eq!(max_rel(a, b), 0.0, "splits {splits}: grad {name}");
             }
         }
     }

@@ -148,9 +148,21 @@ pub fn stats_synced(x: &Tensor, comm: &dyn Collective) -> Result<Stats> {
     })
 }
 
-/// `y = (x - mean) / sqrt(var + eps) * weight + bias` with the batch statistics `stats`;
-/// its backward is BatchNorm's, the statistics depending on `x`.
-struct Normalize {
+/// What follows the normalisation in the same pass.
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// Nothing: BatchNorm alone.
+    None,
+    /// A ReLU (the gradient masked by the output in the backward).
+    Relu,
+    /// The residual connection of a ResNet block, `relu(bn(x) + residual)`: the BatchNorm's
+    /// output is never a tensor of its own, so the autograd graph does not keep it alive
+    /// until the backward pass (as the separate add would, one block output per block).
+    AddRelu(&'a Tensor),
+}
+
+/// BatchNorm's normalisation with the batch statistics of its input, shared by the ops below.
+struct Norm {
     stats: Arc<Stats>,
     inv_std: Arc<Vec<f32>>,
     splits: usize,
@@ -158,30 +170,26 @@ struct Normalize {
     /// sums are summed over the ranks of the current sync group before they enter the input
     /// gradient.
     synced: bool,
-    /// Followed by a ReLU (fused: one pass forward, the mask read from the output backward).
-    relu: bool,
 }
 
-impl CustomOp3 for Normalize {
-    fn name(&self) -> &'static str {
-        "moco-batch-norm"
-    }
+/// The gradients of [`Norm::backward`]: input (a tensor), weight and bias (C values each).
+type NormGrads = (Option<Tensor>, Option<Vec<f32>>, Option<Vec<f32>>);
 
-    fn cpu_fwd(
+impl Norm {
+    /// `x * a + d` for every value of the contiguous (N, C, L) `x`, with `a = weight * inv_std`
+    /// and `d = bias - mean * a` per (group, channel); then `+ residual` (same shape as `x`) and
+    /// a ReLU where asked for.
+    fn forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let what = "batch norm (cpu)";
-        let x = f32_slice(s1, l1, what)?;
-        let (w, b) = (f32_slice(s2, l2, what)?, f32_slice(s3, l3, what)?);
-        let (_, c, l) = dims3(l1.dims());
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        dims: &[usize],
+        relu: bool,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let (_, c, l) = dims3(dims);
         let s = self.splits;
-        // y = x * a + d per (group, channel).
         let (a, d): (Vec<f32>, Vec<f32>) = (0..s * c)
             .map(|gc| {
                 let ch = gc % c;
@@ -194,43 +202,46 @@ impl CustomOp3 for Normalize {
             let (n, ch) = (plane / c, plane % c);
             let gc = (n % s) * c + ch;
             let (a, d) = (a[gc], d[gc]);
-            if self.relu {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    y.write((x * a + d).max(0.0));
+            match (residual, relu) {
+                // The BatchNorm output rounded before the residual is added, as in two passes.
+                (Some(r), _) => {
+                    let r = &r[plane * l..][..l];
+                    for ((y, &x), &r) in y.iter_mut().zip(x).zip(r) {
+                        y.write(((x * a + d) + r).max(0.0));
+                    }
                 }
-            } else {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    y.write(x * a + d);
+                (None, true) => {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        y.write((x * a + d).max(0.0));
+                    }
+                }
+                (None, false) => {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        y.write(x * a + d);
+                    }
                 }
             }
         };
         // SAFETY: every plane of y is written element by element.
-        let y = unsafe { filled(x.len(), l, fill) };
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        unsafe { filled(x.len(), l, fill) }
     }
 
-    fn bwd(
+    /// BatchNorm's backward from the gradient `gy` of its output (the statistics depending on
+    /// `x`): the input gradient if `want_x`, the weight and bias gradients if `want_wb`.
+    fn backward(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        y: &Tensor,
+        wv: &[f32],
         gy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Through the fused ReLU first: the gradient passes where the output is positive.
-        let gy = if self.relu {
-            let masked = with_f32(y, |yv| with_f32(&gy.contiguous()?, |gv| relu_grad(gv, yv)))??;
-            Tensor::from_vec(masked, y.shape(), y.device())?
-        } else {
-            gy.contiguous()?
-        };
+        want_x: bool,
+        want_wb: bool,
+    ) -> Result<NormGrads> {
         let (n, c, l) = dims3(x.dims());
         let s = self.splits;
         let m = self.stats.count as f64;
-        let wv = with_f32(w, <[f32]>::to_vec)?;
         // Per (group, channel): sum(gy) and sum(gy * xhat), in f64.
         let sums: Vec<(Vec<f64>, Vec<f64>)> = with_f32(x, |xv| {
-            with_f32(&gy, |gv| {
+            with_f32(gy, |gv| {
                 (0..c)
                     .into_par_iter()
                     .map(|ch| {
@@ -272,9 +283,9 @@ impl CustomOp3 for Normalize {
         } else {
             &sums
         };
-        let gx = if x.track_op() {
+        let gx = if want_x {
             let out = with_f32(x, |xv| {
-                with_f32(&gy, |gv| {
+                with_f32(gy, |gv| {
                     let fill = |plane: usize, o: &mut [MaybeUninit<f32>]| {
                         let (i, ch) = (plane / c, plane % c);
                         let g = i % s;
@@ -299,33 +310,144 @@ impl CustomOp3 for Normalize {
         } else {
             None
         };
-        let gw = if w.track_op() {
-            let v: Vec<f32> = sums
-                .iter()
-                .map(|(_, sgx)| sgx.iter().sum::<f64>() as f32)
-                .collect();
-            Some(Tensor::from_vec(v, c, w.device())?)
+        let (gw, gb) = if want_wb {
+            let total = |v: &[f64]| v.iter().sum::<f64>() as f32;
+            (
+                Some(sums.iter().map(|(_, sgx)| total(sgx)).collect()),
+                Some(sums.iter().map(|(sg, _)| total(sg)).collect()),
+            )
         } else {
-            None
-        };
-        let gb = if b.track_op() {
-            let v: Vec<f32> = sums
-                .iter()
-                .map(|(sg, _)| sg.iter().sum::<f64>() as f32)
-                .collect();
-            Some(Tensor::from_vec(v, c, b.device())?)
-        } else {
-            None
+            (None, None)
         };
         Ok((gx, gw, gb))
     }
 }
 
+/// `gy` masked where the ReLU output `y` is not positive, as a tensor.
+fn masked_by_relu(gy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let masked = with_f32(y, |yv| with_f32(&gy.contiguous()?, |gv| relu_grad(gv, yv)))??;
+    Tensor::from_vec(masked, y.shape(), y.device())
+}
+
+/// `y = (x - mean) / sqrt(var + eps) * weight + bias` with the batch statistics `stats`,
+/// optionally followed by a ReLU; its backward is BatchNorm's, the statistics depending on `x`.
+struct Normalize {
+    norm: Norm,
+    relu: bool,
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "moco-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "batch norm (cpu)";
+        let x = f32_slice(s1, l1, what)?;
+        let (w, b) = (f32_slice(s2, l2, what)?, f32_slice(s3, l3, what)?);
+        let y = self.norm.forward(x, w, b, l1.dims(), self.relu, None);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Through the fused ReLU first: the gradient passes where the output is positive.
+        let gy = if self.relu {
+            masked_by_relu(gy, y)?
+        } else {
+            gy.contiguous()?
+        };
+        let wv = with_f32(w, <[f32]>::to_vec)?;
+        let want_wb = w.track_op() || b.track_op();
+        let (gx, gw, gb) = self.norm.backward(x, &wv, &gy, x.track_op(), want_wb)?;
+        let c = wv.len();
+        let gw = match gw {
+            Some(v) if w.track_op() => Some(Tensor::from_vec(v, c, w.device())?),
+            _ => None,
+        };
+        let gb = match gb {
+            Some(v) if b.track_op() => Some(Tensor::from_vec(v, c, b.device())?),
+            _ => None,
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+/// `relu(bn(x) + r)`: the last BatchNorm of a ResNet block with the residual connection, as one
+/// op on (x, [weight; bias], r).
+struct NormalizeAddRelu {
+    norm: Norm,
+}
+
+impl CustomOp3 for NormalizeAddRelu {
+    fn name(&self) -> &'static str {
+        "moco-batch-norm-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "batch norm + residual (cpu)";
+        let x = f32_slice(s1, l1, what)?;
+        let wb = f32_slice(s2, l2, what)?;
+        let r = f32_slice(s3, l3, what)?;
+        let (w, b) = wb.split_at(wb.len() / 2);
+        if r.len() != x.len() {
+            candle_core::bail!("{what}: residual of {} values for {}", r.len(), x.len())
+        }
+        let y = self.norm.forward(x, w, b, l1.dims(), true, Some(r));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        r: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = masked_by_relu(gy, y)?;
+        let c = wb.elem_count() / 2;
+        let wv = with_f32(wb, |v| v[..c].to_vec())?;
+        let (gx, gw, gb) = self
+            .norm
+            .backward(x, &wv, &g, x.track_op(), wb.track_op())?;
+        let gwb = match (gw, gb) {
+            (Some(gw), Some(gb)) => Some(Tensor::from_vec([gw, gb].concat(), 2 * c, wb.device())?),
+            _ => None,
+        };
+        let gr = r.track_op().then_some(g);
+        Ok((gx, gwb, gr))
+    }
+}
+
 /// Normalises the contiguous float32 CPU tensor `x` (N, C, ...) with the batch statistics
-/// `stats` (from [`stats`] on the same `x`), scales by `weight` and shifts by `bias` (C each).
-/// Differentiable wrt all three, with the statistics' dependence on `x` included.
-/// With `relu`, a ReLU follows in the same pass. `synced`: `stats` are the global batch's
-/// ([`stats_synced`]; one split), and the backward pass must run in the same sync scope.
+/// `stats` (from [`stats`] on the same `x`), scales by `weight` and shifts by `bias` (C each),
+/// then applies `epilogue` in the same pass. Differentiable wrt all inputs (the residual's
+/// too), with the statistics' dependence on `x` included. `synced`: `stats` are the global
+/// batch's ([`stats_synced`]; one split), and the backward pass must run in the same sync
+/// scope.
 #[allow(clippy::too_many_arguments)]
 pub fn normalize(
     x: &Tensor,
@@ -334,7 +456,7 @@ pub fn normalize(
     stats: Stats,
     eps: f64,
     splits: usize,
-    relu: bool,
+    epilogue: Epilogue<'_>,
     synced: bool,
 ) -> Result<Tensor> {
     if synced && splits != 1 {
@@ -345,12 +467,28 @@ pub fn normalize(
         .iter()
         .map(|&v| 1.0 / (v + eps as f32).sqrt())
         .collect();
-    let op = Normalize {
+    let norm = Norm {
         stats: Arc::new(stats),
         inv_std: Arc::new(inv_std),
         splits,
-        relu,
         synced,
     };
-    x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+    let (w, b) = (weight.contiguous()?, bias.contiguous()?);
+    match epilogue {
+        Epilogue::None | Epilogue::Relu => {
+            let relu = matches!(epilogue, Epilogue::Relu);
+            x.apply_op3(&w, &b, Normalize { norm, relu })
+        }
+        Epilogue::AddRelu(r) => {
+            if r.dims() != x.dims() {
+                candle_core::bail!(
+                    "batch norm + residual (cpu): residual of shape {:?} for an input of shape {:?}",
+                    r.dims(),
+                    x.dims()
+                )
+            }
+            let wb = Tensor::cat(&[&w, &b], 0)?;
+            x.apply_op3(&wb, &r.contiguous()?, NormalizeAddRelu { norm })
+        }
+    }
 }

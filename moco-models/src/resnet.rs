@@ -215,20 +215,20 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let last = self.convs.len() - 1;
+        let Some((last, inner)) = self.convs.split_last() else {
+            candle_core::bail!("a residual block without convolutions")
+        };
         let mut y = x.clone();
-        for (i, (c, b)) in self.convs.iter().enumerate() {
-            y = if i < last {
-                b.forward_relu_t(&c.forward(&y)?, train)?
-            } else {
-                b.forward_t(&c.forward(&y)?, train)?
-            };
+        for (c, b) in inner {
+            y = b.forward_relu_t(&c.forward(&y)?, train)?;
         }
         let identity = match &self.downsample {
             Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        crate::cpu_elementwise::add_relu(&y, &identity)
+        // The last BatchNorm, the residual add and the ReLU in one op.
+        let (c, b) = last;
+        b.forward_add_relu_t(&c.forward(&y)?, &identity, train)
     }
 }
 
