@@ -12,7 +12,7 @@
 //! - [`Encoder`]: a backbone with its head, built from an [`EncoderSpec`], saved to and loaded
 //!   from safetensors with the architecture in the metadata;
 //! - [`checkpoint`]: import of official MoCo (v1, v2, v3) `checkpoint_*.pth.tar` files;
-//! - [`cpu_conv`], [`cpu_batch_norm`], [`cpu_elementwise`], [`cpu_transformer`]: the fused CPU
+//! - [`cpu_conv`], [`cpu_batch_norm`], [`cpu_elementwise`], [`cpu_pool`], [`cpu_transformer`]: the fused CPU
 //!   kernels the backbones run on (other devices run candle's ops).
 
 pub mod batch_norm;
@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod cpu_batch_norm;
 pub mod cpu_conv;
 pub mod cpu_elementwise;
+pub mod cpu_pool;
 pub mod cpu_transformer;
 mod error;
 pub mod head;

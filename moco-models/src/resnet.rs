@@ -3,7 +3,7 @@
 //! official MoCo CIFAR demo (3x3 stride-1 stem, no max-pool), any number of input channels and a
 //! width multiplier.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -298,7 +298,11 @@ impl ResNet {
         }
         let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if !self.config.small {
-            y = max_pool_3x3_s2_p1(&y)?;
+            y = if y.device().is_cpu() && y.dtype() == DType::F32 {
+                crate::cpu_pool::max_pool2d(&y, 3, 2, 1)?
+            } else {
+                max_pool_3x3_s2_p1(&y)?
+            };
         }
         for stage in &self.stages {
             for block in stage {
@@ -310,7 +314,8 @@ impl ResNet {
     }
 }
 
-/// torchvision's stem pooling, `MaxPool2d(3, stride=2, padding=1)`, on a post-ReLU input.
+/// torchvision's stem pooling, `MaxPool2d(3, stride=2, padding=1)`, on a post-ReLU input, with
+/// candle's ops (other devices than the CPU, other dtypes; [`crate::cpu_pool`] on the CPU).
 ///
 /// Candle's `max_pool2d` has no padding and no backward for overlapping windows, so this is a
 /// separable max (rows, then columns) over strided slices, which autograd differentiates. Zero

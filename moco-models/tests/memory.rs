@@ -1,0 +1,116 @@
+//! Memory that a ResNet's training-mode forward keeps for its backward pass, against what
+//! PyTorch's autograd saves for the same torchvision network and input
+//! (`tests/reference/saved_activations.py`, committed as `saved_activations.json`).
+//!
+//! Candle's graph keeps every op's inputs alive until the backward pass, whether its backward
+//! needs them or not, so an op built from several generic ones can keep several copies of an
+//! activation (the stem's max pool did: 26% more than PyTorch on ResNet-50). The bound: at most
+//! 10% above PyTorch's bytes. What moco-rs keeps that PyTorch does not: the downsampling
+//! branches' BatchNorm outputs (inputs of the fused residual op; PyTorch's add saves nothing).
+//!
+//! This file holds one test: it counts the bytes of the whole process through its own global
+//! allocator, which a second test running at the same time would disturb.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use moco_models::resnet::resnet;
+use moco_models::ResNetConfig;
+
+/// The system allocator, counting the bytes in use.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size(), Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size(), Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(p, l) }
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let q = unsafe { System.realloc(p, l, size) };
+        if !q.is_null() {
+            LIVE.fetch_sub(l.size(), Relaxed);
+            LIVE.fetch_add(size, Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn pytorch_saved_bytes(key: &str) -> usize {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/reference/saved_activations.json"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path}: no {key}")) as usize
+}
+
+/// Bytes held after a training-mode forward of `arch` on `batch` images of 3 x size x size,
+/// while its output (and so its graph) is alive; parameters and input excluded.
+fn kept_by_forward(arch: &str, batch: usize, size: usize) -> usize {
+    let dev = Device::Cpu;
+    let vars = VarMap::new();
+    let net = resnet(
+        ResNetConfig::from_arch(arch).unwrap(),
+        VarBuilder::from_varmap(&vars, DType::F32, &dev),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &dev).unwrap();
+    // A first forward and backward leave behind whatever the kernels keep between calls
+    // (thread-local scratch, caches); the second forward is measured.
+    let y = net.features(&x, true).unwrap();
+    y.sum_all().unwrap().backward().unwrap();
+    drop(y);
+    let before = LIVE.load(Relaxed);
+    let y = net.features(&x, true).unwrap();
+    let kept = LIVE.load(Relaxed).saturating_sub(before);
+    drop(y);
+    kept
+}
+
+#[test]
+fn a_resnet_forward_keeps_little_more_than_pytorch_saves() {
+    for (arch, batch, size) in [("resnet18", 4, 64), ("resnet50", 2, 64)] {
+        let theirs = pytorch_saved_bytes(&format!("{arch}_b{batch}_{size}"));
+        let ours = kept_by_forward(arch, batch, size);
+        let ratio = ours as f64 / theirs as f64;
+        println!("{arch}, batch {batch}, {size}x{size}: moco-rs keeps {ours} bytes, PyTorch saves {theirs} ({ratio:.3}x)");
+        assert!(
+            ratio <= 1.10,
+            "{arch}: the forward keeps {ours} bytes for the backward, {ratio:.3}x what PyTorch saves ({theirs})"
+        );
+    }
+}
