@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
-use crate::cpu_batch_norm::{self, Epilogue};
+use crate::cpu_batch_norm::{self, Epilogue, NormInput};
 
 /// BatchNorm over dimension 1 of an (N, C, ...) input: `BatchNorm1d` on (N, C), `BatchNorm2d` on
 /// (N, C, H, W). Variables: `weight`, `bias` (when affine), `running_mean`, `running_var`.
@@ -107,7 +107,8 @@ impl BatchNorm {
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(group) = moco_core::sync::group() {
             if x.device().is_cpu() && x.dtype() == DType::F32 {
-                return self.forward_train_cpu_synced(&x.contiguous()?, &*group, Epilogue::None);
+                let x = x.contiguous()?;
+                return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, Epilogue::None);
             }
             return self.forward_sync(x, group.world_size());
         }
@@ -125,7 +126,8 @@ impl BatchNorm {
             )
         }
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return self.forward_train_cpu(&x.contiguous()?, Epilogue::None);
+            let x = x.contiguous()?;
+            return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, Epilogue::None);
         }
         // x: (N/s, s, C, L): sample i*s + j is element [i, j] (group j).
         let xs = x.to_dtype(DType::F32)?.reshape((n / s, s, c, l))?;
@@ -151,41 +153,36 @@ impl BatchNorm {
         y.reshape(dims)?.to_dtype(x.dtype())
     }
 
-    /// Training mode on float32 CPU tensors: the fused kernels of [`crate::cpu_batch_norm`],
-    /// same arithmetic as the generic path.
-    fn forward_train_cpu(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
-        let (s, c) = (self.splits, self.channels);
-        let st = cpu_batch_norm::stats(x, s)?;
-        let count = st.count as f64;
-        let dev = x.device();
-        self.update_running(
-            &Tensor::from_slice(&st.mean, (s, c), dev)?,
-            &Tensor::from_slice(&st.var, (s, c), dev)?,
-            count,
-        )?;
-        let (w, b) = self.weight_bias_or_identity(dev)?;
-        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, s, epilogue, false)
-    }
-
-    /// [`forward_train_cpu`](Self::forward_train_cpu) with the global batch's statistics
-    /// (SyncBN): the fused kernels with their sums reduced over `group`.
-    fn forward_train_cpu_synced(
-        &self,
-        x: &Tensor,
-        group: &dyn moco_core::Collective,
-        epilogue: Epilogue<'_>,
-    ) -> Result<Tensor> {
-        self.check_sync(x, group.world_size())?;
+    /// Training mode on a contiguous float32 CPU tensor, up to the normalisation: the batch
+    /// statistics (the global batch's inside a [`moco_core::sync::scope`], SyncBN), the
+    /// running statistics moved, and what the fused kernels of [`crate::cpu_batch_norm`] need
+    /// (the same arithmetic as the generic path).
+    fn prepare_cpu<'a>(&self, x: &'a Tensor) -> Result<NormInput<'a>> {
         let c = self.channels;
-        let st = cpu_batch_norm::stats_synced(x, group)?;
         let dev = x.device();
+        let group = moco_core::sync::group();
+        let (st, splits) = match &group {
+            Some(group) => {
+                self.check_sync(x, group.world_size())?;
+                (cpu_batch_norm::stats_synced(x, &**group)?, 1)
+            }
+            None => (cpu_batch_norm::stats(x, self.splits)?, self.splits),
+        };
         self.update_running(
-            &Tensor::from_slice(&st.mean, (1, c), dev)?,
-            &Tensor::from_slice(&st.var, (1, c), dev)?,
+            &Tensor::from_slice(&st.mean, (splits, c), dev)?,
+            &Tensor::from_slice(&st.var, (splits, c), dev)?,
             st.count as f64,
         )?;
-        let (w, b) = self.weight_bias_or_identity(dev)?;
-        cpu_batch_norm::normalize(x, &w, &b, st, self.eps, 1, epilogue, true)
+        let (weight, bias) = self.weight_bias_or_identity(dev)?;
+        Ok(NormInput {
+            x,
+            weight,
+            bias,
+            stats: st,
+            eps: self.eps,
+            splits,
+            synced: group.is_some(),
+        })
     }
 
     /// SyncBN's preconditions: one split, more than one value per channel in the global batch.
@@ -220,8 +217,9 @@ impl BatchNorm {
     /// `relu(forward_t(x, train))`, fused into one kernel in training mode on float32 CPU
     /// tensors.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some(y) = self.forward_fused(x, train, Epilogue::Relu)? {
-            return Ok(y);
+        if self.fusable(x, train)? {
+            let x = x.contiguous()?;
+            return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, Epilogue::Relu);
         }
         self.forward_t(x, train)?.relu()
     }
@@ -230,36 +228,51 @@ impl BatchNorm {
     /// in training mode on float32 CPU tensors, where the BatchNorm's own output is then never
     /// kept for the backward pass.
     pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        if residual.dims() == x.dims() && residual.dtype() == x.dtype() {
-            if let Some(y) = self.forward_fused(x, train, Epilogue::AddRelu(residual))? {
-                return Ok(y);
-            }
+        if self.fusable(x, train)? && residual.dims() == x.dims() && residual.dtype() == x.dtype() {
+            let x = x.contiguous()?;
+            let epilogue = Epilogue::AddRelu(residual);
+            return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, epilogue);
         }
         crate::cpu_elementwise::add_relu(&self.forward_t(x, train)?, residual)
     }
 
-    /// Training mode with `epilogue` on the fused CPU kernels, where they apply (float32 CPU
-    /// input that the splits divide); `None` elsewhere.
-    fn forward_fused(
+    /// `relu(forward_t(x, train) + other.forward_t(z, train))`, the end of a downsampling
+    /// ResNet block (`other`: the downsampling branch's BatchNorm): one kernel in training mode
+    /// on float32 CPU tensors, where neither BatchNorm's output is kept for the backward pass.
+    pub fn forward_pair_add_relu_t(
         &self,
         x: &Tensor,
+        other: &BatchNorm,
+        z: &Tensor,
         train: bool,
-        epilogue: Epilogue<'_>,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Tensor> {
+        if self.fusable(x, train)?
+            && other.fusable(z, train)?
+            && x.dims() == z.dims()
+            && x.dtype() == z.dtype()
+        {
+            let (x, z) = (x.contiguous()?, z.contiguous()?);
+            return cpu_batch_norm::normalize_pair_add_relu(
+                self.prepare_cpu(&x)?,
+                other.prepare_cpu(&z)?,
+            );
+        }
+        self.forward_add_relu_t(x, &other.forward_t(z, train)?, train)
+    }
+
+    /// Whether training mode on `x` runs on the fused CPU kernels: float32 CPU input, and
+    /// either a SyncBN scope or splits that divide the batch with two values or more each.
+    fn fusable(&self, x: &Tensor, train: bool) -> Result<bool> {
         self.check(x)?;
         if !(train && x.device().is_cpu() && x.dtype() == DType::F32) {
-            return Ok(None);
+            return Ok(false);
         }
-        if let Some(group) = moco_core::sync::group() {
-            let y = self.forward_train_cpu_synced(&x.contiguous()?, &*group, epilogue)?;
-            return Ok(Some(y));
+        if moco_core::sync::group().is_some() {
+            return Ok(true);
         }
         let n = x.dim(0)?;
         let l: usize = x.dims()[2..].iter().product();
-        if n % self.splits == 0 && (n / self.splits) * l >= 2 {
-            return Ok(Some(self.forward_train_cpu(&x.contiguous()?, epilogue)?));
-        }
-        Ok(None)
+        Ok(n % self.splits == 0 && (n / self.splits) * l >= 2)
     }
 
     /// Training mode inside a data-parallel [`moco_core::sync::scope`] (SyncBN, as
@@ -457,67 +470,74 @@ mod tests {
         }
     }
 
-    /// The fused `relu(bn(x) + r)` against BatchNorm followed by the separate add + ReLU op:
-    /// equal to the bit, output and every gradient (x, weight, bias, residual), with and
-    /// without splits.
-    #[test]
-    fn fused_residual_equals_batch_norm_then_add_relu() {
+    /// A BatchNorm over `c` channels with a random scale around 1.5 and shift around -0.25.
+    fn random_bn(c: usize, splits: usize) -> (BatchNorm, VarMap) {
         let dev = Device::Cpu;
-        for splits in [1, 4] {
-            let vars = VarMap::new();
-            let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
-            let cfg = BatchNormConfig {
-                splits,
-                ..Default::default()
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+        let cfg = BatchNormConfig {
+            splits,
+            ..Default::default()
+        };
+        let bn = batch_norm(c, cfg, vb).unwrap();
+        for var in vars.all_vars() {
+            let t = var.as_tensor();
+            let center = match &bn.weight_bias {
+                Some((w, _)) if w.id() == t.id() => 1.5,
+                Some((_, b)) if b.id() == t.id() => -0.25,
+                _ => continue,
             };
-            let bn = batch_norm(6, cfg, vb).unwrap();
+            let noise = (Tensor::randn(0f32, 1.0, c, &dev).unwrap() * 0.3).unwrap();
+            var.set(&(noise + center).unwrap()).unwrap();
+        }
+        (bn, vars)
+    }
+
+    /// The fused ends of a ResNet block, `relu(bn(x) + r)` and `relu(bn(x) + bn2(z))`, against
+    /// the BatchNorms followed by the separate add + ReLU op: equal to the bit, output and
+    /// every gradient (inputs, weights, biases), with and without splits.
+    #[test]
+    fn fused_residual_ends_equal_batch_norm_then_add_relu() {
+        let dev = Device::Cpu;
+        let dims = (8, 6, 5, 3);
+        for splits in [1, 4] {
+            let (bn, _v1) = random_bn(6, splits);
+            let (bn2, _v2) = random_bn(6, splits);
             let (w, b) = bn.weight_bias.clone().unwrap();
-            for (t, v) in [(&w, 1.5f64), (&b, -0.25)] {
-                let var = vars
-                    .data()
-                    .lock()
-                    .unwrap()
-                    .values()
-                    .find(|var| var.as_tensor().id() == t.id())
-                    .cloned()
-                    .unwrap();
-                var.set(
-                    &((Tensor::randn(0f32, 1.0, 6, &dev).unwrap() * 0.3).unwrap() + v).unwrap(),
-                )
-                .unwrap();
-            }
-            let x = Var::randn(0f32, 2.0, (8, 6, 5, 3), &dev).unwrap();
-            let r = Var::randn(0f32, 1.0, (8, 6, 5, 3), &dev).unwrap();
-            let mix = Tensor::randn(0f32, 1.0, (8, 6, 5, 3), &dev).unwrap();
-            let fused = bn
-                .forward_add_relu_t(x.as_tensor(), r.as_tensor(), true)
-                .unwrap();
-            let separate = crate::cpu_elementwise::add_relu(
-                &bn.forward_t(x.as_tensor(), true).unwrap(),
-                r.as_tensor(),
-            )
-            .unwrap();
-            assert_eq!(max_rel(&fused, &separate), 0.0, "splits {splits}: output");
-            let ga = (&fused * &mix)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gb = (&separate * &mix)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (t, name) in [
-                (x.as_tensor(), "x"),
-                (r.as_tensor(), "residual"),
-                (&w, "weight"),
-                (&b, "bias"),
-            ] {
-                let (a, b) = (ga.get(t).unwrap(), gb.get(t).unwrap());
-                assert_eq!(max_rel(a, b), 0.0, "splits {splits}: grad {name}");
+            let (w2, b2) = bn2.weight_bias.clone().unwrap();
+            let x = Var::randn(0f32, 2.0, dims, &dev).unwrap();
+            let z = Var::randn(0f32, 1.0, dims, &dev).unwrap();
+            let (xt, zt) = (x.as_tensor(), z.as_tensor());
+            let mix = Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+            let add_relu = crate::cpu_elementwise::add_relu;
+            for pair in [false, true] {
+                let (fused, separate) = if pair {
+                    (
+                        bn.forward_pair_add_relu_t(xt, &bn2, zt, true).unwrap(),
+                        add_relu(
+                            &bn.forward_t(xt, true).unwrap(),
+                            &bn2.forward_t(zt, true).unwrap(),
+                        )
+                        .unwrap(),
+                    )
+                } else {
+                    (
+                        bn.forward_add_relu_t(xt, zt, true).unwrap(),
+                        add_relu(&bn.forward_t(xt, true).unwrap(), zt).unwrap(),
+                    )
+                };
+                let what = format!("splits {splits} pair {pair}");
+                assert_eq!(max_rel(&fused, &separate), 0.0, "{what}: output");
+                let grads = |y: &Tensor| (y * &mix).unwrap().sum_all().unwrap().backward().unwrap();
+                let (ga, gb) = (grads(&fused), grads(&separate));
+                let mut checked = vec![(xt, "x"), (zt, "z"), (&w, "weight"), (&b, "bias")];
+                if pair {
+                    checked.extend([(&w2, "weight 2"), (&b2, "bias 2")]);
+                }
+                for (t, name) in checked {
+                    let (a, b) = (ga.get(t).unwrap(), gb.get(t).unwrap());
+                    assert_eq!(max_rel(a, b), 0.0, "{what}: grad {name}");
+                }
             }
         }
     }

@@ -176,6 +176,24 @@ struct Norm {
 type NormGrads = (Option<Tensor>, Option<Vec<f32>>, Option<Vec<f32>>);
 
 impl Norm {
+    /// Per (group, channel): `a = weight * inv_std` and `d = bias - mean * a`, so that the
+    /// output is `x * a + d`.
+    fn scale_shift(&self, w: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let c = w.len();
+        (0..self.splits * c)
+            .map(|gc| {
+                let ch = gc % c;
+                let a = self.inv_std[gc] * w[ch];
+                (a, b[ch] - self.stats.mean[gc] * a)
+            })
+            .unzip()
+    }
+
+    /// The (group, channel) index of plane `plane` (sample, channel) of a C-channel input.
+    fn group_channel(&self, plane: usize, c: usize) -> usize {
+        (plane / c % self.splits) * c + plane % c
+    }
+
     /// `x * a + d` for every value of the contiguous (N, C, L) `x`, with `a = weight * inv_std`
     /// and `d = bias - mean * a` per (group, channel); then `+ residual` (same shape as `x`) and
     /// a ReLU where asked for.
@@ -189,18 +207,10 @@ impl Norm {
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
         let (_, c, l) = dims3(dims);
-        let s = self.splits;
-        let (a, d): (Vec<f32>, Vec<f32>) = (0..s * c)
-            .map(|gc| {
-                let ch = gc % c;
-                let a = self.inv_std[gc] * w[ch];
-                (a, b[ch] - self.stats.mean[gc] * a)
-            })
-            .unzip();
+        let (a, d) = self.scale_shift(w, b);
         let fill = |plane: usize, y: &mut [MaybeUninit<f32>]| {
             let x = &x[plane * l..][..l];
-            let (n, ch) = (plane / c, plane % c);
-            let gc = (n % s) * c + ch;
+            let gc = self.group_channel(plane, c);
             let (a, d) = (a[gc], d[gc]);
             match (residual, relu) {
                 // The BatchNorm output rounded before the residual is added, as in two passes.
@@ -442,38 +452,142 @@ impl CustomOp3 for NormalizeAddRelu {
     }
 }
 
-/// Normalises the contiguous float32 CPU tensor `x` (N, C, ...) with the batch statistics
-/// `stats` (from [`stats`] on the same `x`), scales by `weight` and shifts by `bias` (C each),
-/// then applies `epilogue` in the same pass. Differentiable wrt all inputs (the residual's
-/// too), with the statistics' dependence on `x` included. `synced`: `stats` are the global
-/// batch's ([`stats_synced`]; one split), and the backward pass must run in the same sync
-/// scope.
-#[allow(clippy::too_many_arguments)]
-pub fn normalize(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    stats: Stats,
-    eps: f64,
-    splits: usize,
-    epilogue: Epilogue<'_>,
-    synced: bool,
-) -> Result<Tensor> {
-    if synced && splits != 1 {
-        candle_core::bail!("batch norm (cpu): SyncBN with {splits} splits")
+/// `relu(bn1(x1) + bn2(x2))`: the end of a downsampling ResNet block (the last BatchNorm of
+/// the main branch, the downsampling branch's, the residual add and the ReLU) as one op on
+/// (x1, [weight1; bias1; weight2; bias2], x2), so that neither BatchNorm output is kept.
+struct NormalizePairAddRelu {
+    norms: [Norm; 2],
+}
+
+impl CustomOp3 for NormalizePairAddRelu {
+    fn name(&self) -> &'static str {
+        "moco-batch-norm-pair-add-relu"
     }
-    let inv_std = stats
-        .var
-        .iter()
-        .map(|&v| 1.0 / (v + eps as f32).sqrt())
-        .collect();
-    let norm = Norm {
-        stats: Arc::new(stats),
-        inv_std: Arc::new(inv_std),
-        splits,
-        synced,
-    };
-    let (w, b) = (weight.contiguous()?, bias.contiguous()?);
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "batch norm pair + residual (cpu)";
+        let x1 = f32_slice(s1, l1, what)?;
+        let p = f32_slice(s2, l2, what)?;
+        let x2 = f32_slice(s3, l3, what)?;
+        if x2.len() != x1.len() {
+            candle_core::bail!("{what}: inputs of {} and {} values", x1.len(), x2.len())
+        }
+        let (_, c, l) = dims3(l1.dims());
+        let (a1, d1) = self.norms[0].scale_shift(&p[..c], &p[c..2 * c]);
+        let (a2, d2) = self.norms[1].scale_shift(&p[2 * c..3 * c], &p[3 * c..]);
+        let fill = |plane: usize, y: &mut [MaybeUninit<f32>]| {
+            let (g1, g2) = (
+                self.norms[0].group_channel(plane, c),
+                self.norms[1].group_channel(plane, c),
+            );
+            let (a1, d1, a2, d2) = (a1[g1], d1[g1], a2[g2], d2[g2]);
+            let (x1, x2) = (&x1[plane * l..][..l], &x2[plane * l..][..l]);
+            // Each BatchNorm output rounded before the add, as in separate passes.
+            for ((y, &u), &v) in y.iter_mut().zip(x1).zip(x2) {
+                y.write(((u * a1 + d1) + (v * a2 + d2)).max(0.0));
+            }
+        };
+        // SAFETY: every plane of y is written element by element.
+        let y = unsafe { filled(x1.len(), l, fill) };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x1: &Tensor,
+        p: &Tensor,
+        x2: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = masked_by_relu(gy, y)?;
+        let c = p.elem_count() / 4;
+        let (w1, w2) = with_f32(p, |v| (v[..c].to_vec(), v[2 * c..3 * c].to_vec()))?;
+        let want = p.track_op();
+        let (g1, gw1, gb1) = self.norms[0].backward(x1, &w1, &g, x1.track_op(), want)?;
+        let (g2, gw2, gb2) = self.norms[1].backward(x2, &w2, &g, x2.track_op(), want)?;
+        let gp = match (gw1, gb1, gw2, gb2) {
+            (Some(a), Some(b), Some(c2), Some(d)) => {
+                Some(Tensor::from_vec([a, b, c2, d].concat(), 4 * c, p.device())?)
+            }
+            _ => None,
+        };
+        Ok((g1, gp, g2))
+    }
+}
+
+/// A BatchNorm in training mode ready to normalise: its contiguous float32 CPU input
+/// (N, C, ...), affine parameters (C each), the batch statistics of that input (from
+/// [`stats`] or [`stats_synced`]), epsilon, splits, and whether the statistics are the global
+/// batch's (SyncBN: one split; the backward pass must then run in the same
+/// [`moco_core::sync::scope`]).
+#[derive(Debug, Clone)]
+pub struct NormInput<'a> {
+    pub x: &'a Tensor,
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stats: Stats,
+    pub eps: f64,
+    pub splits: usize,
+    pub synced: bool,
+}
+
+impl NormInput<'_> {
+    fn norm(self) -> Result<Norm> {
+        if self.synced && self.splits != 1 {
+            candle_core::bail!("batch norm (cpu): SyncBN with {} splits", self.splits)
+        }
+        let eps = self.eps as f32;
+        let inv_std = self
+            .stats
+            .var
+            .iter()
+            .map(|&v| 1.0 / (v + eps).sqrt())
+            .collect();
+        Ok(Norm {
+            stats: Arc::new(self.stats),
+            inv_std: Arc::new(inv_std),
+            splits: self.splits,
+            synced: self.synced,
+        })
+    }
+}
+
+/// `relu(bn1(x1) + bn2(x2))` for two BatchNorms over inputs of the same shape, in one pass,
+/// differentiable wrt both inputs and both sets of parameters; each output rounded as
+/// [`normalize`] rounds it.
+pub fn normalize_pair_add_relu(first: NormInput<'_>, second: NormInput<'_>) -> Result<Tensor> {
+    if first.x.dims() != second.x.dims() {
+        candle_core::bail!(
+            "batch norm pair + residual (cpu): inputs of shapes {:?} and {:?}",
+            first.x.dims(),
+            second.x.dims()
+        )
+    }
+    let params = Tensor::cat(
+        &[&first.weight, &first.bias, &second.weight, &second.bias],
+        0,
+    )?;
+    let (x1, x2) = (first.x.contiguous()?, second.x.contiguous()?);
+    let norms = [first.norm()?, second.norm()?];
+    x1.apply_op3(&params, &x2, NormalizePairAddRelu { norms })
+}
+
+/// Normalises `input.x` with its batch statistics, scales and shifts it, then applies
+/// `epilogue` in the same pass. Differentiable wrt all inputs (the residual's too), with the
+/// statistics' dependence on `x` included.
+pub fn normalize(input: NormInput<'_>, epilogue: Epilogue<'_>) -> Result<Tensor> {
+    let x = input.x.contiguous()?;
+    let (w, b) = (input.weight.contiguous()?, input.bias.contiguous()?);
+    let norm = input.norm()?;
     match epilogue {
         Epilogue::None | Epilogue::Relu => {
             let relu = matches!(epilogue, Epilogue::Relu);

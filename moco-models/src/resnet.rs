@@ -222,13 +222,15 @@ impl Block {
         for (c, b) in inner {
             y = b.forward_relu_t(&c.forward(&y)?, train)?;
         }
-        let identity = match &self.downsample {
-            Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
-            None => x.clone(),
-        };
-        // The last BatchNorm, the residual add and the ReLU in one op.
+        // The last BatchNorm (and the downsampling branch's), the residual add and the ReLU
+        // in one op.
         let (c, b) = last;
-        b.forward_add_relu_t(&c.forward(&y)?, &identity, train)
+        match &self.downsample {
+            Some((dc, db)) => {
+                b.forward_pair_add_relu_t(&c.forward(&y)?, db, &dc.forward(x)?, train)
+            }
+            None => b.forward_add_relu_t(&c.forward(&y)?, x, train),
+        }
     }
 }
 

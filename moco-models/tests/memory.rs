@@ -4,9 +4,12 @@
 //!
 //! Candle's graph keeps every op's inputs alive until the backward pass, whether its backward
 //! needs them or not, so an op built from several generic ones can keep several copies of an
-//! activation (the stem's max pool did: 26% more than PyTorch on ResNet-50). The bound: at most
-//! 10% above PyTorch's bytes. What moco-rs keeps that PyTorch does not: the downsampling
-//! branches' BatchNorm outputs (inputs of the fused residual op; PyTorch's add saves nothing).
+//! activation, and an op's output stays alive as the input of the next even where that op's
+//! backward does not read it (the BatchNorm outputs before a residual add, which PyTorch's add
+//! does not save). With the stem's max pool and the blocks' ends (BatchNorms, add, ReLU) fused,
+//! moco-rs keeps less than PyTorch (no max-pool indices); the bound is 2% above PyTorch's bytes.
+//! Before: 2.14x on ResNet-18 (the max pool of candle's ops), 1.30x on ResNet-50 with the
+//! residual add separate, 1.06x with the downsampling branch's BatchNorm separate.
 //!
 //! This file holds one test: it counts the bytes of the whole process through its own global
 //! allocator, which a second test running at the same time would disturb.
@@ -102,14 +105,14 @@ fn kept_by_forward(arch: &str, batch: usize, size: usize) -> usize {
 }
 
 #[test]
-fn a_resnet_forward_keeps_little_more_than_pytorch_saves() {
+fn a_resnet_forward_keeps_no_more_than_pytorch_saves() {
     for (arch, batch, size) in [("resnet18", 4, 64), ("resnet50", 2, 64)] {
         let theirs = pytorch_saved_bytes(&format!("{arch}_b{batch}_{size}"));
         let ours = kept_by_forward(arch, batch, size);
         let ratio = ours as f64 / theirs as f64;
         println!("{arch}, batch {batch}, {size}x{size}: moco-rs keeps {ours} bytes, PyTorch saves {theirs} ({ratio:.3}x)");
         assert!(
-            ratio <= 1.10,
+            ratio <= 1.02,
             "{arch}: the forward keeps {ours} bytes for the backward, {ratio:.3}x what PyTorch saves ({theirs})"
         );
     }
