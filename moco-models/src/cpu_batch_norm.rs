@@ -195,40 +195,21 @@ impl Norm {
     }
 
     /// `x * a + d` for every value of the contiguous (N, C, L) `x`, with `a = weight * inv_std`
-    /// and `d = bias - mean * a` per (group, channel); then `+ residual` (same shape as `x`) and
-    /// a ReLU where asked for.
-    fn forward(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        b: &[f32],
-        dims: &[usize],
-        relu: bool,
-        residual: Option<&[f32]>,
-    ) -> Vec<f32> {
+    /// and `d = bias - mean * a` per (group, channel), and a ReLU after it if `relu`.
+    fn forward(&self, x: &[f32], w: &[f32], b: &[f32], dims: &[usize], relu: bool) -> Vec<f32> {
         let (_, c, l) = dims3(dims);
         let (a, d) = self.scale_shift(w, b);
         let fill = |plane: usize, y: &mut [MaybeUninit<f32>]| {
             let x = &x[plane * l..][..l];
             let gc = self.group_channel(plane, c);
             let (a, d) = (a[gc], d[gc]);
-            match (residual, relu) {
-                // The BatchNorm output rounded before the residual is added, as in two passes.
-                (Some(r), _) => {
-                    let r = &r[plane * l..][..l];
-                    for ((y, &x), &r) in y.iter_mut().zip(x).zip(r) {
-                        y.write(((x * a + d) + r).max(0.0));
-                    }
+            if relu {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    y.write((x * a + d).max(0.0));
                 }
-                (None, true) => {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        y.write((x * a + d).max(0.0));
-                    }
-                }
-                (None, false) => {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        y.write(x * a + d);
-                    }
+            } else {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    y.write(x * a + d);
                 }
             }
         };
@@ -363,7 +344,7 @@ impl CustomOp3 for Normalize {
         let what = "batch norm (cpu)";
         let x = f32_slice(s1, l1, what)?;
         let (w, b) = (f32_slice(s2, l2, what)?, f32_slice(s3, l3, what)?);
-        let y = self.norm.forward(x, w, b, l1.dims(), self.relu, None);
+        let y = self.norm.forward(x, w, b, l1.dims(), self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -397,10 +378,15 @@ impl CustomOp3 for Normalize {
     }
 }
 
-/// `relu(bn(x) + r)`: the last BatchNorm of a ResNet block with the residual connection, as one
-/// op on (x, [weight; bias], r).
+/// The end of a ResNet block as one op: `relu(bn(x) + r)`, or with the downsampling branch's
+/// BatchNorm `relu(bn(x) + bn2(r))`, on (x, parameters, r) with the parameters
+/// `[weight; bias]` or `[weight; bias; weight2; bias2]`. No BatchNorm output is a tensor of its
+/// own, so the graph does not keep one alive until the backward pass (PyTorch's add keeps
+/// none either). Each BatchNorm output is rounded before the add, as in separate passes.
 struct NormalizeAddRelu {
     norm: Norm,
+    /// The residual's BatchNorm, if it has one.
+    residual_norm: Option<Norm>,
 }
 
 impl CustomOp3 for NormalizeAddRelu {
@@ -419,108 +405,70 @@ impl CustomOp3 for NormalizeAddRelu {
     ) -> Result<(CpuStorage, Shape)> {
         let what = "batch norm + residual (cpu)";
         let x = f32_slice(s1, l1, what)?;
-        let wb = f32_slice(s2, l2, what)?;
+        let p = f32_slice(s2, l2, what)?;
         let r = f32_slice(s3, l3, what)?;
-        let (w, b) = wb.split_at(wb.len() / 2);
         if r.len() != x.len() {
             candle_core::bail!("{what}: residual of {} values for {}", r.len(), x.len())
         }
-        let y = self.norm.forward(x, w, b, l1.dims(), true, Some(r));
+        let (_, c, l) = dims3(l1.dims());
+        let (a, d) = self.norm.scale_shift(&p[..c], &p[c..2 * c]);
+        let second = self
+            .residual_norm
+            .as_ref()
+            .map(|n| (n, n.scale_shift(&p[2 * c..3 * c], &p[3 * c..4 * c])));
+        let fill = |plane: usize, y: &mut [MaybeUninit<f32>]| {
+            let gc = self.norm.group_channel(plane, c);
+            let (a, d) = (a[gc], d[gc]);
+            let (x, r) = (&x[plane * l..][..l], &r[plane * l..][..l]);
+            let out = y.iter_mut().zip(x).zip(r);
+            match &second {
+                None => {
+                    for ((y, &x), &r) in out {
+                        y.write(((x * a + d) + r).max(0.0));
+                    }
+                }
+                Some((n, (a2, d2))) => {
+                    let gc2 = n.group_channel(plane, c);
+                    let (a2, d2) = (a2[gc2], d2[gc2]);
+                    for ((y, &x), &r) in out {
+                        y.write(((x * a + d) + (r * a2 + d2)).max(0.0));
+                    }
+                }
+            }
+        };
+        // SAFETY: every plane of y is written element by element.
+        let y = unsafe { filled(x.len(), l, fill) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        wb: &Tensor,
+        p: &Tensor,
         r: &Tensor,
         y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = masked_by_relu(gy, y)?;
-        let c = wb.elem_count() / 2;
-        let wv = with_f32(wb, |v| v[..c].to_vec())?;
-        let (gx, gw, gb) = self
-            .norm
-            .backward(x, &wv, &g, x.track_op(), wb.track_op())?;
-        let gwb = match (gw, gb) {
-            (Some(gw), Some(gb)) => Some(Tensor::from_vec([gw, gb].concat(), 2 * c, wb.device())?),
-            _ => None,
-        };
-        let gr = r.track_op().then_some(g);
-        Ok((gx, gwb, gr))
-    }
-}
-
-/// `relu(bn1(x1) + bn2(x2))`: the end of a downsampling ResNet block (the last BatchNorm of
-/// the main branch, the downsampling branch's, the residual add and the ReLU) as one op on
-/// (x1, [weight1; bias1; weight2; bias2], x2), so that neither BatchNorm output is kept.
-struct NormalizePairAddRelu {
-    norms: [Norm; 2],
-}
-
-impl CustomOp3 for NormalizePairAddRelu {
-    fn name(&self) -> &'static str {
-        "moco-batch-norm-pair-add-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let what = "batch norm pair + residual (cpu)";
-        let x1 = f32_slice(s1, l1, what)?;
-        let p = f32_slice(s2, l2, what)?;
-        let x2 = f32_slice(s3, l3, what)?;
-        if x2.len() != x1.len() {
-            candle_core::bail!("{what}: inputs of {} and {} values", x1.len(), x2.len())
-        }
-        let (_, c, l) = dims3(l1.dims());
-        let (a1, d1) = self.norms[0].scale_shift(&p[..c], &p[c..2 * c]);
-        let (a2, d2) = self.norms[1].scale_shift(&p[2 * c..3 * c], &p[3 * c..]);
-        let fill = |plane: usize, y: &mut [MaybeUninit<f32>]| {
-            let (g1, g2) = (
-                self.norms[0].group_channel(plane, c),
-                self.norms[1].group_channel(plane, c),
-            );
-            let (a1, d1, a2, d2) = (a1[g1], d1[g1], a2[g2], d2[g2]);
-            let (x1, x2) = (&x1[plane * l..][..l], &x2[plane * l..][..l]);
-            // Each BatchNorm output rounded before the add, as in separate passes.
-            for ((y, &u), &v) in y.iter_mut().zip(x1).zip(x2) {
-                y.write(((u * a1 + d1) + (v * a2 + d2)).max(0.0));
+        let c = x.dim(1)?;
+        let pv = with_f32(p, <[f32]>::to_vec)?;
+        let want_p = p.track_op();
+        let (gx, gw, gb) = self.norm.backward(x, &pv[..c], &g, x.track_op(), want_p)?;
+        // The parameters' gradient: [gw; gb] (; gw2; gb2), all present when asked for.
+        let mut parts = vec![gw, gb];
+        let gr = match &self.residual_norm {
+            None => r.track_op().then_some(g),
+            Some(n) => {
+                let (gr, gw2, gb2) = n.backward(r, &pv[2 * c..3 * c], &g, r.track_op(), want_p)?;
+                parts.extend([gw2, gb2]);
+                gr
             }
         };
-        // SAFETY: every plane of y is written element by element.
-        let y = unsafe { filled(x1.len(), l, fill) };
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x1: &Tensor,
-        p: &Tensor,
-        x2: &Tensor,
-        y: &Tensor,
-        gy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = masked_by_relu(gy, y)?;
-        let c = p.elem_count() / 4;
-        let (w1, w2) = with_f32(p, |v| (v[..c].to_vec(), v[2 * c..3 * c].to_vec()))?;
-        let want = p.track_op();
-        let (g1, gw1, gb1) = self.norms[0].backward(x1, &w1, &g, x1.track_op(), want)?;
-        let (g2, gw2, gb2) = self.norms[1].backward(x2, &w2, &g, x2.track_op(), want)?;
-        let gp = match (gw1, gb1, gw2, gb2) {
-            (Some(a), Some(b), Some(c2), Some(d)) => {
-                Some(Tensor::from_vec([a, b, c2, d].concat(), 4 * c, p.device())?)
-            }
-            _ => None,
+        let gp = match parts.into_iter().collect::<Option<Vec<_>>>() {
+            Some(parts) => Some(Tensor::from_vec(parts.concat(), pv.len(), p.device())?),
+            None => None,
         };
-        Ok((g1, gp, g2))
+        Ok((gx, gp, gr))
     }
 }
 
@@ -577,8 +525,11 @@ pub fn normalize_pair_add_relu(first: NormInput<'_>, second: NormInput<'_>) -> R
         0,
     )?;
     let (x1, x2) = (first.x.contiguous()?, second.x.contiguous()?);
-    let norms = [first.norm()?, second.norm()?];
-    x1.apply_op3(&params, &x2, NormalizePairAddRelu { norms })
+    let op = NormalizeAddRelu {
+        norm: first.norm()?,
+        residual_norm: Some(second.norm()?),
+    };
+    x1.apply_op3(&params, &x2, op)
 }
 
 /// Normalises `input.x` with its batch statistics, scales and shifts it, then applies
@@ -602,7 +553,11 @@ pub fn normalize(input: NormInput<'_>, epilogue: Epilogue<'_>) -> Result<Tensor>
                 )
             }
             let wb = Tensor::cat(&[&w, &b], 0)?;
-            x.apply_op3(&wb, &r.contiguous()?, NormalizeAddRelu { norm })
+            let op = NormalizeAddRelu {
+                norm,
+                residual_norm: None,
+            };
+            x.apply_op3(&wb, &r.contiguous()?, op)
         }
     }
 }
