@@ -129,25 +129,23 @@ impl BatchNorm {
             let x = x.contiguous()?;
             return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, Epilogue::None);
         }
-        // x: (N/s, s, C, L): sample i*s + j is element [i, j] (group j).
-        let xs = x.to_dtype(DType::F32)?.reshape((n / s, s, c, l))?;
-        // Statistics are reduced in f64, as PyTorch's CPU kernel accumulates them in double:
-        // an f32 sum over N*H*W values loses digits that deep networks amplify.
-        let mean = xs
-            .to_dtype(DType::F64)?
-            .mean_keepdim((0, 3))?
-            .to_dtype(DType::F32)?; // (1, s, C, 1)
+        // x: (N/s, s, C, L): sample i*s + j is element [i, j] (group j). Candle's ops (CUDA's
+        // and Metal's path) in float32, or float64 for float64 input; their reductions on a GPU
+        // are tree sums, accurate in float32 as PyTorch's GPU kernels are (Metal has no
+        // float64). Each op's inputs stay alive in the graph until the backward pass, so the
+        // full-size tensors are few: the centred input, its square and the scaled output.
+        let ct = compute_dtype(x);
+        let xs = x.to_dtype(ct)?.reshape((n / s, s, c, l))?;
+        let mean = xs.mean_keepdim((0, 3))?; // (1, s, C, 1)
         let centered = xs.broadcast_sub(&mean)?;
-        let var = centered
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .mean_keepdim((0, 3))?
-            .to_dtype(DType::F32)?; // biased
-        let mut y = centered.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
-        if let Some((w, b)) = &self.weight_bias {
-            y = y
-                .broadcast_mul(&w.reshape((1, 1, c, 1))?)?
-                .broadcast_add(&b.reshape((1, 1, c, 1))?)?;
+        let var = centered.sqr()?.mean_keepdim((0, 3))?; // biased
+        let mut scale = (&var + self.eps)?.sqrt()?.recip()?;
+        if let Some((w, _)) = &self.weight_bias {
+            scale = scale.broadcast_mul(&w.to_dtype(ct)?.reshape((1, 1, c, 1))?)?;
+        }
+        let mut y = centered.broadcast_mul(&scale)?;
+        if let Some((_, b)) = &self.weight_bias {
+            y = y.broadcast_add(&b.to_dtype(ct)?.reshape((1, 1, c, 1))?)?;
         }
         self.update_running(&mean.reshape((s, c))?, &var.reshape((s, c))?, count as f64)?;
         y.reshape(dims)?.to_dtype(x.dtype())
@@ -288,11 +286,9 @@ impl BatchNorm {
         let count = n * l * world;
         let xs = x.to_dtype(DType::F32)?.reshape((n, c, l))?;
         // Per-channel sums over the local values: over each sample's positions (a contiguous
-        // reduction), then over the samples in f64; then over the ranks. Two passes: the mean,
-        // then the centred squares.
-        let channel_sum = |t: &Tensor| -> Result<Tensor> {
-            t.sum(2)?.to_dtype(DType::F64)?.sum(0)?.to_dtype(DType::F32)
-        };
+        // reduction), then over the samples; then over the ranks. Two passes: the mean, then
+        // the centred squares.
+        let channel_sum = |t: &Tensor| -> Result<Tensor> { t.sum(2)?.sum(0) };
         let mean = (moco_core::sync::all_reduce_sum(&channel_sum(&xs)?)? / count as f64)?;
         let centered = xs.broadcast_sub(&mean.reshape((1, c, 1))?)?;
         let var =
@@ -300,8 +296,8 @@ impl BatchNorm {
         let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
         let y = match &self.weight_bias {
             Some((w, b)) => centered
-                .broadcast_mul(&(w * &inv_std)?.reshape((1, c, 1))?)?
-                .broadcast_add(&b.reshape((1, c, 1))?)?,
+                .broadcast_mul(&(w.to_dtype(DType::F32)? * &inv_std)?.reshape((1, c, 1))?)?
+                .broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, c, 1))?)?,
             None => centered.broadcast_mul(&inv_std.reshape((1, c, 1))?)?,
         };
         self.update_running(&mean.reshape((1, c))?, &var.reshape((1, c))?, count as f64)?;
@@ -312,8 +308,9 @@ impl BatchNorm {
     /// `mean` and `var` (biased) are (groups, C).
     fn update_running(&self, mean: &Tensor, var: &Tensor, count: f64) -> Result<()> {
         let m = self.momentum;
-        let batch_mean = mean.detach().mean(0)?;
-        let batch_var = (var.detach() * (count / (count - 1.0)))?.mean(0)?;
+        let dtype = self.running_mean.dtype();
+        let batch_mean = mean.detach().to_dtype(dtype)?.mean(0)?;
+        let batch_var = (var.detach().to_dtype(dtype)? * (count / (count - 1.0)))?.mean(0)?;
         let rm = ((self.running_mean.as_detached_tensor() * (1.0 - m))? + (batch_mean * m)?)?;
         let rv = ((self.running_var.as_detached_tensor() * (1.0 - m))? + (batch_var * m)?)?;
         self.running_mean.set(&rm)?;
@@ -340,10 +337,20 @@ impl BatchNorm {
                 (inv_std, shift)
             }
         };
-        let x32 = x.to_dtype(DType::F32)?;
-        x32.broadcast_mul(&scale.reshape(shape.as_slice())?)?
-            .broadcast_add(&shift.reshape(shape.as_slice())?)?
+        let ct = compute_dtype(x);
+        x.to_dtype(ct)?
+            .broadcast_mul(&scale.to_dtype(ct)?.reshape(shape.as_slice())?)?
+            .broadcast_add(&shift.to_dtype(ct)?.reshape(shape.as_slice())?)?
             .to_dtype(x.dtype())
+    }
+}
+
+/// The dtype BatchNorm computes in with candle's ops: float64 for float64 input, else float32.
+fn compute_dtype(x: &Tensor) -> DType {
+    if x.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

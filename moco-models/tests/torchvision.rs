@@ -53,8 +53,8 @@ pub fn fill(vars: &VarMap) {
         } else {
             base.map(|b| (0.1 * b) as f32).collect()
         };
-        var.set(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap())
-            .unwrap();
+        let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
+        var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
     }
 }
 
@@ -85,19 +85,25 @@ fn is_stat(name: &str) -> bool {
     name.ends_with("running_mean") || name.ends_with("running_var")
 }
 
-fn check(tag: &str, spec: EncoderSpec, train_tol: f64) {
+/// The network `spec` with `fill`'s weights against the reference's recorded outputs,
+/// running statistics and gradients. In float32 on the CPU the network runs on moco-rs's CPU
+/// kernels; in float64 on candle's generic ops, the path of CUDA and Metal.
+fn check(tag: &str, spec: EncoderSpec, train_tol: f64, dtype: DType) {
     let gold = golden();
     let g = |k: &str| {
         gold.get(&format!("{tag}.{k}"))
             .unwrap_or_else(|| panic!("missing {tag}.{k}"))
-            .clone()
+            .to_dtype(dtype)
+            .unwrap()
     };
+    let name = tag;
+    let tag = &format!("{tag} {dtype:?}");
     let vars = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&vars, dtype, &Device::Cpu);
     let enc = encoder(spec, vb).unwrap();
     fill(&vars);
     // Every torchvision running statistic has a variable of that name.
-    let prefix = format!("{tag}.stats.");
+    let prefix = format!("{name}.stats.");
     let mut want: Vec<String> = gold
         .keys()
         .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
@@ -155,7 +161,7 @@ fn check(tag: &str, spec: EncoderSpec, train_tol: f64) {
     );
     assert_close(&format!("{tag}.train"), &y, &g("train"), train_tol);
     // Gradients the reference recorded: `grad.x` (input) and `grad.<parameter>`.
-    let prefix = format!("{tag}.grad.");
+    let prefix = format!("{name}.grad.");
     let recorded: Vec<String> = gold
         .keys()
         .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
@@ -176,7 +182,9 @@ fn check(tag: &str, spec: EncoderSpec, train_tol: f64) {
 #[test]
 fn resnet18_matches_torchvision() {
     let spec = EncoderSpec::new("resnet18", HeadKind::Linear { dim: 16 }).unwrap();
-    check("r18", spec, 1e-4);
+    for dtype in [DType::F32, DType::F64] {
+        check("r18", spec, 1e-4, dtype);
+    }
 }
 
 #[test]
@@ -191,7 +199,9 @@ fn small_resnet18_with_split_bn_and_mlp_head_matches_the_official_demo() {
         backbone: BackboneConfig::ResNet(resnet),
         head: HeadKind::Mlp { dim: 16 },
     };
-    check("small", spec, 1e-4);
+    for dtype in [DType::F32, DType::F64] {
+        check("small", spec, 1e-4, dtype);
+    }
 }
 
 #[test]
@@ -200,5 +210,12 @@ fn resnet50_with_v3_projector_matches_torchvision() {
         hidden: 64,
         dim: 16,
     };
-    check("r50", EncoderSpec::new("resnet50", head).unwrap(), 1e-3);
+    for dtype in [DType::F32, DType::F64] {
+        check(
+            "r50",
+            EncoderSpec::new("resnet50", head).unwrap(),
+            1e-3,
+            dtype,
+        );
+    }
 }
