@@ -320,7 +320,7 @@ impl ResNet {
 /// candle's ops (other devices than the CPU, other dtypes; [`crate::cpu_pool`] on the CPU).
 ///
 /// Candle's `max_pool2d` has no padding and no backward for overlapping windows, so this is a
-/// separable max (rows, then columns) over strided slices, which autograd differentiates. Zero
+/// separable max (rows, then columns) over strided views, which autograd differentiates. Zero
 /// padding gives the same maxima as PyTorch's -inf padding because the input is >= 0; a gradient
 /// that reaches a tied zero is stopped by the ReLU before it, as in PyTorch.
 fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
@@ -328,17 +328,21 @@ fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     fn pool(x: &Tensor, dim: usize) -> Result<Tensor> {
         let n = x.dim(dim)?;
         let out = (n - 1) / 2 + 1;
-        // Pad 1 on the left and enough on the right for 2 * out + 1 positions.
+        // Padded by 1 on the left and to 2 * (out + 1) positions, viewed as (out + 1, 2) pairs:
+        // padded position 2i + k (original 2i + k - 1) is pair i, element k. The three taps are
+        // views of the one padded copy, so the graph keeps that copy and the two maxima only.
         let xp = x.pad_with_zeros(dim, 1, 2 * out + 1 - n)?;
-        let tap = |k: usize| -> Result<Tensor> {
-            // Positions k, k + 2, ..., k + 2 (out - 1) of the padded axis.
-            let mut shape = xp.dims().to_vec();
-            let t = xp.narrow(dim, k, 2 * out)?;
-            shape[dim] = out;
-            shape.insert(dim + 1, 2);
-            t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+        let mut shape = xp.dims().to_vec();
+        shape[dim] = out + 1;
+        shape.insert(dim + 1, 2);
+        let pairs = xp.reshape(shape)?;
+        let tap = |start: usize, k: usize| -> Result<Tensor> {
+            pairs
+                .narrow(dim, start, out)?
+                .narrow(dim + 1, k, 1)?
+                .squeeze(dim + 1)
         };
-        tap(0)?.maximum(&tap(1)?)?.maximum(&tap(2)?)
+        tap(0, 0)?.maximum(&tap(0, 1)?)?.maximum(&tap(1, 0)?)
     }
     pool(&pool(x, 2)?, 3)
 }
