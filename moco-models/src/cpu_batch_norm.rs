@@ -13,14 +13,14 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use moco_core::Collective;
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use crate::cpu_elementwise::relu_grad;
-use crate::scratch::{f32_slice, filled};
+use crate::scratch::{self, f32_slice, filled};
 
 /// Per (group, channel) batch statistics of an (N, C, L) input: mean and biased variance,
 /// indexed `group * C + channel`.
@@ -37,11 +37,7 @@ fn dims3(dims: &[usize]) -> (usize, usize, usize) {
 }
 
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    match (&*s, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => candle_core::bail!("batch norm (cpu): expected a contiguous float32 CPU tensor"),
-    }
+    scratch::with_f32(t, "batch norm (cpu)", f)
 }
 
 /// The sum of `f(a[i], b[i])`: 16 float32 lanes (vectorised) within blocks of 1024 values, the

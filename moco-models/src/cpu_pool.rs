@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use crate::scratch::{f32_slice, filled};
+use crate::scratch::{f32_slice, filled, with_f32};
 
 /// `MaxPool2d(kernel, stride, padding)` (square, no dilation, floor mode).
 #[derive(Debug, Clone, Copy)]
@@ -71,25 +71,21 @@ impl CustomOp1 for MaxPool2d {
         let (_, _, h, w) = x.dims4()?;
         let (ho, wo) = (self.out(h), self.out(w));
         let gy = gy.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (gs, gl) = gy.storage_and_layout();
-        let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(gs)) = (&*xs, &*gs) else {
-            candle_core::bail!("max_pool2d (cpu): expected CPU tensors")
-        };
-        let (xv, gv) = (
-            f32_slice(xs, xl, "max_pool2d (input)")?,
-            f32_slice(gs, gl, "max_pool2d (output gradient)")?,
-        );
         // Each output's gradient goes to its window's maximum; windows overlap within a plane
         // only, so planes run in parallel.
-        let mut gx = vec![0f32; xv.len()];
-        gx.par_chunks_mut(h * w).enumerate().for_each(|(plane, g)| {
-            let xp = &xv[plane * h * w..][..h * w];
-            let gp = &gv[plane * ho * wo..][..ho * wo];
-            for (o, &d) in gp.iter().enumerate() {
-                g[self.argmax(xp, w, h, o / wo, o % wo)] += d;
-            }
-        });
+        let gx = with_f32(x, "max_pool2d (input)", |xv| {
+            with_f32(&gy, "max_pool2d (output gradient)", |gv| {
+                let mut gx = vec![0f32; xv.len()];
+                gx.par_chunks_mut(h * w).enumerate().for_each(|(plane, g)| {
+                    let xp = &xv[plane * h * w..][..h * w];
+                    let gp = &gv[plane * ho * wo..][..ho * wo];
+                    for (o, &d) in gp.iter().enumerate() {
+                        g[self.argmax(xp, w, h, o / wo, o % wo)] += d;
+                    }
+                });
+                gx
+            })
+        })??;
         Ok(Some(Tensor::from_vec(gx, x.shape(), x.device())?))
     }
 }

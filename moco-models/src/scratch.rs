@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 thread_local! {
@@ -67,5 +67,15 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         (CpuStorage::F32(_), None) => candle_core::bail!("{what}: the tensor must be contiguous"),
         _ => candle_core::bail!("{what}: only float32 is supported"),
+    }
+}
+
+/// Runs `f` on the float32 values of the contiguous CPU tensor `t` (in a custom op's backward,
+/// where the operands are tensors); an error naming `what` otherwise.
+pub(crate) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("{what}: expected a contiguous float32 CPU tensor"),
     }
 }
