@@ -105,11 +105,10 @@ impl BatchNorm {
     }
 
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fusable(x, true)? {
+            return self.forward_fused(x, Epilogue::None);
+        }
         if let Some(group) = moco_core::sync::group() {
-            if x.device().is_cpu() && x.dtype() == DType::F32 {
-                let x = x.contiguous()?;
-                return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, Epilogue::None);
-            }
             return self.forward_sync(x, group.world_size());
         }
         let dims = x.dims().to_vec();
@@ -124,10 +123,6 @@ impl BatchNorm {
             candle_core::bail!(
                 "batch norm in training mode needs more than one value per channel, got input {dims:?} in {s} group(s)"
             )
-        }
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
-            let x = x.contiguous()?;
-            return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, Epilogue::None);
         }
         // x: (N/s, s, C, L): sample i*s + j is element [i, j] (group j). Candle's ops (CUDA's
         // and Metal's path) in float32, or float64 for float64 input; their reductions on a GPU
@@ -216,8 +211,7 @@ impl BatchNorm {
     /// tensors.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if self.fusable(x, train)? {
-            let x = x.contiguous()?;
-            return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, Epilogue::Relu);
+            return self.forward_fused(x, Epilogue::Relu);
         }
         self.forward_t(x, train)?.relu()
     }
@@ -227,9 +221,7 @@ impl BatchNorm {
     /// kept for the backward pass.
     pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if self.fusable(x, train)? && residual.dims() == x.dims() && residual.dtype() == x.dtype() {
-            let x = x.contiguous()?;
-            let epilogue = Epilogue::AddRelu(residual);
-            return cpu_batch_norm::normalize(self.prepare_cpu(&x)?, epilogue);
+            return self.forward_fused(x, Epilogue::AddRelu(residual));
         }
         crate::cpu_elementwise::add_relu(&self.forward_t(x, train)?, residual)
     }
@@ -256,6 +248,13 @@ impl BatchNorm {
             );
         }
         self.forward_add_relu_t(x, &other.forward_t(z, train)?, train)
+    }
+
+    /// Training mode on the fused CPU kernels, `epilogue` in the same pass (where
+    /// [`fusable`](Self::fusable)).
+    fn forward_fused(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        cpu_batch_norm::normalize(self.prepare_cpu(&x)?, epilogue)
     }
 
     /// Whether training mode on `x` runs on the fused CPU kernels: float32 CPU input, and
