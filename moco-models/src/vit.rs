@@ -405,7 +405,10 @@ impl PatchEmbed {
     fn forward(&self, config: &VitConfig, x: &Tensor, train: bool) -> Result<Tensor> {
         let (n, ch, _, _) = x.dims4()?;
         let (p, g, d) = (config.patch_size, config.grid(), config.embed_dim);
-        let x = x.to_dtype(DType::F32)?;
+        let weight_dtype = match self {
+            Self::Linear { weight, .. } | Self::Conv { weight, .. } => weight.dtype(),
+        };
+        let x = x.to_dtype(weight_dtype)?;
         // Both end in a linear map over the channels of each patch: rows (N * g * g, K).
         let (rows, weight, bias) = match self {
             Self::Linear { weight, bias } => {
@@ -474,12 +477,13 @@ pub fn vit(config: VitConfig, vb: VarBuilder) -> Result<Vit> {
             stdev: 1e-6,
         },
     )?;
-    let pos_embed = sincos_position_embedding(config.grid(), d, vb.device())?;
+    let pos_embed =
+        sincos_position_embedding(config.grid(), d, vb.device())?.to_dtype(vb.dtype())?;
     // Weights from the official code (or `moco export`) carry the fixed embedding as
     // `pos_embed`: it must be this one (a learned embedding is not supported).
     if vb.contains_tensor("pos_embed") {
         let stored = vb.get((1, 1 + config.grid() * config.grid(), d), "pos_embed")?;
-        let diff = (stored.to_dtype(DType::F32)? - &pos_embed)?
+        let diff = (stored.to_dtype(DType::F32)? - pos_embed.to_dtype(DType::F32)?)?
             .abs()?
             .max_all()?
             .to_scalar::<f32>()?;

@@ -4,6 +4,9 @@
 //! Tolerance: max |rust - torch| <= 1e-4 * max |torch| for every compared tensor (float32
 //! against float64). Measured: 2.4e-7 on the eval outputs, 1.6e-6 on the train-mode output
 //! (the projector's BatchNorms), 1.8e-6 to 4.7e-6 on the gradients.
+//!
+//! Each network runs twice: in float32, where the CPU runs moco-rs's fused kernels, and in
+//! float64, where it runs candle's generic ops, the path of CUDA and Metal (same tolerance).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -11,9 +14,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::ModuleT;
+use candle_nn::{ModuleT, VarBuilder, VarMap};
 use moco_models::{
-    encoder_from_tensors, Backbone, BackboneConfig, EncoderSpec, HeadKind, VitConfig,
+    encoder, encoder_from_tensors, Backbone, BackboneConfig, Encoder, EncoderSpec, HeadKind,
+    VitConfig,
 };
 
 const TOL: f64 = 1e-4;
@@ -47,6 +51,36 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
     );
 }
 
+/// The network `spec` with `weights`, in `dtype`: float32 through `encoder_from_tensors` (the
+/// loading path of the commands; it also checks that every weight is used), float64 through a
+/// variable map of float64 weights (candle's generic ops).
+fn build(spec: EncoderSpec, weights: &HashMap<String, Tensor>, dtype: DType) -> (Encoder, VarMap) {
+    if dtype == DType::F32 {
+        let (enc, vars, unused) =
+            encoder_from_tensors(spec, weights, &Device::Cpu, Path::new("golden")).unwrap();
+        assert!(unused.is_empty(), "{unused:?}");
+        return (enc, vars);
+    }
+    let vars = VarMap::new();
+    {
+        let mut data = vars.data().lock().unwrap();
+        for (k, t) in weights {
+            data.insert(
+                k.clone(),
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap(),
+            );
+        }
+    }
+    let count = vars.all_vars().len();
+    let enc = encoder(spec, VarBuilder::from_varmap(&vars, dtype, &Device::Cpu)).unwrap();
+    assert_eq!(
+        vars.all_vars().len(),
+        count,
+        "the network created a variable"
+    );
+    (enc, vars)
+}
+
 fn spec() -> EncoderSpec {
     EncoderSpec {
         backbone: BackboneConfig::Vit(VitConfig {
@@ -76,7 +110,7 @@ fn vit_with_v3_projector_matches_timm() {
         .filter_map(|(k, v)| k.strip_prefix("w.").map(|n| (n.to_string(), v.clone())))
         .collect();
     // Every timm name is a variable of ours; the fixed position embedding is checked, not used.
-    let (enc, vars, unused) =
+    let (enc, _, unused) =
         encoder_from_tensors(spec(), &weights, &Device::Cpu, Path::new("vit_golden")).unwrap();
     assert!(unused.is_empty(), "{unused:?}");
     let moco_models::Net::Vit(vit) = enc.backbone() else {
@@ -95,13 +129,30 @@ fn vit_with_v3_projector_matches_timm() {
         "{err}"
     );
 
+    for dtype in [DType::F32, DType::F64] {
+        check_vit(&gold, &weights, dtype);
+    }
+}
+
+fn check_vit(gold: &HashMap<String, Tensor>, weights: &HashMap<String, Tensor>, dtype: DType) {
+    let g = |k: &str| {
+        gold.get(k)
+            .unwrap_or_else(|| panic!("missing {k}"))
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let (enc, vars) = build(spec(), weights, dtype);
     let x = g("x");
-    assert_close(
+    let check = |what: &str, a: &Tensor, b: &Tensor| {
+        assert_eq!(a.dtype(), dtype, "{what} {dtype:?}");
+        assert_close(&format!("{what} {dtype:?}"), a, b);
+    };
+    check(
         "features_eval",
         &enc.features(&x, false).unwrap(),
         &g("features_eval"),
     );
-    assert_close(
+    check(
         "out_eval",
         &enc.forward_t(&x, false).unwrap(),
         &g("out_eval"),
@@ -109,9 +160,9 @@ fn vit_with_v3_projector_matches_timm() {
 
     let xv = Var::from_tensor(&x).unwrap();
     let y = enc.forward_t(xv.as_tensor(), true).unwrap();
-    assert_close("out_train", &y, &g("out_train"));
+    check("out_train", &y, &g("out_train"));
     let grads = (y * g("r")).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_close("grad.x", grads.get(xv.as_tensor()).unwrap(), &g("grad.x"));
+    check("grad.x", grads.get(xv.as_tensor()).unwrap(), &g("grad.x"));
     let data = vars.data().lock().unwrap();
     for name in [
         "patch_embed.proj.weight",
@@ -121,7 +172,7 @@ fn vit_with_v3_projector_matches_timm() {
         "head.0.weight",
     ] {
         let grad = grads.get(data[name].as_tensor()).unwrap();
-        assert_close(&format!("grad.{name}"), grad, &g(&format!("grad.{name}")));
+        check(&format!("grad.{name}"), grad, &g(&format!("grad.{name}")));
     }
     // Train mode moved the projector's running statistics as torch's did (momentum 0.1).
     let rv = data["head.7.running_var"].as_tensor().clone();
@@ -153,6 +204,12 @@ fn vit_with_the_convolutional_stem_matches_timm() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/reference/vit_conv_golden.safetensors");
     let gold = moco_core::io::load(&path, &Device::Cpu).unwrap().tensors;
+    for dtype in [DType::F32, DType::F64] {
+        check_conv_stem(&gold, dtype);
+    }
+}
+
+fn check_conv_stem(gold: &HashMap<String, Tensor>, dtype: DType) {
     for (prefix, image_size, patch_size, in_channels, head, last) in [
         (
             "p16",
@@ -170,7 +227,8 @@ fn vit_with_the_convolutional_stem_matches_timm() {
         let g = |k: &str| {
             gold.get(&format!("{prefix}.{k}"))
                 .unwrap_or_else(|| panic!("missing {prefix}.{k}"))
-                .clone()
+                .to_dtype(dtype)
+                .unwrap()
         };
         let weights: HashMap<String, Tensor> = gold
             .iter()
@@ -195,21 +253,21 @@ fn vit_with_the_convolutional_stem_matches_timm() {
         };
         let detected = moco_models::checkpoint::detect_vit(&weights, Some(4)).unwrap();
         assert_eq!(detected, spec, "{prefix}: spec read off the weights");
-        let (enc, vars, unused) =
-            encoder_from_tensors(spec, &weights, &Device::Cpu, Path::new(prefix)).unwrap();
-        assert!(unused.is_empty(), "{prefix}: {unused:?}");
+        let (enc, vars) = build(spec, &weights, dtype);
+        let tag = format!("{prefix} {dtype:?}");
         let x = g("x");
         assert_close(
-            &format!("{prefix} features_eval"),
+            &format!("{tag} features_eval"),
             &enc.features(&x, false).unwrap(),
             &g("features_eval"),
         );
         let xv = Var::from_tensor(&x).unwrap();
         let y = enc.forward_t(xv.as_tensor(), true).unwrap();
-        assert_close(&format!("{prefix} out_train"), &y, &g("out_train"));
+        assert_eq!(y.dtype(), dtype, "{tag}: output dtype");
+        assert_close(&format!("{tag} out_train"), &y, &g("out_train"));
         let grads = (y * g("r")).unwrap().sum_all().unwrap().backward().unwrap();
         assert_close(
-            &format!("{prefix} grad.x"),
+            &format!("{tag} grad.x"),
             grads.get(xv.as_tensor()).unwrap(),
             &g("grad.x"),
         );
@@ -220,25 +278,21 @@ fn vit_with_the_convolutional_stem_matches_timm() {
         ] {
             let grad = grads.get(data[&name].as_tensor()).unwrap();
             assert_close(
-                &format!("{prefix} grad.{name}"),
+                &format!("{tag} grad.{name}"),
                 grad,
                 &g(&format!("grad.{name}")),
             );
         }
         let mut moved = 0;
-        for (k, v) in &gold {
+        for (k, v) in gold {
             if let Some(name) = k
                 .strip_prefix(prefix)
                 .and_then(|k| k.strip_prefix(".after."))
             {
-                assert_close(&format!("{prefix} {name}"), data[name].as_tensor(), v);
+                assert_close(&format!("{tag} {name}"), data[name].as_tensor(), v);
                 moved += 1;
             }
         }
-        assert_eq!(
-            moved,
-            2 * (last / 3),
-            "{prefix}: running statistics compared"
-        );
+        assert_eq!(moved, 2 * (last / 3), "{tag}: running statistics compared");
     }
 }
