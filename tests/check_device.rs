@@ -89,3 +89,49 @@ fn sync_bn_over_two_ranks_matches_one_process() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--batch-size 7"));
 }
+
+/// `--generic`: the device side runs on the CPU through candle's generic ops, the ops a CUDA or
+/// Metal step runs (BatchNorm, pooling, residual ends, convolution, attention, LayerNorm, GELU,
+/// the loss: every fused CPU kernel switched off), against moco-rs's CPU kernels. This is the
+/// GPU's computation tested on a machine without one: for the ResNet (v2 head, shuffle-BN,
+/// max pool), the ViT, and SyncBN over two ranks with the ResNet and the conv-stem ViT.
+/// Tolerance 2e-4 relative: the two sides differ only in rounding (measured over seeds 0-4 at
+/// these sizes: 1.1e-6 to 4.4e-5); an error of 1e-3 in one generic op (GELU scaled by 1.001)
+/// fails it at 1.5e-3.
+#[test]
+fn generic_ops_match_the_cpu_kernels() {
+    for args in [
+        &["--width", "8", "--image-size", "16"][..],
+        &["--arch", "resnet18", "--width", "8", "--image-size", "32"],
+        &["--arch", "vit-32x2h4", "--image-size", "16"],
+        &["--sync-bn", "--width", "8", "--image-size", "16"],
+        &[
+            "--sync-bn",
+            "--arch",
+            "vit-conv-32x2h4",
+            "--image-size",
+            "16",
+        ],
+    ] {
+        let o = run_ok(
+            moco()
+                .args(["check-device", "--device", "cpu", "--generic"])
+                .args(["--batch-size", "8", "--tolerance", "2e-4"])
+                .args(args),
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("on the CPU's generic ops vs the CPU"), "{out}");
+    }
+    // The switch, for any command: MOCO_CPU_KERNELS.
+    let o = moco()
+        .env("MOCO_CPU_KERNELS", "gpu")
+        .args(["check-device", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("MOCO_CPU_KERNELS") && err.contains("`generic`"),
+        "{err}"
+    );
+}

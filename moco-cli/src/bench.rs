@@ -167,6 +167,42 @@ pub struct CheckOptions {
     pub tolerance: f64,
     pub dist: Option<String>,
     pub sync_bn: bool,
+    /// The device side runs on the CPU through candle's generic ops (CUDA's and Metal's path)
+    /// instead of moco-rs's CPU kernels.
+    pub generic: bool,
+    /// Seed of the initial weights, the queue and the two views.
+    pub seed: u64,
+}
+
+impl CheckOptions {
+    /// The device side's name in messages.
+    fn side(&self) -> String {
+        if self.generic {
+            "the CPU's generic ops".into()
+        } else {
+            format!("{:?}", self.device)
+        }
+    }
+
+    /// Runs `f`, the device side's computation: with `generic`, with the fused CPU kernels
+    /// switched off (restored afterwards, also on error).
+    fn device_side<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !self.generic {
+            return f();
+        }
+        if !self.device.is_cpu() {
+            bail!("--generic runs candle's generic ops on the CPU: it needs --device cpu");
+        }
+        struct Restore;
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                moco_core::kernels::set_generic_cpu(false);
+            }
+        }
+        moco_core::kernels::set_generic_cpu(true);
+        let _restore = Restore;
+        f()
+    }
 }
 
 /// `moco check-device`: one MoCo step (v2 head, shuffle-BN, SGD, momentum update, enqueue) on
@@ -223,11 +259,10 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
     let config = moco_core::MocoConfig {
         queue_size: 4 * o.batch_size,
         batch_size: o.batch_size,
+        seed: o.seed,
         ..moco_core::MocoConfig::v2()
     };
-    let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
-    let x1 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
-    let x2 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
+    let (x1, x2) = seeded_views(&o)?;
     let run = |device: &Device,
                in_group: bool|
      -> Result<(f32, std::collections::BTreeMap<String, Tensor>)> {
@@ -241,7 +276,7 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
         }
         one_step(&mut moco, device, (&x1, &x2), 0.03)
     };
-    let (loss_dev, dev_state) = run(&o.device, true)?;
+    let (loss_dev, dev_state) = o.device_side(|| run(&o.device, true))?;
     let (loss_cpu, cpu_state) = run(&Device::Cpu, false)?;
     compare(
         &o,
@@ -250,6 +285,23 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
         (loss_dev, &dev_state),
         (loss_cpu, &cpu_state),
     )
+}
+
+/// Two standard normal CPU batches of the checked shape, drawn from `o.seed`: the same views on
+/// every run, so that a check's figures repeat.
+fn seeded_views(o: &CheckOptions) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+    use rand::SeedableRng;
+    let shape = candle_core::Shape::from((o.batch_size, o.channels, o.image_size, o.image_size));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed ^ 0x7669_6577); // "view"
+    let mut draw = || {
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
+        let v = moco_core::init::sample(init, &shape, &mut rng);
+        candle_core::Tensor::from_vec(v, &shape, &candle_core::Device::Cpu)
+    };
+    Ok((draw()?, draw()?))
 }
 
 /// One training step of `moco` on `device` (lr `lr`, momentum 0.99) on CPU views moved there:
@@ -290,7 +342,7 @@ fn compare(
     for (name, c) in cpu_state {
         let d = dev_state
             .get(name)
-            .ok_or_else(|| anyhow::anyhow!("`{name}` missing from the {:?} run", o.device))?;
+            .ok_or_else(|| anyhow::anyhow!("`{name}` missing from the run on {}", o.side()))?;
         let scale = c.abs()?.max_all()?.to_scalar::<f32>()?.max(floor) as f64;
         let diff = (d - c)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale;
         if diff > worst.1 || diff.is_nan() {
@@ -298,16 +350,16 @@ fn compare(
         }
     }
     println!(
-        "{what} on {:?} vs the CPU ({} {}x{}x{}, batch {}): loss {loss_dev:.6} vs {loss_cpu:.6}; {} tensors compared, largest relative difference {:.2e} in `{}` (tolerance {:.0e})",
-        o.device, o.arch, o.image_size, o.image_size, o.channels, o.batch_size,
+        "{what} on {} vs the CPU ({} {}x{}x{}, batch {}): loss {loss_dev:.6} vs {loss_cpu:.6}; {} tensors compared, largest relative difference {:.2e} in `{}` (tolerance {:.0e})",
+        o.side(), o.arch, o.image_size, o.image_size, o.channels, o.batch_size,
         cpu_state.len(), worst.1, worst.0, o.tolerance
     );
     if worst.1.is_nan() || worst.1 > o.tolerance {
         bail!(
-            "`{}` differs by {:.2e} (relative) between {:?} and the CPU, above the tolerance {:.0e}",
+            "`{}` differs by {:.2e} (relative) between {} and the CPU, above the tolerance {:.0e}",
             worst.0,
             worst.1,
-            o.device,
+            o.side(),
             o.tolerance
         );
     }
@@ -341,11 +393,10 @@ fn check_sync_bn(o: &CheckOptions) -> Result<()> {
         dim,
         mlp_dim: Some(hidden),
         sync_bn: true,
+        seed: o.seed,
         ..moco_core::MocoConfig::v3()
     };
-    let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
-    let x1 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
-    let x2 = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
+    let (x1, x2) = seeded_views(o)?;
     type State = std::collections::BTreeMap<String, Tensor>;
     let step = move |device: &Device,
                      comm: Option<Box<dyn moco_core::Collective>>,
@@ -364,17 +415,18 @@ fn check_sync_bn(o: &CheckOptions) -> Result<()> {
     let device = o.device.clone();
     let (a, b) = (x1.clone(), x2.clone());
     let on_rank = step.clone();
-    let ranks = moco_core::dist::on_threads(RANKS, move |comm| {
-        let r = comm.rank();
-        let mine = |x: &Tensor| x.narrow(0, r * per_rank, per_rank);
-        (|| on_rank(&device, Some(comm), &mine(&a)?, &mine(&b)?))()
-            .map_err(|e| format!("rank {r}: {e:#}"))
-    })
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut ranks = ranks
+    let mut ranks = o.device_side(|| {
+        moco_core::dist::on_threads(RANKS, move |comm| {
+            let r = comm.rank();
+            let mine = |x: &Tensor| x.narrow(0, r * per_rank, per_rank);
+            (|| on_rank(&device, Some(comm), &mine(&a)?, &mine(&b)?))()
+                .map_err(|e| format!("rank {r}: {e:#}"))
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?
         .into_iter()
         .collect::<std::result::Result<Vec<_>, String>>()
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .map_err(|e| anyhow::anyhow!(e))
+    })?;
     let (loss_dev, dev_state) = ranks.swap_remove(0);
     let (loss_cpu, cpu_state) = step(&Device::Cpu, None, &x1, &x2)?;
     compare(

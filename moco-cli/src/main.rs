@@ -83,6 +83,13 @@ enum Command {
         /// one CPU process on the whole batch.
         #[arg(long, conflicts_with = "dist")]
         sync_bn: bool,
+        /// With --device cpu: run the device side on candle's generic ops (the ops CUDA and
+        /// Metal run) instead of moco-rs's CPU kernels, and compare it with the kernels.
+        #[arg(long)]
+        generic: bool,
+        /// Seed of the initial weights, the queue and the input batch.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Draw a run's training curves (loss, acc1, lr per step; kNN top-1 per epoch) into PNG files.
     Plot {
@@ -471,8 +478,9 @@ fn main() -> Result<()> {
     keep_freed_memory();
     shorter_candle_spins();
     let cli = Cli::parse();
-    // A bad MOCO_CPU_CONV is an error before any work, not at the first convolution.
+    // A bad MOCO_CPU_CONV or MOCO_CPU_KERNELS is an error before any work.
     moco_models::cpu_conv::conv_engine()?;
+    moco_core::kernels::init_from_env()?;
     match cli.command {
         Command::Config { preset } => {
             let config = MocoConfig::preset(&preset).context("--preset")?;
@@ -494,6 +502,8 @@ fn main() -> Result<()> {
             tolerance,
             dist,
             sync_bn,
+            generic,
+            seed,
         } => bench::check_device(bench::CheckOptions {
             arch,
             width,
@@ -504,6 +514,8 @@ fn main() -> Result<()> {
             tolerance,
             dist,
             sync_bn,
+            generic,
+            seed,
         })?,
         Command::Plot { run, out } => {
             for f in plot::run(&run, out.as_deref())? {

@@ -41,6 +41,7 @@ pub mod dist;
 mod error;
 pub mod init;
 pub mod io;
+pub mod kernels;
 pub mod loss;
 pub mod math;
 pub mod momentum;

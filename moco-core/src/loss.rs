@@ -80,10 +80,9 @@ fn accuracy_from_ranks(ranks: &[u32]) -> (f32, f32) {
     (pct(1), pct(5))
 }
 
-/// Float32 on the CPU: the fused cross-entropy applies (`cross_entropy.rs`).
+/// Float32 on the CPU, kernels on: the fused cross-entropy applies (`cross_entropy.rs`).
 fn fused_applies(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    crate::kernels::fused_cpu(ts)
 }
 
 /// `x / max(||x||_2, 1e-12)` along `dim`, as `torch.nn.functional.normalize`.

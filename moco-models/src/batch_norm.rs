@@ -261,7 +261,7 @@ impl BatchNorm {
     /// either a SyncBN scope or splits that divide the batch with two values or more each.
     fn fusable(&self, x: &Tensor, train: bool) -> Result<bool> {
         self.check(x)?;
-        if !(train && x.device().is_cpu() && x.dtype() == DType::F32) {
+        if !(train && moco_core::kernels::fused_cpu(&[x])) {
             return Ok(false);
         }
         if moco_core::sync::group().is_some() {

@@ -9,7 +9,7 @@
 //! any stride, padding and groups, dilation 1). [`conv2d`] falls back to candle's kernel on
 //! other devices and dtypes, so CUDA and Metal keep theirs.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -870,7 +870,7 @@ fn conv2d_with(
     stride: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    if !moco_core::kernels::fused_cpu(&[x, w]) {
         return x.conv2d(w, padding, stride, 1, groups);
     }
     let op = Conv2d {
@@ -887,6 +887,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::test_util::max_rel;
+    use candle_core::DType;
     use candle_core::{Device, Var};
 
     /// Direct-loop reference in f64: y, and the gradients of sum(y * mix) wrt x and w.

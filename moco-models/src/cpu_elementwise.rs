@@ -2,7 +2,7 @@
 //! own backward: one parallel pass each way where candle's generic ops take several (and
 //! allocate a zero gradient to accumulate into for each input).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use std::mem::MaybeUninit;
 
 use crate::scratch::{f32_slice, filled};
@@ -92,7 +92,7 @@ impl CustomOp2 for ReluGrad {
 /// `relu(a + b)` for tensors of the same shape: fused on float32 CPU tensors, candle's ops
 /// elsewhere. Its gradient reaches both inputs where the output is positive, as autograd's.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+    if !moco_core::kernels::fused_cpu(&[a, b]) {
         return (a + b)?.relu();
     }
     if a.dims() != b.dims() {

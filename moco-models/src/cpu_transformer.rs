@@ -7,7 +7,7 @@
 use std::mem::MaybeUninit;
 
 use candle_core::Tensor;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, D};
 use moco_core::math::{erf, exp};
 use rayon::prelude::*;
 
@@ -67,7 +67,7 @@ fn lane_max(row: &[f32], scale: f32) -> f32 {
 }
 
 fn use_fused(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    moco_core::kernels::fused_cpu(&[t])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -768,6 +768,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::test_util::max_rel;
+    use candle_core::DType;
     use candle_core::{Device, Var};
 
     /// Forward values and the gradients of sum(f(..) * mix) against candle's generic ops.

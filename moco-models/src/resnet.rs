@@ -3,7 +3,7 @@
 //! official MoCo CIFAR demo (3x3 stride-1 stem, no max-pool), any number of input channels and a
 //! width multiplier.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -300,7 +300,7 @@ impl ResNet {
         }
         let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if !self.config.small {
-            y = if y.device().is_cpu() && y.dtype() == DType::F32 {
+            y = if moco_core::kernels::fused_cpu(&[&y]) {
                 crate::cpu_pool::max_pool2d(&y, 3, 2, 1)?
             } else {
                 max_pool_3x3_s2_p1(&y)?
