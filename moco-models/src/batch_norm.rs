@@ -5,6 +5,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
 use crate::cpu_batch_norm::{self, Epilogue, NormInput};
+use crate::generic_norm::{self, End};
 
 /// BatchNorm over dimension 1 of an (N, C, ...) input: `BatchNorm1d` on (N, C), `BatchNorm2d` on
 /// (N, C, H, W). Variables: `weight`, `bias` (when affine), `running_mean`, `running_var`.
@@ -108,42 +109,106 @@ impl BatchNorm {
         if self.fusable(x, true)? {
             return self.forward_fused(x, Epilogue::None);
         }
-        if let Some(group) = moco_core::sync::group() {
-            return self.forward_sync(x, group.world_size());
-        }
+        self.forward_generic(x, End::None, None)
+    }
+
+    /// Training mode on candle's generic ops ([`crate::generic_norm`]: the ops run on detached
+    /// tensors, one op in the graph keeping the input and the output), followed by `end`
+    /// (`other`: the residual, or the second BatchNorm and its input).
+    fn forward_generic(
+        &self,
+        x: &Tensor,
+        end: End,
+        other: Option<(&Tensor, Option<&BatchNorm>)>,
+    ) -> Result<Tensor> {
+        let first = self.normalized(x)?;
+        let mut wb = self.stacked_weight_bias(x)?;
+        let other = match other {
+            Some((z, Some(bn))) => {
+                wb = Tensor::cat(&[&wb, &bn.stacked_weight_bias(z)?], 0)?;
+                Some((z, Some(bn.normalized(z)?)))
+            }
+            Some((r, None)) => Some((r, None)),
+            None => None,
+        };
+        generic_norm::attach(end, x, &wb, first, other)
+    }
+
+    /// Weight and bias stacked (2, C) (ones and zeros without affine parameters).
+    fn stacked_weight_bias(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = self.weight_bias_or_identity(x.device())?;
+        Tensor::stack(&[&w, &b], 0)
+    }
+
+    /// The batch statistics of `x` (per split, or the global batch's inside a SyncBN scope),
+    /// the running statistics moved, and the normalised output, all on detached tensors with
+    /// candle's ops in the compute dtype (float32, or float64 for float64 input; on a GPU their
+    /// reductions are tree sums, accurate in float32 as PyTorch's GPU kernels are).
+    fn normalized(&self, x: &Tensor) -> Result<generic_norm::Normalized> {
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
-        let s = self.splits;
-        if n % s != 0 {
-            candle_core::bail!("batch of {n} cannot be split into {s} batch-norm groups")
-        }
         let l: usize = dims[2..].iter().product();
-        let count = (n / s) * l;
-        if count < 2 {
-            candle_core::bail!(
-                "batch norm in training mode needs more than one value per channel, got input {dims:?} in {s} group(s)"
-            )
-        }
-        // x: (N/s, s, C, L): sample i*s + j is element [i, j] (group j). Candle's ops (CUDA's
-        // and Metal's path) in float32, or float64 for float64 input; their reductions on a GPU
-        // are tree sums, accurate in float32 as PyTorch's GPU kernels are (Metal has no
-        // float64). Each op's inputs stay alive in the graph until the backward pass, so the
-        // full-size tensors are few: the centred input, its square and the scaled output.
-        let ct = compute_dtype(x);
-        let xs = x.to_dtype(ct)?.reshape((n / s, s, c, l))?;
-        let mean = xs.mean_keepdim((0, 3))?; // (1, s, C, 1)
-        let centered = xs.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim((0, 3))?; // biased
-        let mut scale = (&var + self.eps)?.sqrt()?.recip()?;
-        if let Some((w, _)) = &self.weight_bias {
-            scale = scale.broadcast_mul(&w.to_dtype(ct)?.reshape((1, 1, c, 1))?)?;
-        }
-        let mut y = centered.broadcast_mul(&scale)?;
-        if let Some((_, b)) = &self.weight_bias {
-            y = y.broadcast_add(&b.to_dtype(ct)?.reshape((1, 1, c, 1))?)?;
-        }
+        let group = moco_core::sync::group();
+        let (s, count) = match &group {
+            Some(group) => {
+                self.check_sync(x, group.world_size())?;
+                (1, n * l * group.world_size())
+            }
+            None => {
+                let s = self.splits;
+                if n % s != 0 {
+                    candle_core::bail!("batch of {n} cannot be split into {s} batch-norm groups")
+                }
+                if (n / s) * l < 2 {
+                    candle_core::bail!(
+                        "batch norm in training mode needs more than one value per channel, got input {dims:?} in {s} group(s)"
+                    )
+                }
+                (s, (n / s) * l)
+            }
+        };
+        let ct = generic_norm::compute_dtype(x);
+        // (N/s, s, C, L): sample i*s + j is element [i, j] (group j).
+        let xs = x.detach().to_dtype(ct)?.reshape((n / s, s, c, l))?;
+        let (mean, var) = match &group {
+            Some(group) => {
+                // Per-channel sums over this rank's values, then over the ranks; two passes.
+                let all_sum = |t: &Tensor| -> Result<Tensor> {
+                    group
+                        .all_reduce_sum(&t.sum_keepdim((0, 3))?)
+                        .map_err(|e| candle_core::Error::Msg(format!("SyncBatchNorm: {e}")))
+                };
+                let mean = (all_sum(&xs)? / count as f64)?;
+                let var = (all_sum(&xs.broadcast_sub(&mean)?.sqr()?)? / count as f64)?;
+                (mean, var)
+            }
+            None => {
+                let mean = xs.mean_keepdim((0, 3))?; // (1, s, C, 1)
+                let var = xs.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 3))?; // biased
+                (mean, var)
+            }
+        };
+        let invstd = (&var + self.eps)?.sqrt()?.recip()?;
+        let (w, b) = self.weight_bias_or_identity(x.device())?;
+        let (w, b) = (w.detach().to_dtype(ct)?, b.detach().to_dtype(ct)?);
+        let y = xs
+            .broadcast_sub(&mean)?
+            .broadcast_mul(&invstd.broadcast_mul(&w.reshape((1, 1, c, 1))?)?)?
+            .broadcast_add(&b.reshape((1, 1, c, 1))?)?
+            .reshape(dims)?
+            .to_dtype(x.dtype())?;
         self.update_running(&mean.reshape((s, c))?, &var.reshape((s, c))?, count as f64)?;
-        y.reshape(dims)?.to_dtype(x.dtype())
+        Ok(generic_norm::Normalized {
+            y,
+            state: generic_norm::NormState {
+                mean,
+                invstd,
+                weight: w,
+                splits: s,
+                count: count as f64,
+                synced: group.is_some(),
+            },
+        })
     }
 
     /// Training mode on a contiguous float32 CPU tensor, up to the normalisation: the batch
@@ -213,6 +278,10 @@ impl BatchNorm {
         if self.fusable(x, train)? {
             return self.forward_fused(x, Epilogue::Relu);
         }
+        if train {
+            self.check(x)?;
+            return self.forward_generic(x, End::Relu, None);
+        }
         self.forward_t(x, train)?.relu()
     }
 
@@ -220,8 +289,12 @@ impl BatchNorm {
     /// in training mode on float32 CPU tensors, where the BatchNorm's own output is then never
     /// kept for the backward pass.
     pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        if self.fusable(x, train)? && residual.dims() == x.dims() && residual.dtype() == x.dtype() {
+        let same = residual.dims() == x.dims() && residual.dtype() == x.dtype();
+        if self.fusable(x, train)? && same {
             return self.forward_fused(x, Epilogue::AddRelu(residual));
+        }
+        if train && same {
+            return self.forward_generic(x, End::AddRelu, Some((residual, None)));
         }
         crate::cpu_elementwise::add_relu(&self.forward_t(x, train)?, residual)
     }
@@ -247,6 +320,11 @@ impl BatchNorm {
                 other.prepare_cpu(&z)?,
             );
         }
+        if train && x.dims() == z.dims() && x.dtype() == z.dtype() {
+            self.check(x)?;
+            other.check(z)?;
+            return self.forward_generic(x, End::PairAddRelu, Some((z, Some(other))));
+        }
         self.forward_add_relu_t(x, &other.forward_t(z, train)?, train)
     }
 
@@ -270,37 +348,6 @@ impl BatchNorm {
         let n = x.dim(0)?;
         let l: usize = x.dims()[2..].iter().product();
         Ok(n % self.splits == 0 && (n / self.splits) * l >= 2)
-    }
-
-    /// Training mode inside a data-parallel [`moco_core::sync::scope`] (SyncBN, as
-    /// `torch.nn.SyncBatchNorm`): the mean and the biased variance of the global batch (every
-    /// rank holds an equal share, as the data-parallel loader gives), each an all-reduce of
-    /// per-rank sums that the backward pass sums over the ranks too; the running statistics
-    /// move with the unbiased variance over the global count, the same on every rank.
-    fn forward_sync(&self, x: &Tensor, world: usize) -> Result<Tensor> {
-        self.check_sync(x, world)?;
-        let dims = x.dims().to_vec();
-        let (n, c) = (dims[0], dims[1]);
-        let l: usize = dims[2..].iter().product();
-        let count = n * l * world;
-        let xs = x.to_dtype(DType::F32)?.reshape((n, c, l))?;
-        // Per-channel sums over the local values: over each sample's positions (a contiguous
-        // reduction), then over the samples; then over the ranks. Two passes: the mean, then
-        // the centred squares.
-        let channel_sum = |t: &Tensor| -> Result<Tensor> { t.sum(2)?.sum(0) };
-        let mean = (moco_core::sync::all_reduce_sum(&channel_sum(&xs)?)? / count as f64)?;
-        let centered = xs.broadcast_sub(&mean.reshape((1, c, 1))?)?;
-        let var =
-            (moco_core::sync::all_reduce_sum(&channel_sum(&centered.sqr()?)?)? / count as f64)?;
-        let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
-        let y = match &self.weight_bias {
-            Some((w, b)) => centered
-                .broadcast_mul(&(w.to_dtype(DType::F32)? * &inv_std)?.reshape((1, c, 1))?)?
-                .broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, c, 1))?)?,
-            None => centered.broadcast_mul(&inv_std.reshape((1, c, 1))?)?,
-        };
-        self.update_running(&mean.reshape((1, c))?, &var.reshape((1, c))?, count as f64)?;
-        y.reshape(dims)?.to_dtype(x.dtype())
     }
 
     /// Running statistics: the mean over groups of each group's update (unbiased variance).
@@ -336,20 +383,11 @@ impl BatchNorm {
                 (inv_std, shift)
             }
         };
-        let ct = compute_dtype(x);
+        let ct = generic_norm::compute_dtype(x);
         x.to_dtype(ct)?
             .broadcast_mul(&scale.to_dtype(ct)?.reshape(shape.as_slice())?)?
             .broadcast_add(&shift.to_dtype(ct)?.reshape(shape.as_slice())?)?
             .to_dtype(x.dtype())
-    }
-}
-
-/// The dtype BatchNorm computes in with candle's ops: float64 for float64 input, else float32.
-fn compute_dtype(x: &Tensor) -> DType {
-    if x.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
     }
 }
 

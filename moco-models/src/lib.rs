@@ -23,6 +23,7 @@ pub mod cpu_elementwise;
 pub mod cpu_pool;
 pub mod cpu_transformer;
 mod error;
+mod generic_norm;
 pub mod head;
 #[cfg(feature = "onednn")]
 mod onednn;

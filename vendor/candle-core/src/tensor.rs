@@ -609,6 +609,42 @@ impl Tensor {
         from_storage(storage, shape, op, is_variable)
     }
 
+    /// (moco-rs addition, see vendor/README.md.) `self`'s values, sharing its storage (no
+    /// copy), recorded as the result of the custom op `c` on `(t1, t2, t3)`: the backward pass
+    /// calls `c.bwd(t1, t2, t3, result, grad)`, and only those three tensors (and `self`'s
+    /// storage) stay alive for it. `self` is meant to be computed by the caller from detached
+    /// tensors with any ops, so that none of its intermediates is kept; `c`'s forward functions
+    /// are not called.
+    pub fn attach_op3_arc(
+        &self,
+        t1: &Self,
+        t2: &Self,
+        t3: &Self,
+        c: Arc<Box<dyn crate::CustomOp3 + Send + Sync>>,
+    ) -> Result<Self> {
+        for t in [t1, t2, t3] {
+            if !t.device().same_device(self.device()) {
+                Err(Error::DeviceMismatchBinaryOp {
+                    lhs: self.device().location(),
+                    rhs: t.device().location(),
+                    op: "attach-op3",
+                }
+                .bt())?
+            }
+        }
+        let op = BackpropOp::new3(t1, t2, t3, |a, b, d| Op::CustomOp3(a, b, d, c.clone()));
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op,
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Ok(Tensor(Arc::new(tensor_)))
+    }
+
     // TODO: Also make an inplace version or a pre-allocated? This could be tricky
     // if this can create cycles in the compute graph.
     binary_op!(add, Add);
