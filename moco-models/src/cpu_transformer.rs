@@ -249,12 +249,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             LayerNormOp { eps: eps as f32 },
         );
     }
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+    crate::generic_transformer::layer_norm(x, weight, bias, eps)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -549,28 +544,18 @@ impl CustomOp2 for AttentionGrad {
 /// samples and heads, that never copies q, k and v out and recomputes the probabilities in the
 /// backward; candle's ops elsewhere.
 pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
-    let (n, t, c) = qkv.dims3()?;
+    let (_, _, c) = qkv.dims3()?;
     if heads == 0 || c % (3 * heads) != 0 {
         candle_core::bail!("attention: {c} channels are not 3 x {heads} heads")
     }
-    let (d, hd) = (c / 3, c / (3 * heads));
-    let scale = (hd as f64).powf(-0.5);
+    let scale = ((c / (3 * heads)) as f64).powf(-0.5);
     if use_fused(qkv) {
         return qkv.contiguous()?.apply_op1(AttentionOp {
             heads,
             scale: scale as f32,
         });
     }
-    let qkv = qkv
-        .reshape((n, t, 3, heads, hd))?
-        .permute((2, 0, 3, 1, 4))?;
-    let part = |i: usize| qkv.get(i)?.contiguous();
-    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let attn = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?;
-    attn.matmul(&v)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((n, t, d))
+    crate::generic_transformer::attention(qkv, heads, scale)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -746,6 +731,17 @@ impl CustomOp1 for ColumnSums {
             }
         }
         Ok((CpuStorage::F32(out), Shape::from(d)))
+    }
+}
+
+/// The column sums of a 2-D tensor (a bias's gradient): in parallel over row chunks on float32
+/// CPU tensors, candle's `sum(0)` elsewhere.
+pub(crate) fn column_sums(g: &Tensor) -> Result<Tensor> {
+    let (_, d) = g.dims2()?;
+    if use_fused(g) {
+        g.contiguous()?.apply_op1_no_bwd(&ColumnSums { d })
+    } else {
+        g.sum(0)
     }
 }
 

@@ -24,6 +24,7 @@ pub mod cpu_pool;
 pub mod cpu_transformer;
 mod error;
 mod generic_norm;
+mod generic_transformer;
 pub mod head;
 #[cfg(feature = "onednn")]
 mod onednn;

@@ -275,19 +275,13 @@ impl LayerNorm {
     }
 }
 
-/// A linear layer on the last dimension of a tensor of any rank (flattened to 2-D for one GEMM).
+/// A linear layer on the last dimension of a tensor of any rank (flattened to 2-D for one GEMM),
+/// keeping no product before the bias for the backward pass.
 fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let k = dims[dims.len() - 1];
-    let y = x.reshape(((), k))?.matmul(&lin.weight().t()?)?;
-    let y = match lin.bias() {
-        Some(b) => cpu_transformer::add_bias(&y, b)?,
-        None => y,
-    };
-    let mut out = dims;
-    let last = out.len() - 1;
-    out[last] = y.dim(1)?;
-    y.reshape(out)
+    match lin.bias() {
+        Some(b) => crate::generic_transformer::linear(x, lin.weight(), b),
+        None => candle_core::bail!("a ViT linear layer without a bias"),
+    }
 }
 
 /// A linear layer with MoCo v3's initialisation: weight uniform in +-`bound`, bias zero.

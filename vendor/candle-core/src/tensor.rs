@@ -609,6 +609,39 @@ impl Tensor {
         from_storage(storage, shape, op, is_variable)
     }
 
+    /// (moco-rs addition, see vendor/README.md.) [`Tensor::attach_op3_arc`] for an op of one
+    /// operand: `self`'s values, recorded as the result of `c` on `t1`.
+    pub fn attach_op1_arc(
+        &self,
+        t1: &Self,
+        c: Arc<Box<dyn crate::CustomOp1 + Send + Sync>>,
+    ) -> Result<Self> {
+        if !t1.device().same_device(self.device()) {
+            Err(Error::DeviceMismatchBinaryOp {
+                lhs: self.device().location(),
+                rhs: t1.device().location(),
+                op: "attach-op1",
+            }
+            .bt())?
+        }
+        let op = BackpropOp::new1(t1, |a| Op::CustomOp1(a, c.clone()));
+        Ok(self.with_op(op))
+    }
+
+    /// `self`'s storage and layout with `op` as its history.
+    fn with_op(&self, op: BackpropOp) -> Self {
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op,
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Tensor(Arc::new(tensor_))
+    }
+
     /// (moco-rs addition, see vendor/README.md.) `self`'s values, sharing its storage (no
     /// copy), recorded as the result of the custom op `c` on `(t1, t2, t3)`: the backward pass
     /// calls `c.bwd(t1, t2, t3, result, grad)`, and only those three tensors (and `self`'s
@@ -633,16 +666,7 @@ impl Tensor {
             }
         }
         let op = BackpropOp::new3(t1, t2, t3, |a, b, d| Op::CustomOp3(a, b, d, c.clone()));
-        let tensor_ = Tensor_ {
-            id: TensorId::new(),
-            storage: self.storage.clone(),
-            layout: self.layout.clone(),
-            op,
-            is_variable: false,
-            dtype: self.dtype,
-            device: self.device.clone(),
-        };
-        Ok(Tensor(Arc::new(tensor_)))
+        Ok(self.with_op(op))
     }
 
     // TODO: Also make an inplace version or a pre-allocated? This could be tricky
