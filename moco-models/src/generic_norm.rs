@@ -6,18 +6,17 @@
 //! pass (the centred input, its square, the scaled output, the output before the residual add
 //! and the ReLU: 3.4x PyTorch's bytes for a ResNet). Here the forward pass runs the same ops on
 //! detached tensors, so that the intermediates are freed as it goes, and its result is attached
-//! to the graph as the output of one op ([`candle_core::Tensor::attach_op3_arc`], an addition of
-//! the vendored candle-core) whose backward computes the gradients with candle's ops from the
-//! input, the output and the per-channel statistics, as PyTorch's BatchNorm backward does:
+//! to the graph as the output of one op ([`crate::attached`]) whose backward computes the
+//! gradients with candle's ops from the input, the output and the per-channel statistics, as PyTorch's BatchNorm backward does:
 //!
 //! `dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`, `dw = sum(dy * xhat)`,
 //! `db = sum(dy)`, with `dy` the output's gradient through the ReLU (where the output is
 //! positive) and the means over the normalised group (a split, or with SyncBN the global
 //! batch: the two sums are all-reduced over the ranks; the parameters' gradients stay local).
 
-use std::sync::Arc;
+use candle_core::{DType, Result, Tensor};
 
-use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::attached::{attach3, Backward3};
 
 /// What follows the normalisation inside the op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,31 +121,17 @@ impl NormGrad {
     }
 }
 
-impl CustomOp3 for NormGrad {
+impl Backward3 for NormGrad {
     fn name(&self) -> &'static str {
         "batch-norm-generic"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("batch-norm-generic: its forward pass is computed by the caller")
     }
 
     /// Operands: `(x, (2, C) or (4, C) stacked weights and biases, r)` for [`End::None`],
     /// [`End::Relu`] (where `r` is `x` again and gets no gradient) and [`End::AddRelu`];
     /// `(x, z, (4, C))` for [`End::PairAddRelu`].
-    fn bwd(
+    fn backward(
         &self,
-        a1: &Tensor,
-        a2: &Tensor,
-        a3: &Tensor,
+        [a1, a2, a3]: [&Tensor; 3],
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -215,10 +200,5 @@ pub(crate) fn attach(
         first: first.state,
         second,
     };
-    out.attach_op3_arc(
-        x,
-        &a2,
-        &a3,
-        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
-    )
+    attach3(&out, [x, &a2, &a3], op)
 }

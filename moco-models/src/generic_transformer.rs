@@ -2,9 +2,8 @@
 //! CPU with its fused kernels switched off), and its linear layers on every device, keeping for
 //! the backward pass only what PyTorch keeps (their input, and the LayerNorm's and attention's
 //! output), as [`crate::generic_norm`] does for BatchNorm: the forward pass runs candle's ops on
-//! detached tensors and its result is attached to the graph as one op
-//! ([`candle_core::Tensor::attach_op1_arc`] / `attach_op3_arc`, additions of the vendored
-//! candle-core) whose backward computes the gradients with candle's ops.
+//! detached tensors and its result is attached to the graph as one op ([`crate::attached`])
+//! whose backward computes the gradients with candle's ops.
 //!
 //! Written as chains of graph-recorded ops, a LayerNorm kept four intermediates of its input's
 //! size, the attention its copies of q, k and v and three tokens x tokens matrices per head
@@ -12,16 +11,9 @@
 //! before the bias; here the attention keeps none of them and recomputes the probabilities in
 //! the backward pass, as the CPU kernel does.
 
-use std::sync::Arc;
+use candle_core::{Result, Tensor, D};
 
-use candle_core::{CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
-
-/// The custom op's forward functions are never called: the caller computes the forward pass.
-fn not_called(name: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{name}: its forward pass is computed by the caller"
-    ))
-}
+use crate::attached::{attach1, attach3, Backward1, Backward3};
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
@@ -34,28 +26,14 @@ struct LayerNormGrad {
     rstd: Tensor,
 }
 
-impl CustomOp3 for LayerNormGrad {
+impl Backward3 for LayerNormGrad {
     fn name(&self) -> &'static str {
         "layer-norm-generic"
     }
 
-    fn cpu_fwd(
+    fn backward(
         &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        Err(not_called(self.name()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
+        [x, w, b]: [&Tensor; 3],
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -100,12 +78,7 @@ pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
         .reshape(x.dims())?;
     drop(xc);
     let op = LayerNormGrad { mean, rstd };
-    y.attach_op3_arc(
-        x,
-        weight,
-        bias,
-        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
-    )
+    attach3(&y, [x, weight, bias], op)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,20 +108,12 @@ struct AttentionGrad {
     scale: f64,
 }
 
-impl CustomOp1 for AttentionGrad {
+impl Backward1 for AttentionGrad {
     fn name(&self) -> &'static str {
         "attention-generic"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        Err(not_called(self.name()))
-    }
-
-    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn backward(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (n, t, c) = qkv.dims3()?;
         let (h, hd) = (self.heads, c / (3 * self.heads));
         let (q, k, v) = split_qkv(&qkv.detach(), h)?;
@@ -183,10 +148,7 @@ pub(crate) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor
         .contiguous()?
         .reshape((n, t, c / 3))?;
     let op = AttentionGrad { heads, scale };
-    out.attach_op1_arc(
-        qkv,
-        Arc::new(Box::new(op) as Box<dyn CustomOp1 + Send + Sync>),
-    )
+    attach1(&out, qkv, op)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -195,28 +157,14 @@ pub(crate) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor
 /// A linear layer's backward pass: `dx = g W`, `dW = g^T x`, `db` = the column sums of `g`.
 struct LinearGrad;
 
-impl CustomOp3 for LinearGrad {
+impl Backward3 for LinearGrad {
     fn name(&self) -> &'static str {
         "linear-attached"
     }
 
-    fn cpu_fwd(
+    fn backward(
         &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        Err(not_called(self.name()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
+        [x, w, b]: [&Tensor; 3],
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -257,10 +205,5 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let mut shape = dims;
     let last = shape.len() - 1;
     shape[last] = out;
-    y.reshape(shape)?.attach_op3_arc(
-        x,
-        w,
-        b,
-        Arc::new(Box::new(LinearGrad) as Box<dyn CustomOp3 + Send + Sync>),
-    )
+    attach3(&y.reshape(shape)?, [x, w, b], LinearGrad)
 }

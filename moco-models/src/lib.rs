@@ -15,6 +15,7 @@
 //! - [`cpu_conv`], [`cpu_batch_norm`], [`cpu_elementwise`], [`cpu_pool`], [`cpu_transformer`]: the fused CPU
 //!   kernels the backbones run on (other devices run candle's ops).
 
+mod attached;
 pub mod batch_norm;
 pub mod checkpoint;
 pub mod cpu_batch_norm;

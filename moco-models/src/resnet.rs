@@ -349,33 +349,23 @@ fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
 
 /// A layer of one input and no parameters recomputed in the backward pass: `f` runs on the
 /// detached input, so that none of its intermediates stays alive, and its result is attached
-/// to the graph as one op ([`candle_core::Tensor::attach_op1_arc`], an addition of the vendored
-/// candle-core) whose backward runs `f` again on a copy of the input with a graph of its own
-/// and returns that graph's gradient: the same gradient as differentiating `f` in place.
+/// to the graph as one op ([`crate::attached`]) whose backward runs `f` again on a copy of the
+/// input with a graph of its own and returns that graph's gradient: the same gradient as
+/// differentiating `f` in place.
 fn recomputed(x: &Tensor, f: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     struct Recompute(fn(&Tensor) -> Result<Tensor>);
-    impl candle_core::CustomOp1 for Recompute {
+    impl crate::attached::Backward1 for Recompute {
         fn name(&self) -> &'static str {
             "recomputed"
         }
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-        ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            candle_core::bail!("recomputed: its forward pass is computed by the caller")
-        }
-        fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        fn backward(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
             let v = candle_core::Var::from_tensor(&x.detach())?;
             let y = (self.0)(v.as_tensor())?;
             let grads = (y * grad.detach())?.sum_all()?.backward()?;
             Ok(grads.get(v.as_tensor()).cloned())
         }
     }
-    f(&x.detach())?.attach_op1_arc(
-        x,
-        std::sync::Arc::new(Box::new(Recompute(f)) as Box<dyn candle_core::CustomOp1 + Send + Sync>),
-    )
+    crate::attached::attach1(&f(&x.detach())?, x, Recompute(f))
 }
 
 impl ModuleT for ResNet {
