@@ -207,3 +207,41 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     shape[last] = out;
     attach3(&y.reshape(shape)?, [x, w, b], LinearGrad)
 }
+
+/// The residual add's backward pass: the gradient reaches both summands unchanged.
+struct SumGrad;
+
+impl Backward3 for SumGrad {
+    fn name(&self) -> &'static str {
+        "residual-add-attached"
+    }
+
+    fn backward(
+        &self,
+        [a, r, _]: [&Tensor; 3],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let pass = |t: &Tensor| t.track_op().then(|| grad.clone());
+        Ok((pass(a), pass(r), None))
+    }
+}
+
+/// `r + (x W^T + b)`, a ViT block's residual add after a linear layer, keeping no more than
+/// [`linear`] does: the sum is computed once, detached, and recorded twice over the same
+/// storage, as the linear layer's result (whose backward reaches `x`, `W` and `b`) and as the
+/// sum of that result and `r` (whose backward passes the gradient to both). Neither the linear
+/// output before the add nor anything else of the sum's size is kept besides the sum itself.
+pub(crate) fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> Result<Tensor> {
+    let y = linear(&x.detach(), &w.detach(), &b.detach())?;
+    if y.dims() != r.dims() {
+        candle_core::bail!(
+            "residual add: linear output {:?}, residual {:?}",
+            y.dims(),
+            r.dims()
+        )
+    }
+    let sum = (y + r.detach())?;
+    let product = attach3(&sum, [x, w, b], LinearGrad)?;
+    attach3(&sum, [&product, r, r], SumGrad)
+}

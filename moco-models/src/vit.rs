@@ -284,6 +284,14 @@ fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `r + linear(lin, x)`, keeping no more for the backward pass than the linear layer does.
+fn linear_add(lin: &Linear, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+    match lin.bias() {
+        Some(b) => crate::generic_transformer::linear_add(x, lin.weight(), b, r),
+        None => candle_core::bail!("a ViT linear layer without a bias"),
+    }
+}
+
 /// A linear layer with MoCo v3's initialisation: weight uniform in +-`bound`, bias zero.
 fn vit_linear(cin: usize, cout: usize, bound: f64, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get_with_hints(
@@ -334,10 +342,10 @@ impl Block {
         // Multi-head self-attention: softmax(q k^T / sqrt(hd)) v per head.
         let qkv = linear(&self.qkv, &self.norm1.forward(x)?)?;
         let heads = cpu_transformer::attention(&qkv, self.heads)?;
-        let x = (x + linear(&self.proj, &heads)?)?;
+        let x = linear_add(&self.proj, &heads, x)?;
         // MLP with the exact (erf) GELU.
         let m = cpu_transformer::gelu_erf(&linear(&self.fc1, &self.norm2.forward(&x)?)?)?;
-        x + linear(&self.fc2, &m)?
+        linear_add(&self.fc2, &m, &x)
     }
 }
 
