@@ -16,7 +16,7 @@
 #      with 2+ GPUs, a short `moco launch` data-parallel pretraining over all of them;
 #   2. `moco bench step --device cuda` next to bench/reference/bench_step.py --device cuda:
 #      resnet50 at 224x224 (batch 256, K 65536, v2 head) and the small ResNet-18 (width 64,
-#      32x32, batch 256).
+#      32x32, batch 256), each side's peak GPU memory sampled by nvidia-smi.
 # Everything is logged to target/gpu/gpu-check.log (and $OUT, when set, receives a copy).
 # Budget: about 10 minutes; each step has its own timeout.
 set -euo pipefail
@@ -76,10 +76,28 @@ if [ "$gpus" -ge 2 ]; then
 fi
 
 echo "== 2. training step throughput, moco-rs vs PyTorch on this GPU"
+# WHO COMMAND...: runs the command (its last 2 lines shown) while nvidia-smi samples the GPUs'
+# used memory every 100 ms, and prints the largest sample: the two sides measured alike.
+gpu_peak() {
+  local who=$1 out samples smi
+  shift
+  out=$(mktemp)
+  samples=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$samples" 2>/dev/null &
+  smi=$!
+  "$@" > "$out" 2>&1 || echo "$who: failed or timed out"
+  kill "$smi" 2>/dev/null || true
+  wait "$smi" 2>/dev/null || true
+  tail -2 "$out"
+  local peak
+  peak=$(sort -n "$samples" | tail -1)
+  echo "$who: peak GPU memory used ${peak:-?} MiB (nvidia-smi, every 100 ms)"
+  rm -f "$out" "$samples"
+}
 bench() {
   echo "-- $*"
-  timeout 150 "$bin" bench step --device cuda "$@" --json | tail -2 || echo "moco-rs: failed or timed out"
-  timeout 150 python3 bench/reference/bench_step.py --device cuda "$@" --json | tail -2 || echo "PyTorch: failed or timed out"
+  gpu_peak moco-rs timeout 150 "$bin" bench step --device cuda "$@" --json
+  gpu_peak PyTorch timeout 150 python3 bench/reference/bench_step.py --device cuda "$@" --json
 }
 bench --arch resnet18-small --width 64 --image-size 32 --channels 3 --batch-size 256 --steps 10
 bench --arch resnet50 --width 64 --image-size 224 --channels 3 --batch-size 256 --queue-size 65536 --mlp --steps 5
