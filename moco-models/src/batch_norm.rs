@@ -122,22 +122,17 @@ impl BatchNorm {
         other: Option<(&Tensor, Option<&BatchNorm>)>,
     ) -> Result<Tensor> {
         let first = self.normalized(x)?;
-        let mut wb = self.stacked_weight_bias(x)?;
+        let mut wb = first.weight_bias.clone();
         let other = match other {
             Some((z, Some(bn))) => {
-                wb = Tensor::cat(&[&wb, &bn.stacked_weight_bias(z)?], 0)?;
-                Some((z, Some(bn.normalized(z)?)))
+                let second = bn.normalized(z)?;
+                wb = Tensor::cat(&[&wb, &second.weight_bias], 0)?;
+                Some((z, Some(second)))
             }
             Some((r, None)) => Some((r, None)),
             None => None,
         };
         generic_norm::attach(end, x, &wb, first, other)
-    }
-
-    /// Weight and bias stacked (2, C) (ones and zeros without affine parameters).
-    fn stacked_weight_bias(&self, x: &Tensor) -> Result<Tensor> {
-        let (w, b) = self.weight_bias_or_identity(x.device())?;
-        Tensor::stack(&[&w, &b], 0)
     }
 
     /// The batch statistics of `x` (per split, or the global batch's inside a SyncBN scope),
@@ -189,8 +184,8 @@ impl BatchNorm {
             }
         };
         let invstd = (&var + self.eps)?.sqrt()?.recip()?;
-        let (w, b) = self.weight_bias_or_identity(x.device())?;
-        let (w, b) = (w.detach().to_dtype(ct)?, b.detach().to_dtype(ct)?);
+        let (w_var, b_var) = self.weight_bias_or_identity(x.device())?;
+        let (w, b) = (w_var.detach().to_dtype(ct)?, b_var.detach().to_dtype(ct)?);
         let y = xs
             .broadcast_sub(&mean)?
             .broadcast_mul(&invstd.broadcast_mul(&w.reshape((1, 1, c, 1))?)?)?
@@ -200,6 +195,7 @@ impl BatchNorm {
         self.update_running(&mean.reshape((s, c))?, &var.reshape((s, c))?, count as f64)?;
         Ok(generic_norm::Normalized {
             y,
+            weight_bias: Tensor::stack(&[&w_var, &b_var], 0)?,
             state: generic_norm::NormState {
                 mean,
                 invstd,

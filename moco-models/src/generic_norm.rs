@@ -36,6 +36,9 @@ pub(crate) enum End {
 pub(crate) struct Normalized {
     /// The output, `(x - mean) * invstd * w + b`, detached, in the input's shape and dtype.
     pub y: Tensor,
+    /// The weight and the bias (ones and zeros without affine parameters) stacked (2, C), as
+    /// recorded in the graph: the op's operand that receives their gradients.
+    pub weight_bias: Tensor,
     pub state: NormState,
 }
 

@@ -278,18 +278,20 @@ impl LayerNorm {
 /// A linear layer on the last dimension of a tensor of any rank (flattened to 2-D for one GEMM),
 /// keeping no product before the bias for the backward pass.
 fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    crate::generic_transformer::linear(x, lin.weight(), bias(lin)?)
+}
+
+/// A ViT linear layer's bias (every one has one).
+fn bias(lin: &Linear) -> Result<&Tensor> {
     match lin.bias() {
-        Some(b) => crate::generic_transformer::linear(x, lin.weight(), b),
+        Some(b) => Ok(b),
         None => candle_core::bail!("a ViT linear layer without a bias"),
     }
 }
 
 /// `r + linear(lin, x)`, keeping no more for the backward pass than the linear layer does.
 fn linear_add(lin: &Linear, x: &Tensor, r: &Tensor) -> Result<Tensor> {
-    match lin.bias() {
-        Some(b) => crate::generic_transformer::linear_add(x, lin.weight(), b, r),
-        None => candle_core::bail!("a ViT linear layer without a bias"),
-    }
+    crate::generic_transformer::linear_add(x, lin.weight(), bias(lin)?, r)
 }
 
 /// A linear layer with MoCo v3's initialisation: weight uniform in +-`bound`, bias zero.
