@@ -1,5 +1,6 @@
 //! `moco pretrain` end to end: the run directory, a killed-and-resumed run equal to an
-//! uninterrupted one, clear errors before any training, evaluation of a run.
+//! uninterrupted one, clear errors before any training, evaluation of a run (and a killed
+//! linear evaluation resumed).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -493,6 +494,91 @@ fn a_run_evaluates_with_knn_and_linear_eval() {
         .output()
         .unwrap();
     assert!(!o.status.success());
+}
+
+#[test]
+fn a_killed_linear_eval_resumes_exactly_and_keeps_unfinished_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    pretrain(&run, &["--max-steps", "2"]);
+    // The protocol itself (augmented), 6 epochs: a checkpoint after each.
+    let lin = |out: &Path| {
+        let mut c = moco();
+        c.args(["linear-eval", "--weights", run.to_str().unwrap()])
+            .args([
+                "--dataset",
+                "default",
+                "--epochs",
+                "6",
+                "--batch-size",
+                "128",
+            ])
+            .args(["--out", out.to_str().unwrap()]);
+        c
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    run_ok(&mut lin(&a));
+    let ra: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("results.json")).unwrap()).unwrap();
+    let history = ra["history"].as_array().unwrap();
+    assert_eq!(history.len(), 6);
+    let best = history
+        .iter()
+        .map(|r| r["test_top1"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(ra["best_top1"].as_f64().unwrap(), best);
+    assert_eq!(history[5]["test_top1"], ra["top1"]);
+
+    // Run b is killed (SIGKILL) once it has written a checkpoint.
+    let mut child = lin(&b).spawn().unwrap();
+    let ckpt = b.join("checkpoint-last.safetensors");
+    let t0 = Instant::now();
+    while !ckpt.exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ckpt.exists(), "no checkpoint was written");
+    let meta = moco_core::io::load(&ckpt, &Device::Cpu).unwrap().metadata;
+    let history: serde_json::Value = serde_json::from_str(&meta["history"]).unwrap();
+    let done = history.as_array().unwrap().len();
+    eprintln!("killed after epoch {done} of 6");
+    if done < 6 {
+        // Unfinished work is not overwritten without --resume.
+        let o = lin(&b).output().unwrap();
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("unfinished") && e.contains("--resume"), "{e}");
+    }
+    // Other settings than the checkpoint's are refused, naming the setting.
+    let o = lin(&b).args(["--resume", "--lr", "1"]).output().unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("`lr`") && e.contains("--resume"), "{e}");
+    run_ok(lin(&b).arg("--resume"));
+    assert_same_tensors(
+        &file_tensors(&a.join("checkpoint-last.safetensors")),
+        &file_tensors(&ckpt),
+    );
+    let rb: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("results.json")).unwrap()).unwrap();
+    for key in [
+        "history",
+        "top1",
+        "top5",
+        "best_top1",
+        "best_epoch",
+        "confusion",
+    ] {
+        assert_eq!(ra[key], rb[key], "`{key}` differs after the resume");
+    }
+    // A finished evaluation may be run again into the same folder.
+    run_ok(&mut lin(&b));
+    // --resume with nothing to resume names the folder.
+    let c = dir.path().join("c");
+    let o = lin(&c).arg("--resume").output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no linear evaluation to resume"));
 }
 
 #[test]

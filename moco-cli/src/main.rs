@@ -171,13 +171,18 @@ enum Command {
         /// Train on features extracted once (no augmentation; fast on CPU, reported as such).
         #[arg(long)]
         cached_features: bool,
-        /// Folder for results.json (default: linear-eval/ in the run directory when --weights
+        /// Folder for results.json and checkpoint-last.safetensors (the classifier and its SGD
+        /// state after the last epoch; default: linear-eval/ in the run directory when --weights
         /// is one, else in the current directory).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Continue the evaluation in --out from its last checkpoint (written after every
+        /// epoch; the same settings are required).
+        #[arg(long)]
+        resume: bool,
     },
     /// A Hugging Face model folder: model.safetensors (backbone, torchvision or timm names), config.json,
     /// README.md model card.
@@ -628,6 +633,7 @@ fn main() -> Result<()> {
             cached_features,
             out,
             seed,
+            resume,
         } => {
             use moco_eval::linear::LinearConfig;
             let base = match protocol.as_str() {
@@ -651,7 +657,7 @@ fn main() -> Result<()> {
                 seed,
                 ..base
             };
-            evaluate::linear_eval(common.common()?, cfg, cached_features, out)?
+            evaluate::linear_eval(common.common()?, cfg, cached_features, out, resume)?
         }
         Command::Bench(BenchCommand::Step {
             arch,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use moco_eval::features::FeatureSet;
 use moco_eval::knn::{self, KnnConfig};
-use moco_eval::linear::{sanity_check, train_cached, LinearConfig};
+use moco_eval::linear::{sanity_check, train_cached, LinearConfig, LinearState};
 
 fn golden() -> HashMap<String, Tensor> {
     let p =
@@ -120,38 +120,152 @@ fn knn_matches_the_official_knn_predict() {
     }
 }
 
+/// 4 classes, each a cluster around a different axis of a 12-d space (linearly separable when
+/// `spread` is small), `n` samples.
+fn clusters(n: usize, seed: f32, spread: f32) -> FeatureSet {
+    let mut f = vec![];
+    let mut l = vec![];
+    for i in 0..n {
+        let c = i % 4;
+        for d in 0..12 {
+            let noise = ((i * 12 + d) as f32 * 0.618 + seed).sin() * spread;
+            f.push(if d == c * 3 { 2.0 } else { 0.0 } + noise);
+        }
+        l.push(c as u32);
+    }
+    FeatureSet {
+        features: Tensor::from_vec(f, (n, 12), &Device::Cpu).unwrap(),
+        labels: l,
+    }
+}
+
 #[test]
 fn linear_probe_separates_separable_features_perfectly() {
     let dev = Device::Cpu;
-    // 4 classes, each a cluster around a different axis of a 12-d space (linearly separable).
-    let make = |n: usize, seed: f32| {
-        let mut f = vec![];
-        let mut l = vec![];
-        for i in 0..n {
-            let c = i % 4;
-            for d in 0..12 {
-                let noise = ((i * 12 + d) as f32 * 0.618 + seed).sin() * 0.3;
-                f.push(if d == c * 3 { 2.0 } else { 0.0 } + noise);
-            }
-            l.push(c as u32);
-        }
-        FeatureSet {
-            features: Tensor::from_vec(f, (n, 12), &dev).unwrap(),
-            labels: l,
-        }
-    };
-    let (train, test) = (make(400, 0.0), make(100, 1.7));
+    let (train, test) = (clusters(400, 0.0, 0.3), clusters(100, 1.7, 0.3));
     let cfg = LinearConfig {
         epochs: 10,
         schedule: moco_core::LrSchedule::step(vec![6, 8]),
         batch_size: 64,
         ..Default::default()
     };
-    let r = train_cached(&train, &test, 4, &cfg, &dev, |_, _| {}).unwrap();
+    let r = train_cached(&train, &test, 4, &cfg, &dev, None, |_| Ok(())).unwrap();
     assert_eq!(r.test.top1, 100.0, "{:?}", r.test);
     assert!(r.protocol.contains("cached features"));
     assert!(r.train_loss.last().unwrap() < r.train_loss.first().unwrap());
     assert_eq!(r.test.confusion[2], [0, 0, 25, 0]);
+    assert_eq!(r.history.len(), 10);
+    assert_eq!(r.history[9].test_top1, r.test.top1);
+    assert_eq!(r.history[6].lr, 3.0); // x0.1 from epoch 6 (0-based) on
+}
+
+#[test]
+fn a_resumed_linear_run_equals_an_uninterrupted_one_and_reports_the_best_epoch() {
+    let dev = Device::Cpu;
+    // Overlapping clusters and a large lr: the test accuracy moves from epoch to epoch.
+    let (train, test) = (clusters(300, 0.0, 2.5), clusters(200, 1.7, 2.5));
+    let cfg = LinearConfig {
+        epochs: 7,
+        lr: 3.0,
+        schedule: moco_core::LrSchedule::step(vec![4, 6]),
+        batch_size: 32,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut states = vec![];
+    let full = train_cached(&train, &test, 4, &cfg, &dev, None, |s| {
+        states.push(s.clone());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(states.len(), 7);
+    let tops: Vec<f64> = full.history.iter().map(|r| r.test_top1).collect();
+    let max = tops.iter().cloned().fold(f64::MIN, f64::max);
+    assert!(
+        tops.iter().any(|&t| t != max),
+        "the test needs a varying accuracy: {tops:?}"
+    );
+    assert_eq!(full.best_top1, max);
+    assert_eq!(
+        full.best_epoch,
+        tops.iter().position(|&t| t == max).unwrap() + 1
+    );
+
+    // A run stopped after epoch 3 (its checkpoint written, then an error, as a kill would
+    // leave it), read back from the file and resumed.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("checkpoint-last.safetensors");
+    let context = [("dataset".to_string(), "clusters".to_string())].into();
+    let stopped = train_cached(&train, &test, 4, &cfg, &dev, None, |s| {
+        s.save(&ckpt, &cfg, &context)?;
+        match s.epochs_done() {
+            3 => Err(moco_eval::Error::Config {
+                key: "test".into(),
+                msg: "stopped".into(),
+            }),
+            _ => Ok(()),
+        }
+    });
+    assert!(stopped.is_err());
+    let saved = LinearState::load(&ckpt, &dev).unwrap();
+    assert_eq!(saved.config, cfg);
+    assert_eq!(saved.context, context);
+    assert_eq!(saved.state.history, full.history[..3]);
+    let mut last = None;
+    let resumed = train_cached(&train, &test, 4, &cfg, &dev, Some(&saved.state), |s| {
+        last = Some(s.clone());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(resumed.history, full.history);
+    assert_eq!(resumed.test, full.test);
+    let (a, b) = (&states[6].tensors, &last.unwrap().tensors);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert_eq!(a.len(), 4, "{:?}", a.keys()); // fc.weight, fc.bias, their momentum buffers
+    for (k, t) in a {
+        let (x, y) = (t.flatten_all().unwrap(), b[k].flatten_all().unwrap());
+        assert!(
+            x.to_vec1::<f32>().unwrap() == y.to_vec1::<f32>().unwrap(),
+            "`{k}` differs between the uninterrupted and the resumed run"
+        );
+    }
+    // The states handed out are copies: the first one is not the last.
+    assert_ne!(
+        states[0].tensors["fc.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        states[6].tensors["fc.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
+
+    // A checkpoint with more epochs than the run, or of another shape, is refused.
+    let short = LinearConfig {
+        epochs: 2,
+        ..cfg.clone()
+    };
+    let e = train_cached(&train, &test, 4, &short, &dev, Some(&saved.state), |_| {
+        Ok(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("3 epochs done"), "{e}");
+    let e = train_cached(&train, &test, 5, &cfg, &dev, Some(&saved.state), |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`fc.bias`") || e.contains("`fc.weight`"), "{e}");
+    // A safetensors file that is no linear-evaluation checkpoint names the file.
+    let other = dir.path().join("weights.safetensors");
+    moco_core::io::save_atomic(&other, &saved.state.tensors, None).unwrap();
+    let e = LinearState::load(&other, &dev).unwrap_err().to_string();
+    assert!(
+        e.contains("weights.safetensors") && e.contains("not a linear-evaluation checkpoint"),
+        "{e}"
+    );
 }
 
 #[test]
