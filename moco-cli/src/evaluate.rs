@@ -262,13 +262,14 @@ pub fn linear_eval(
     let path = out_dir.join("results.json");
     moco_core::io::write_atomic(&path, serde_json::to_string_pretty(&results)?.as_bytes())?;
     println!(
-        "{} on {} with {}: top-1 {:.2}%  top-5 {:.2}% after {} epochs (best top-1 {:.2}% after epoch {}; sanity check passed; {})",
+        "{} on {} with {}: top-1 {:.2}%  top-5 {:.2}% after {} epoch{} (best top-1 {:.2}% after epoch {}; sanity check passed; {})",
         result.protocol,
         c.dataset,
         w.source.display(),
         result.test.top1,
         result.test.top5,
         result.history.len(),
+        if result.history.len() == 1 { "" } else { "s" },
         result.best_top1,
         result.best_epoch,
         path.display()
