@@ -10,6 +10,8 @@ position embedding) with the same heads; timm 0.4.12 (`pip install timm==0.4.12`
 
 python3 bench/reference/bench_step.py --arch resnet18-small --width 16 --image-size 28 --channels 1 --batch-size 64 [--json]
 python3 bench/reference/bench_step.py --arch vit-192x6h3 --patch-size 4 --image-size 32 --batch-size 64
+--extract times the frozen backbone's eval-mode forward instead (fc / head replaced by the
+identity, torch.no_grad()): what feature extraction, the kNN monitor and the linear protocol run.
 """
 import argparse
 import copy
@@ -36,6 +38,8 @@ p.add_argument("--mlp", action="store_true", help="MoCo v2: MLP head, T 0.2")
 p.add_argument("--device", default="cpu", help="cpu or cuda")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--json", action="store_true")
+p.add_argument("--extract", action="store_true",
+               help="time the frozen backbone's eval-mode forward (pooled features, no_grad) instead")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -104,6 +108,19 @@ shape = (a.batch_size, a.channels, a.image_size, a.image_size)
 x1, x2 = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
 
 
+frozen = copy.deepcopy(q_enc)
+if vit:
+    frozen.head = nn.Identity()
+else:
+    frozen.fc = nn.Identity()
+frozen.eval()
+
+
+def extract():
+    with torch.no_grad():
+        return frozen(x1)
+
+
 def step():
     global ptr
     q = F.normalize(q_enc(x1), dim=1)
@@ -129,7 +146,7 @@ def step():
 times = []
 for i in range(2 + a.steps):
     t0 = time.perf_counter()
-    step()
+    extract() if a.extract else step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     if i >= 2:
@@ -140,6 +157,7 @@ ips = a.batch_size / med
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if dev.type == "cuda":
     rss = torch.cuda.max_memory_allocated() / 2**20  # peak GPU memory instead
-print(f"PyTorch {torch.__version__} MoCo step {a.arch} width {a.width} patch {a.patch_size} {a.image_size}x{a.image_size}x{a.channels} batch {a.batch_size}: {ips:.1f} images/s ({med:.3f} s/step), peak RSS {rss:.0f} MB")
+what = "feature extraction (eval mode)" if a.extract else "MoCo step"
+print(f"PyTorch {torch.__version__} {what} {a.arch} width {a.width} patch {a.patch_size} {a.image_size}x{a.image_size}x{a.channels} batch {a.batch_size}: {ips:.1f} images/s ({med:.3f} s/step), peak RSS {rss:.0f} MB")
 if a.json:
     print(json.dumps({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": med}))

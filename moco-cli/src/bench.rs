@@ -86,6 +86,8 @@ pub struct StepOptions {
     pub steps: usize,
     pub device: candle_core::Device,
     pub json: bool,
+    /// Time the frozen backbone's eval-mode forward (feature extraction) instead of a step.
+    pub extract: bool,
 }
 
 /// `moco bench step`: full MoCo training steps (query forward+backward, key forward with
@@ -121,11 +123,30 @@ pub fn step(o: StepOptions) -> Result<()> {
     let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
     let x1 = Tensor::randn(0f32, 1., shape, &o.device)?;
     let x2 = Tensor::randn(0f32, 1., shape, &o.device)?;
+    // Feature extraction: the query encoder's weights as plain tensors (no autograd), as
+    // `moco knn`, `linear-eval` and `extract` load them, pooled features in eval mode.
+    let frozen = match o.extract {
+        true => {
+            let tensors = moco.encoders().query_tensors().into_iter().collect();
+            let vb =
+                candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &o.device);
+            Some(moco_models::encoder(spec, vb)?)
+        }
+        false => None,
+    };
     let warmup = 2;
     let mut times = vec![];
     for i in 0..warmup + o.steps {
         let t0 = Instant::now();
-        moco.train_step(&x1, &x2, 0.03, 0.999)?;
+        match &frozen {
+            Some(enc) => {
+                use moco_models::Backbone;
+                enc.features(&x1, false)?;
+            }
+            None => {
+                moco.train_step(&x1, &x2, 0.03, 0.999)?;
+            }
+        }
         o.device.synchronize()?;
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
@@ -141,9 +162,13 @@ pub fn step(o: StepOptions) -> Result<()> {
     } else {
         "device"
     };
+    let what = match o.extract {
+        true => "feature extraction (eval mode)".to_string(),
+        false => format!("MoCo {} step", if o.mlp { "v2" } else { "v1" }),
+    };
     println!(
-        "MoCo {} step {} width {} {}x{}x{} batch {} K {}: {:.1} images/s (median of {} steps, {:.3} s/step), peak RSS {}, convolutions: {conv}",
-        if o.mlp { "v2" } else { "v1" }, o.arch, o.width, o.image_size, o.image_size, o.channels, o.batch_size, o.queue_size, ips, o.steps, median,
+        "{what} {} width {} {}x{}x{} batch {} K {}: {:.1} images/s (median of {} steps, {:.3} s/step), peak RSS {}, convolutions: {conv}",
+        o.arch, o.width, o.image_size, o.image_size, o.channels, o.batch_size, o.queue_size, ips, o.steps, median,
         rss.map_or("unknown".into(), |r| format!("{r:.0} MB"))
     );
     if o.json {

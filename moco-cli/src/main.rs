@@ -441,6 +441,10 @@ enum BenchCommand {
         /// Print a last line {"images_per_s": ..., "peak_rss_mb": ...}.
         #[arg(long)]
         json: bool,
+        /// Time the frozen backbone's eval-mode forward instead (pooled features, no autograd:
+        /// what `moco knn`, `linear-eval` and `extract` run per batch).
+        #[arg(long)]
+        extract: bool,
     },
     /// Images/s of the data pipeline: decode, two augmented crops, batching.
     Data {
@@ -671,6 +675,7 @@ fn main() -> Result<()> {
             steps,
             device,
             json,
+            extract,
         }) => bench::step(bench::StepOptions {
             arch,
             patch_size,
@@ -683,6 +688,7 @@ fn main() -> Result<()> {
             steps,
             device: device::parse(&device)?,
             json,
+            extract,
         })?,
         Command::Bench(BenchCommand::Data {
             dataset,
