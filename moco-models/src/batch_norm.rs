@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
-use crate::cpu_batch_norm::{self, Epilogue, NormInput};
+use crate::cpu_batch_norm::{self, Epilogue, InferenceEnd, NormInput};
 use crate::generic_norm::{self, End};
 
 /// BatchNorm over dimension 1 of an (N, C, ...) input: `BatchNorm1d` on (N, C), `BatchNorm2d` on
@@ -278,6 +278,9 @@ impl BatchNorm {
             self.check(x)?;
             return self.forward_generic(x, End::Relu, None);
         }
+        if self.inference_fusable(x, &[])? {
+            return self.inference(x, InferenceEnd::Relu);
+        }
         self.forward_t(x, train)?.relu()
     }
 
@@ -291,6 +294,9 @@ impl BatchNorm {
         }
         if train && same {
             return self.forward_generic(x, End::AddRelu, Some((residual, None)));
+        }
+        if !train && same && self.inference_fusable(x, &[residual])? {
+            return self.inference(x, InferenceEnd::AddRelu(residual));
         }
         crate::cpu_elementwise::add_relu(&self.forward_t(x, train)?, residual)
     }
@@ -320,6 +326,14 @@ impl BatchNorm {
             self.check(x)?;
             other.check(z)?;
             return self.forward_generic(x, End::PairAddRelu, Some((z, Some(other))));
+        }
+        if !train
+            && x.dims() == z.dims()
+            && self.inference_fusable(x, &[z])?
+            && other.inference_fusable(z, &[x])?
+        {
+            let (a2, d2) = other.eval_scale_shift_f32()?;
+            return self.inference(x, InferenceEnd::PairAddRelu(z, &a2, &d2));
         }
         self.forward_add_relu_t(x, &other.forward_t(z, train)?, train)
     }
@@ -360,15 +374,13 @@ impl BatchNorm {
         Ok(())
     }
 
-    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        let c = self.channels;
-        let mut shape = vec![1usize; x.rank()];
-        shape[1] = c;
-        // y = x * scale + shift with scale = w / sqrt(rv + eps), shift = b - rm * scale.
+    /// Evaluation mode's `y = x * scale + shift`: `scale = w / sqrt(rv + eps)` and
+    /// `shift = b - rm * scale` per channel (differentiable wrt `w` and `b`).
+    fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
         let inv_std = (self.running_var.as_detached_tensor() + self.eps)?
             .sqrt()?
             .recip()?;
-        let (scale, shift) = match &self.weight_bias {
+        Ok(match &self.weight_bias {
             Some((w, b)) => {
                 let scale = (w * &inv_std)?;
                 let shift = (b - (self.running_mean.as_detached_tensor() * &scale)?)?;
@@ -378,7 +390,47 @@ impl BatchNorm {
                 let shift = (self.running_mean.as_detached_tensor() * &inv_std)?.neg()?;
                 (inv_std, shift)
             }
-        };
+        })
+    }
+
+    /// [`eval_scale_shift`](Self::eval_scale_shift) as float32 values (the same rounding).
+    fn eval_scale_shift_f32(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (a, d) = self.eval_scale_shift()?;
+        let f32s = |t: Tensor| t.detach().to_dtype(DType::F32)?.to_vec1::<f32>();
+        Ok((f32s(a)?, f32s(d)?))
+    }
+
+    /// Whether evaluation mode on `x` (with `others` in the same pass) runs on the fused CPU
+    /// pass: float32 CPU tensors and nothing to differentiate (no variable among the inputs and
+    /// the affine parameters: feature extraction with frozen weights). Otherwise candle's ops
+    /// run, and record the graph.
+    fn inference_fusable(&self, x: &Tensor, others: &[&Tensor]) -> Result<bool> {
+        self.check(x)?;
+        let params = self
+            .weight_bias
+            .as_ref()
+            .is_none_or(|(w, b)| !w.track_op() && !b.track_op());
+        let inputs = std::iter::once(x).chain(others.iter().copied());
+        Ok(params
+            && inputs.clone().all(|t| !t.track_op())
+            && moco_core::kernels::fused_cpu(&inputs.collect::<Vec<_>>()))
+    }
+
+    /// Evaluation mode on the fused CPU pass (where [`inference_fusable`](Self::inference_fusable)).
+    fn inference(&self, x: &Tensor, end: InferenceEnd<'_>) -> Result<Tensor> {
+        let (a, d) = self.eval_scale_shift_f32()?;
+        cpu_batch_norm::inference(x, &a, &d, end)
+    }
+
+    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        if self.inference_fusable(x, &[])? {
+            return self.inference(x, InferenceEnd::None);
+        }
+        let c = self.channels;
+        let mut shape = vec![1usize; x.rank()];
+        shape[1] = c;
+        // y = x * scale + shift with scale = w / sqrt(rv + eps), shift = b - rm * scale.
+        let (scale, shift) = self.eval_scale_shift()?;
         let ct = generic_norm::compute_dtype(x);
         x.to_dtype(ct)?
             .broadcast_mul(&scale.to_dtype(ct)?.reshape(shape.as_slice())?)?
@@ -506,6 +558,84 @@ mod tests {
                         max_rel(a, b)
                     );
                 }
+            }
+        }
+    }
+
+    /// Evaluation mode with frozen weights (plain tensors: the fused inference pass) equals
+    /// the same BatchNorm with variables (candle's ops, recording the graph) to the bit: alone,
+    /// with a ReLU, with the residual add, with the downsampling pair; 4-D and 2-D input,
+    /// affine or not. The fused result records no op.
+    #[test]
+    fn inference_pass_equals_candle_ops_in_eval_mode() {
+        let dev = Device::Cpu;
+        let frozen = |bn: &BatchNorm, affine: bool| {
+            let mut t = std::collections::HashMap::new();
+            if affine {
+                let (w, b) = bn.weight_bias.clone().unwrap();
+                t.insert("weight".to_string(), w.detach());
+                t.insert("bias".to_string(), b.detach());
+            }
+            t.insert("running_mean".into(), bn.running_mean.as_detached_tensor());
+            t.insert("running_var".into(), bn.running_var.as_detached_tensor());
+            let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
+            let cfg = BatchNormConfig {
+                affine,
+                ..Default::default()
+            };
+            batch_norm(bn.channels, cfg, vb).unwrap()
+        };
+        for (dims, affine) in [
+            (vec![4, 6, 5, 3], true),
+            (vec![4, 6, 5, 3], false),
+            (vec![7, 6], true),
+        ] {
+            let (mut bn, _v) = random_bn(6, 1);
+            let (mut bn2, _v2) = random_bn(6, 1);
+            if !affine {
+                (bn.weight_bias, bn2.weight_bias) = (None, None);
+            }
+            // Running statistics away from 0 and 1: a few training-mode forwards.
+            for _ in 0..3 {
+                let x = (Tensor::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap() + 0.7).unwrap();
+                bn.forward_t(&x, true).unwrap();
+                bn2.forward_t(&(x * 0.5).unwrap(), true).unwrap();
+            }
+            let (fb, fb2) = (frozen(&bn, affine), frozen(&bn2, affine));
+            let x = Var::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap();
+            let z = Var::randn(0f32, 1.0, dims.as_slice(), &dev).unwrap();
+            let (xt, zt) = (x.as_tensor(), z.as_tensor());
+            let (xd, zd) = (xt.detach(), zt.detach());
+            let cases: [(&str, Tensor, Tensor); 4] = [
+                (
+                    "alone",
+                    bn.forward_t(xt, false).unwrap(),
+                    fb.forward_t(&xd, false).unwrap(),
+                ),
+                (
+                    "relu",
+                    bn.forward_relu_t(xt, false).unwrap(),
+                    fb.forward_relu_t(&xd, false).unwrap(),
+                ),
+                (
+                    "add relu",
+                    bn.forward_add_relu_t(xt, zt, false).unwrap(),
+                    fb.forward_add_relu_t(&xd, &zd, false).unwrap(),
+                ),
+                (
+                    "pair add relu",
+                    bn.forward_pair_add_relu_t(xt, &bn2, zt, false).unwrap(),
+                    fb.forward_pair_add_relu_t(&xd, &fb2, &zd, false).unwrap(),
+                ),
+            ];
+            for (what, ops, fused) in cases {
+                let what = format!("{dims:?} affine {affine} {what}");
+                assert!(ops.track_op(), "{what}: the reference must be candle's ops");
+                assert!(
+                    !fused.track_op(),
+                    "{what}: the inference pass records no op"
+                );
+                assert_eq!(max_rel(&ops, &fused), 0.0, "{what}");
             }
         }
     }

@@ -557,3 +557,95 @@ pub fn normalize(input: NormInput<'_>, epilogue: Epilogue<'_>) -> Result<Tensor>
         }
     }
 }
+
+/// What follows an evaluation-mode BatchNorm in [`inference`]'s pass.
+#[derive(Debug, Clone, Copy)]
+pub enum InferenceEnd<'a> {
+    /// Nothing.
+    None,
+    /// A ReLU.
+    Relu,
+    /// `relu(y + residual)`.
+    AddRelu(&'a Tensor),
+    /// `relu(y + z * scale + shift)`: a second evaluation-mode BatchNorm (the downsampling
+    /// branch's) on `z`, with its per-channel scale and shift.
+    PairAddRelu(&'a Tensor, &'a [f32], &'a [f32]),
+}
+
+/// Evaluation-mode BatchNorm with no gradient to track (feature extraction) on a float32 CPU
+/// tensor (N, C, ...): `y = x * scale[c] + shift[c]` and `end` in one pass, parallel over the
+/// (sample, channel) planes, no intermediate tensor. The arithmetic is the generic path's (a
+/// product, then a sum, each rounded to float32); the result records no autograd op.
+pub fn inference(
+    x: &Tensor,
+    scale: &[f32],
+    shift: &[f32],
+    end: InferenceEnd<'_>,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || dims[1] != scale.len() || dims[1] != shift.len() {
+        candle_core::bail!(
+            "batch norm inference (cpu): input of shape {dims:?} for {} channels",
+            scale.len()
+        )
+    }
+    let other = match end {
+        InferenceEnd::AddRelu(r) | InferenceEnd::PairAddRelu(r, _, _) => {
+            if r.dims() != dims {
+                candle_core::bail!(
+                    "batch norm inference (cpu): second input of shape {:?} for an input of shape {dims:?}",
+                    r.dims()
+                )
+            }
+            Some(r.contiguous()?)
+        }
+        InferenceEnd::None | InferenceEnd::Relu => None,
+    };
+    let (_, c, l) = dims3(dims);
+    let x = x.contiguous()?;
+    let out = with_f32(&x, |xv| -> Result<Vec<f32>> {
+        let run = |rv: Option<&[f32]>| {
+            let fill = |plane: usize, y: &mut [MaybeUninit<f32>]| {
+                let ch = plane % c;
+                let (a, d) = (scale[ch], shift[ch]);
+                let xs = &xv[plane * l..][..l];
+                match (end, rv) {
+                    (InferenceEnd::None, _) => {
+                        for (y, &x) in y.iter_mut().zip(xs) {
+                            y.write(x * a + d);
+                        }
+                    }
+                    (InferenceEnd::Relu, _) => {
+                        for (y, &x) in y.iter_mut().zip(xs) {
+                            y.write((x * a + d).max(0.0));
+                        }
+                    }
+                    (InferenceEnd::AddRelu(_), Some(rv)) => {
+                        let rs = &rv[plane * l..][..l];
+                        for ((y, &x), &r) in y.iter_mut().zip(xs).zip(rs) {
+                            y.write((x * a + d + r).max(0.0));
+                        }
+                    }
+                    (InferenceEnd::PairAddRelu(_, a2, d2), Some(zv)) => {
+                        let zs = &zv[plane * l..][..l];
+                        let (a2, d2) = (a2[ch], d2[ch]);
+                        for ((y, &x), &z) in y.iter_mut().zip(xs).zip(zs) {
+                            y.write((x * a + d + (z * a2 + d2)).max(0.0));
+                        }
+                    }
+                    // `other` is set exactly for the two ends with a second input.
+                    (InferenceEnd::AddRelu(_) | InferenceEnd::PairAddRelu(..), None) => {
+                        y.fill(MaybeUninit::new(f32::NAN))
+                    }
+                }
+            };
+            // SAFETY: every plane is written element by element.
+            unsafe { filled(xv.len(), l, fill) }
+        };
+        match &other {
+            Some(r) => with_f32(r, |rv| run(Some(rv))),
+            None => Ok(run(None)),
+        }
+    })??;
+    Tensor::from_vec(out, dims, x.device())
+}
