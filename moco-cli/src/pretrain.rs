@@ -423,8 +423,9 @@ impl Metrics {
     }
 }
 
+/// The kNN monitor on the query encoder's current weights.
 fn knn_top1(
-    enc: &Encoder,
+    moco: &Moco<Encoder>,
     train: &Arc<data::Data>,
     test: &Arc<data::Data>,
     size: Option<usize>,
@@ -432,9 +433,14 @@ fn knn_top1(
     c: &RunConfig,
     device: &Device,
 ) -> Result<(f64, f64)> {
+    // The weights as plain tensors (sharing the variables' storage): the eval-mode forward then
+    // records no autograd graph, as `moco knn` on a saved checkpoint.
+    let tensors = moco.encoders().query_tensors().into_iter().collect();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
+    let enc = moco_models::encoder(*moco.query().spec(), vb)?;
     let f = |d: &Arc<data::Data>| {
         features::extract(
-            enc,
+            &enc,
             d.clone(),
             augment::eval(size, native, d.normalize.clone()),
             features::ExtractConfig {
@@ -689,7 +695,7 @@ pub fn run(
             let done = epoch + 1;
             let last = done == c.moco.epochs || moco.step() >= budget;
             if lead && ((c.knn_every > 0 && done % c.knn_every == 0) || last) {
-                let (top1, top5) = knn_top1(moco.query(), &train, &test, size, native, &c, device)?;
+                let (top1, top5) = knn_top1(&moco, &train, &test, size, native, &c, device)?;
                 last_knn = Some((moco.step(), top1, top5));
                 let line = serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5});
                 if lead && (quiet || pb.is_hidden()) {
@@ -721,7 +727,7 @@ pub fn run(
     let (top1, top5) = match last_knn {
         Some(r) if r.0 == moco.step() => (r.1, r.2),
         _ => {
-            let (top1, top5) = knn_top1(moco.query(), &train, &test, size, native, &c, device)?;
+            let (top1, top5) = knn_top1(&moco, &train, &test, size, native, &c, device)?;
             let epoch = (moco.step() as usize).div_ceil(ipe).saturating_sub(1);
             log(
                 serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5}),
