@@ -16,7 +16,8 @@
 #      with 2+ GPUs, a short `moco launch` data-parallel pretraining over all of them;
 #   2. `moco bench step --device cuda` next to bench/reference/bench_step.py --device cuda:
 #      resnet50 at 224x224 (batch 256, K 65536, v2 head) and the small ResNet-18 (width 64,
-#      32x32, batch 256), each side's peak GPU memory sampled by nvidia-smi.
+#      32x32, batch 256), each side's peak GPU memory sampled by nvidia-smi;
+#   3. the same pair with --extract: resnet50's eval-mode forward at 224x224, batch 256.
 # Everything is logged to target/gpu/gpu-check.log (and $OUT, when set, receives a copy).
 # Budget: about 10 minutes; each step has its own timeout.
 set -euo pipefail
@@ -101,4 +102,6 @@ bench() {
 }
 bench --arch resnet18-small --width 64 --image-size 32 --channels 3 --batch-size 256 --steps 10
 bench --arch resnet50 --width 64 --image-size 224 --channels 3 --batch-size 256 --queue-size 65536 --mlp --steps 5
+echo "== 3. feature extraction (eval-mode forward of the frozen backbone), moco-rs vs PyTorch"
+bench --arch resnet50 --width 64 --image-size 224 --channels 3 --batch-size 256 --extract --steps 5
 echo "== done"
