@@ -132,6 +132,9 @@ pub fn linear_eval(
     out: Option<PathBuf>,
     resume: bool,
 ) -> Result<()> {
+    if cfg.epochs == 0 {
+        bail!("--epochs 0: the linear evaluation needs at least one epoch");
+    }
     // By default beside the weights when they are a run directory, else in the current one.
     let out_dir = out.unwrap_or_else(|| {
         let run = Path::new(c.weights);
