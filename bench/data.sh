@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `moco bench data` and the torchvision loader side by side, same data, same workers.
-# Usage: bench/data.sh [WORKERS] [IMAGES] [DATASET]
+# Usage: [PRESET=eval] bench/data.sh [WORKERS] [IMAGES] [DATASET]
 #   DATASET folder (default): the v2 two-crop pipeline at 224x224 on a folder of ImageNet-sized
-#     JPEGs (BENCH_DIR, made by bench/make_folder.py; needs scikit-image);
+#     JPEGs (BENCH_DIR, made by bench/make_folder.py; needs scikit-image); PRESET=eval: the
+#     evaluation transform (Resize 256, CenterCrop 224, one view) instead;
 #   DATASET fashion-mnist: the cifar preset at 28x28 on the idx files (BENCH_DIR, default
 #     /usr/share/datasets/fashion-mnist).
 # Needs torch and torchvision.
@@ -16,7 +17,7 @@ cargo build --release -q -p moco-cli
 if [ "$dataset" = folder ]; then
   dir=${BENCH_DIR:-/tmp/moco-bench-folder}
   [ -d "$dir/train" ] || python3 bench/make_folder.py "$dir" "$images"
-  args=(--dataset folder --data-dir "$dir" --preset v2 --image-size 224)
+  args=(--dataset folder --data-dir "$dir" --preset "${PRESET:-v2}" --image-size 224)
 else
   args=(--dataset "$dataset" --data-dir "${BENCH_DIR:-/usr/share/datasets/fashion-mnist}" --preset cifar)
 fi

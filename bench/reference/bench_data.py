@@ -5,6 +5,8 @@ the clock starts when the first batch arrives; images/s over the rest.
 python3 bench/reference/bench_data.py --data-dir DIR --preset v2 --image-size 224 --workers N --images M [--json]
 python3 bench/reference/bench_data.py --dataset fashion-mnist --data-dir DIR --preset cifar --workers N --images M
 (the idx files as torchvision's FashionMNIST serves them: PIL "L" images, 28x28)
+--preset eval: the evaluation transform of main_lincls.py (Resize(size * 256 / 224),
+CenterCrop(size)), one view per image, unshuffled: what feature extraction loads.
 """
 import gzip
 import argparse
@@ -68,7 +70,9 @@ def augmentation(preset, size, norm):
             T.ToTensor(),
             norm,
         ]
-    raise SystemExit(f"preset {preset} not in this script (v1, v2, cifar)")
+    if preset == "eval":
+        return [T.Resize(size * 256 // 224), T.CenterCrop(size), T.ToTensor(), norm]
+    raise SystemExit(f"preset {preset} not in this script (v1, v2, cifar, eval)")
 
 
 class FashionMnist(torch.utils.data.Dataset):
@@ -101,26 +105,29 @@ p.add_argument("--images", type=int, default=1024)
 p.add_argument("--json", action="store_true")
 a = p.parse_args()
 torch.set_num_threads(1)
+views = (lambda t: t) if a.preset == "eval" else TwoCrops
 if a.dataset == "fashion-mnist":
     root = a.data_dir
     a.image_size = a.image_size or 28
     norm = T.Normalize(mean=[0.2860], std=[0.3530])
-    ds = FashionMnist(root, TwoCrops(T.Compose(augmentation(a.preset, a.image_size, norm))))
+    ds = FashionMnist(root, views(T.Compose(augmentation(a.preset, a.image_size, norm))))
 else:
     root = os.path.join(a.data_dir, "train") if os.path.isdir(os.path.join(a.data_dir, "train")) else a.data_dir
     a.image_size = a.image_size or 224
     norm = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    ds = datasets.ImageFolder(root, TwoCrops(T.Compose(augmentation(a.preset, a.image_size, norm))))
+    ds = datasets.ImageFolder(root, views(T.Compose(augmentation(a.preset, a.image_size, norm))))
 ds = torch.utils.data.Subset(ds, range(min(a.images, len(ds))))
-loader = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=a.workers, drop_last=True, persistent_workers=False)
+shuffle = a.preset != "eval"
+loader = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=shuffle, num_workers=a.workers, drop_last=True, persistent_workers=False)
 it = iter(loader)
 next(it)
 t0 = time.perf_counter()
 count = 0
-for (q, k), _ in it:
-    count += q.shape[0]
+for x, _ in it:
+    count += (x if a.preset == "eval" else x[0]).shape[0]
 secs = time.perf_counter() - t0
 ips = count / secs
-print(f"torchvision {root}: preset {a.preset}, {a.image_size}x{a.image_size}, {a.workers} worker(s), {count} images x 2 crops in {secs:.2f} s: {ips:.1f} images/s")
+crops = "1 view" if a.preset == "eval" else "2 crops"
+print(f"torchvision {root}: preset {a.preset}, {a.image_size}x{a.image_size}, {a.workers} worker(s), {count} images x {crops} in {secs:.2f} s: {ips:.1f} images/s")
 if a.json:
     print(json.dumps({"images_per_s": ips, "images": count, "seconds": secs, "workers": a.workers}))

@@ -9,7 +9,8 @@ use moco_data::augment::TwoCrop;
 use moco_data::datasets::{Dataset, Split, Subset};
 use moco_data::loader::{Loader, LoaderConfig, Views};
 
-/// `moco bench data`: images/s of the two-crop pipeline (decode, augment twice, batch).
+/// `moco bench data`: images/s of the two-crop pipeline (decode, augment twice, batch), or with
+/// preset `eval` of the evaluation transform (decode, resize, center crop, batch).
 pub fn data(
     dataset: &str,
     dir: Option<&Path>,
@@ -33,11 +34,16 @@ pub fn data(
     let describe = data.describe();
     let norm = data.normalize.clone();
     let subset = Arc::new(Subset::new(data, (0..n).collect())?);
-    let views = Views::Two(TwoCrop::preset(preset, size, norm)?);
+    // `eval`: the evaluation transform, one view per image, in order (feature extraction).
+    let eval = preset == "eval";
+    let views = match eval {
+        true => Views::One(moco_data::augment::eval(Some(size), size, norm)),
+        false => Views::Two(TwoCrop::preset(preset, size, norm)?),
+    };
     let cfg = LoaderConfig {
         batch_size: batch,
         workers,
-        shuffle: true,
+        shuffle: !eval,
         drop_last: true,
         prefetch: 4,
         seed: 0,
@@ -54,7 +60,8 @@ pub fn data(
     }
     let secs = t0.elapsed().as_secs_f64();
     let ips = count as f64 / secs;
-    println!("{describe}: preset {preset}, {size}x{size}, {workers} worker(s), {count} images x 2 crops in {secs:.2} s: {ips:.1} images/s");
+    let crops = if eval { "1 view" } else { "2 crops" };
+    println!("{describe}: preset {preset}, {size}x{size}, {workers} worker(s), {count} images x {crops} in {secs:.2} s: {ips:.1} images/s");
     if json {
         println!(
             "{}",

@@ -454,7 +454,8 @@ enum BenchCommand {
         /// The dataset's folder (for `folder`: DIR/train/CLASS/* or DIR/CLASS/*).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Augmentation preset: v1, v2, cifar or v3.
+        /// Augmentation preset: v1, v2, cifar or v3; or eval, the evaluation transform (Resize,
+        /// CenterCrop; one view per image, unshuffled: what feature extraction loads).
         #[arg(long, default_value = "v2")]
         preset: String,
         /// Crop size (default: the dataset's native size, 224 for folders).
