@@ -122,6 +122,27 @@ fn a_run_directory_holds_config_metrics_and_an_atomic_checkpoint() {
 }
 
 #[test]
+fn keep_every_keeps_epoch_checkpoints_that_evaluate() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // 256 images in batches of 16: 16 steps per epoch, 2 epochs.
+    pretrain(&run, &["--keep-every", "1"]);
+    let first = run.join("checkpoint-epoch-0001.safetensors");
+    let meta = moco_core::io::load(&first, &Device::Cpu).unwrap().metadata;
+    assert_eq!(meta["step"], "16");
+    assert_same_tensors(
+        &file_tensors(&run.join("checkpoint-epoch-0002.safetensors")),
+        &file_tensors(&run.join("checkpoint-last.safetensors")),
+    );
+    assert!(!run.join("checkpoint-epoch-0003.safetensors").exists());
+    run_ok(moco().args(["knn", "--weights", first.to_str().unwrap(), "--k", "20"]));
+    // Without the flag, only checkpoint-last.
+    let plain = dir.path().join("plain");
+    pretrain(&plain, &[]);
+    assert!(!plain.join("checkpoint-epoch-0001.safetensors").exists());
+}
+
+#[test]
 fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));

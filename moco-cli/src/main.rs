@@ -343,6 +343,10 @@ struct PretrainArgs {
     /// Checkpoint every N steps (and at every epoch end).
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    /// Also keep the checkpoint of every N-th epoch, as checkpoint-epoch-NNNN.safetensors (an
+    /// evaluation command's --weights takes it; 0: keep only checkpoint-last).
+    #[arg(long)]
+    keep_every: Option<usize>,
     /// Metrics line every N steps.
     #[arg(long)]
     log_every: Option<usize>,
@@ -581,6 +585,7 @@ fn main() -> Result<()> {
                 subset: a.subset,
                 max_steps: a.max_steps,
                 checkpoint_every: a.checkpoint_every,
+                keep_every: a.keep_every,
                 log_every: a.log_every,
                 patch_size: a.patch_size,
                 stop_grad_conv1: a.stop_grad_conv1,

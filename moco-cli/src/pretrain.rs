@@ -64,6 +64,9 @@ pub struct RunConfig {
     pub log_every: usize,
     /// Checkpoint every N steps (besides every epoch end; 0: epoch ends only).
     pub checkpoint_every: usize,
+    /// Also keep the checkpoint of every N-th epoch as `checkpoint-epoch-NNNN.safetensors`
+    /// (0: only `checkpoint-last`; the official `main_moco.py` keeps every epoch's).
+    pub keep_every: usize,
     /// Stop after this many steps in total (a budget shorter than the epochs).
     pub max_steps: Option<u64>,
 }
@@ -99,6 +102,7 @@ impl Default for RunConfig {
             knn_t: 0.1,
             log_every: 10,
             checkpoint_every: 50,
+            keep_every: 0,
             max_steps: None,
         }
     }
@@ -237,6 +241,7 @@ pub struct Overrides {
     pub subset: Option<usize>,
     pub max_steps: Option<u64>,
     pub checkpoint_every: Option<usize>,
+    pub keep_every: Option<usize>,
     pub log_every: Option<usize>,
     pub patch_size: Option<usize>,
     pub stop_grad_conv1: bool,
@@ -325,6 +330,7 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
     set!(c.knn_every, o.knn_every);
     set!(c.log_every, o.log_every);
     set!(c.checkpoint_every, o.checkpoint_every);
+    set!(c.keep_every, o.keep_every);
     if o.image_size.is_some() {
         c.image_size = o.image_size;
     }
@@ -693,6 +699,11 @@ pub fn run(
         save(&moco, epoch)?;
         if finished_epoch {
             let done = epoch + 1;
+            if lead && c.keep_every > 0 && done % c.keep_every == 0 {
+                let kept = out.join(format!("checkpoint-epoch-{done:04}.safetensors"));
+                let bytes = std::fs::read(&ckpt).with_context(|| format!("{}", ckpt.display()))?;
+                moco_core::io::write_atomic(&kept, &bytes)?;
+            }
             let last = done == c.moco.epochs || moco.step() >= budget;
             if lead && ((c.knn_every > 0 && done % c.knn_every == 0) || last) {
                 let (top1, top5) = knn_top1(&moco, &train, &test, size, native, &c, device)?;
