@@ -8,8 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-5}
 repeats=${2:-3}
-cargo build --release -q -p moco-cli
-export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
 source bench/side_by_side.sh
 x=(--extract --steps "$steps")
 for cfg in "16 28 1" "16 32 3" "64 32 3"; do

@@ -1,5 +1,8 @@
 # Sourced by bench/step.sh and bench/extract.sh: `run REPEATS NAME ARGS...` runs `moco bench step
 # ARGS` and `bench_step.py ARGS` REPEATS times, alternating, and prints a table row of medians.
+# Builds the binary; both sides get 2 threads.
+cargo build --release -q -p moco-cli
+export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
 printf '| model, input | moco-rs img/s | PyTorch img/s | ratio | moco-rs peak RSS | PyTorch peak RSS |\n|---|---|---|---|---|---|\n'
 run() { # repeats, name, then the arguments of both step benchmarks
   local reps=$1 name=$2; shift 2
