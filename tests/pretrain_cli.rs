@@ -600,6 +600,30 @@ fn a_killed_linear_eval_resumes_exactly_and_keeps_unfinished_work() {
     let o = lin(&c).arg("--resume").output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no linear evaluation to resume"));
+    // The weights are matched by content: a copy elsewhere resumes, a run trained further does not.
+    let copy = dir.path().join("copy.safetensors");
+    std::fs::copy(run.join("checkpoint-last.safetensors"), &copy).unwrap();
+    run_ok(
+        moco()
+            .args(["linear-eval", "--weights", copy.to_str().unwrap()])
+            .args([
+                "--dataset",
+                "default",
+                "--epochs",
+                "6",
+                "--batch-size",
+                "128",
+            ])
+            .args(["--out", b.to_str().unwrap(), "--resume"]),
+    );
+    pretrain(&run, &["--resume", "--max-steps", "3"]);
+    let o = lin(&b).arg("--resume").output().unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("weights_sha256") && e.contains("other weights"),
+        "{e}"
+    );
 }
 
 #[test]

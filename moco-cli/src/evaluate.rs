@@ -146,8 +146,10 @@ pub fn linear_eval(
     });
     let ckpt = out_dir.join("checkpoint-last.safetensors");
     let w = crate::weights::Weights::read(c.weights)?;
+    // The weights by content: a resumed evaluation must train on the backbone it started with,
+    // wherever its file is now (and not on a run's later checkpoint-last).
     let context = BTreeMap::from([
-        ("weights".to_string(), w.source.display().to_string()),
+        ("weights_sha256".to_string(), w.fingerprint()?),
         ("dataset".to_string(), c.dataset.to_string()),
         (
             "mode".to_string(),
@@ -176,8 +178,12 @@ pub fn linear_eval(
             None => first_difference(&saved.config, &cfg)?,
         };
         if let Some(d) = differs {
+            let hint = match d.starts_with("`weights_sha256`") {
+                true => " (--weights now holds other weights than the evaluation started from)",
+                false => "",
+            };
             bail!(
-                "--resume from {}: {d}; resume with the same settings, or pass another --out",
+                "--resume from {}: {d}{hint}; resume with the same settings, or pass another --out",
                 ckpt.display()
             );
         }

@@ -69,6 +69,26 @@ impl Weights {
         })
     }
 
+    /// SHA-256 of the weights (names, shapes and float32 values, in name order), as hex: tells
+    /// whether two reads hold the same encoder whatever the file or its path.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        let mut h = Sha256::new();
+        for name in names {
+            let t = &self.tensors[name];
+            h.update(name.as_bytes());
+            for d in t.dims() {
+                h.update((*d as u64).to_le_bytes());
+            }
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            h.update(&bytes);
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The encoder, frozen: built from plain tensors, so no forward records an autograd graph.
     pub fn frozen(&self, device: &Device) -> Result<Encoder> {
         let (_, _, unused) = moco_models::encoder_from_tensors(
