@@ -742,17 +742,21 @@ impl Pipeline {
     /// crop or resize) and writes the normalised CHW floats into `out`
     /// (`channels * size * size` values).
     pub fn apply_into(&self, img: &Image, rng: &mut StdRng, out: &mut [f32]) {
-        let mut ops = self.ops.iter();
-        let first = match ops.next() {
-            Some(Op::RandomResizedCrop { size, scale, ratio }) => {
+        let (first, rest) = match self.ops.as_slice() {
+            [Op::RandomResizedCrop { size, scale, ratio }, rest @ ..] => {
                 let (i, j, h, w) = resized_crop_params(img.width, img.height, *scale, *ratio, rng);
-                resized_crop(img, i, j, h, w, *size)
+                (resized_crop(img, i, j, h, w, *size), rest)
             }
-            Some(Op::Resize { size }) => crate::image::resize_shorter(img, *size),
-            Some(op) => op.apply(img.clone(), rng),
-            None => img.clone(),
+            // The evaluation transform: only the center crop's pixels are resampled.
+            [Op::Resize { size }, Op::CenterCrop { size: crop }, rest @ ..] => (
+                crate::image::resize_shorter_center_crop(img, *size, *crop),
+                rest,
+            ),
+            [Op::Resize { size }, rest @ ..] => (crate::image::resize_shorter(img, *size), rest),
+            [op, rest @ ..] => (op.apply(img.clone(), rng), rest),
+            [] => (img.clone(), &[][..]),
         };
-        let img = ops.fold(first, |im, op| op.apply(im, rng));
+        let img = rest.iter().fold(first, |im, op| op.apply(im, rng));
         img.write_chw_normalized(&self.normalize.mean, &self.normalize.std, out);
     }
 }

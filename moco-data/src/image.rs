@@ -309,13 +309,33 @@ fn resample_line(
 /// support grows with the downscale factor (antialiasing), weights in 22-bit fixed point,
 /// horizontal pass first with 8-bit rounding between the passes, exactly as Pillow's
 /// `ImagingResample` does for 8-bit images (including its 32-bit integer accumulators).
-#[multiversion::multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: usize) -> Image {
+    resample_window(img, bbox, width, height, (0, 0, width, height))
+}
+
+/// The `(left, top, w, h)` window of [`resample`]'s `width x height` output, computing only
+/// that window's pixels (and the intermediate rows they read): equal to resampling, then
+/// cropping, since every output pixel has its own coefficients.
+#[multiversion::multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
+pub fn resample_window(
+    img: &Image,
+    bbox: (f64, f64, f64, f64),
+    width: usize,
+    height: usize,
+    window: (usize, usize, usize, usize),
+) -> Image {
     let c = img.channels;
     let (x0, y0, x1, y1) = bbox;
+    let (left, top, ww, wh) = window;
+    assert!(
+        left + ww <= width && top + wh <= height,
+        "resample window {window:?} outside a {width}x{height} output"
+    );
     let need_h = width != img.width || x0 != 0.0 || x1 != width as f64;
     let need_v = height != img.height || y0 != 0.0 || y1 != height as f64;
-    let vk = coefficients(img.height, y0, y1, height);
+    let mut vk = coefficients(img.height, y0, y1, height);
+    vk.truncate(top + wh);
+    vk.drain(..top);
     // Rows the vertical pass reads.
     let (ybox_first, ybox_last) = if need_v {
         let first = vk.first().map(|k| k.0).unwrap_or(0);
@@ -326,7 +346,9 @@ pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: u
     };
     // Without a horizontal pass the vertical one reads the input itself (no copy).
     let tmp = if need_h {
-        let hk = coefficients(img.width, x0, x1, width);
+        let mut hk = coefficients(img.width, x0, x1, width);
+        hk.truncate(left + ww);
+        hk.drain(..left);
         let (rows, y_off) = if need_v {
             (ybox_last - ybox_first, ybox_first)
         } else {
@@ -343,35 +365,41 @@ pub fn resample(img: &Image, bbox: (f64, f64, f64, f64), width: usize, height: u
             (x_first, y_off, x_last - x_first, rows),
         );
         let lane = rows * c;
-        let mut out = vec![0u8; width * lane];
+        let mut out = vec![0u8; ww * lane];
         let mut acc = vec![0i32; lane];
         for ((xmin, k), line) in hk.iter().zip(out.chunks_exact_mut(lane)) {
             resample_line(&cols, lane, xmin - x_first, k, &mut acc, line);
         }
         Cow::Owned(Image {
-            width,
+            width: ww,
             height: rows,
             channels: c,
-            data: transpose(&out, rows, c, (0, 0, rows, width)),
+            data: transpose(&out, rows, c, (0, 0, rows, ww)),
         })
     } else {
         Cow::Borrowed(img)
     };
+    // A dimension that is not resampled is cropped to the window instead.
+    let (crop_x, crop_y) = (if need_h { 0 } else { left }, if need_v { 0 } else { top });
     if !need_v {
-        return tmp.into_owned();
+        return tmp.crop(crop_x as i64, crop_y as i64, ww, wh);
     }
     let shift = if need_h { ybox_first } else { 0 };
     let lane = tmp.width * c;
-    let mut data = vec![0u8; height * lane];
+    let mut data = vec![0u8; wh * lane];
     let mut acc = vec![0i32; lane];
     for ((ymin, k), line) in vk.iter().zip(data.chunks_exact_mut(lane)) {
         resample_line(&tmp.data, lane, ymin - shift, k, &mut acc, line);
     }
-    Image {
+    let out = Image {
         width: tmp.width,
-        height,
+        height: wh,
         channels: c,
         data,
+    };
+    match need_h {
+        true => out,
+        false => out.crop(crop_x as i64, 0, ww, wh),
     }
 }
 
@@ -388,6 +416,25 @@ pub fn resize_shorter(img: &Image, size: usize) -> Image {
         return img.clone();
     }
     img.resize(ow, oh)
+}
+
+/// torchvision `Resize(size)` then `CenterCrop(crop)`: when the crop lies inside the resized
+/// image, only the crop's pixels are resampled ([`resample_window`]); the same bytes as the two
+/// steps one after the other.
+pub fn resize_shorter_center_crop(img: &Image, size: usize, crop: usize) -> Image {
+    let (w, h) = (img.width, img.height);
+    let (ow, oh) = if w <= h {
+        (size, (size as f64 * h as f64 / w as f64) as usize)
+    } else {
+        ((size as f64 * w as f64 / h as f64) as usize, size)
+    };
+    if (ow, oh) == (w, h) || crop > ow || crop > oh {
+        return center_crop(&resize_shorter(img, size), crop, crop);
+    }
+    let top = crate::augment::round_half_even((oh - crop) as f64 / 2.0) as usize;
+    let left = crate::augment::round_half_even((ow - crop) as f64 / 2.0) as usize;
+    let bbox = (0.0, 0.0, w as f64, h as f64);
+    resample_window(img, bbox, ow, oh, (left, top, crop, crop))
 }
 
 /// torchvision `CenterCrop((height, width))`: zero-pads when the crop is larger, then crops at
@@ -408,6 +455,62 @@ pub fn center_crop(img: &Image, height: usize, width: usize) -> Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Resize then center crop, done as one windowed resample, equals the two steps byte for
+    /// byte: landscape, portrait and square images, up- and downscaling, 1, 3 and 4 channels,
+    /// a crop as large as the shorter side, crops larger than the image (padding: the two-step
+    /// fallback), an image already at the resize's size; and any window of a resample equals
+    /// the crop of the whole.
+    #[test]
+    fn windowed_resample_equals_resample_then_crop() {
+        let noise = |w: usize, h: usize, c: usize| {
+            let data = (0..w * h * c)
+                .map(|i| ((i * 2654435761usize) >> 7) as u8)
+                .collect();
+            Image::new(w, h, c, data).unwrap()
+        };
+        for (w, h, c) in [
+            (500, 375, 3),
+            (375, 500, 3),
+            (97, 61, 1),
+            (64, 64, 4),
+            (30, 41, 3),
+        ] {
+            let img = noise(w, h, c);
+            for (size, crop) in [
+                (256, 224),
+                (73, 64),
+                (32, 32),
+                (41, 30),
+                (64, 80),
+                (300, 256),
+            ] {
+                let two = center_crop(&resize_shorter(&img, size), crop, crop);
+                let one = resize_shorter_center_crop(&img, size, crop);
+                assert_eq!((one.width, one.height), (crop, crop));
+                assert!(
+                    one.data == two.data,
+                    "{w}x{h}x{c} resize {size} crop {crop}"
+                );
+            }
+            let windows = [
+                (40, 50, (3, 7, 20, 30)),
+                (w, h, (1, 2, 5, 6)),
+                (w, 33, (0, 4, w, 9)),
+                (40, h, (2, 1, 30, h - 3)),
+            ];
+            for (ow, oh, win) in windows {
+                let bbox = (0.0, 0.0, w as f64, h as f64);
+                let whole = resample(&img, bbox, ow, oh);
+                let part = resample_window(&img, bbox, ow, oh, win);
+                let (l, t, ww, wh) = win;
+                assert!(
+                    part.data == whole.crop(l as i64, t as i64, ww, wh).data,
+                    "{w}x{h}x{c} to {ow}x{oh}, window {win:?}"
+                );
+            }
+        }
+    }
 
     /// The looked-up values are torchvision's expression, bit for bit, for every byte value in
     /// every channel, with 3 channels and with 1 (mean/std cycled over the channels).
