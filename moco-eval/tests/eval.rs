@@ -1,5 +1,6 @@
 //! moco-eval: kNN against a brute-force reference and the official demo's `knn_predict`
-//! (`tests/reference/knn_golden.py`), the linear probe on separable data, the sanity check.
+//! (`tests/reference/knn_golden.py`), the linear protocol against torch
+//! (`tests/reference/linear_golden.py`) and on separable data, its resume, the sanity check.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -157,6 +158,98 @@ fn linear_probe_separates_separable_features_perfectly() {
     assert_eq!(r.history.len(), 10);
     assert_eq!(r.history[9].test_top1, r.test.top1);
     assert_eq!(r.history[6].lr, 3.0); // x0.1 from epoch 6 (0-based) on
+}
+
+/// The classifier's training against torch (`tests/reference/linear_golden.py`): the same
+/// initial weights (passed as a state of 0 epochs), one full batch per epoch, main_lincls.py's
+/// step schedule with and without weight decay and MoCo v3's cosine; the final weights, each
+/// epoch's loss, learning rate and test accuracy.
+#[test]
+fn linear_protocol_matches_torch() {
+    let dev = Device::Cpu;
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/reference/linear_golden.safetensors");
+    let g = moco_core::io::load(&p, &dev).unwrap().tensors;
+    let set = |split: &str| FeatureSet {
+        features: g[&format!("{split}.x")].clone(),
+        labels: labels(&g[&format!("{split}.y")]),
+    };
+    let (train, test) = (set("train"), set("test"));
+    let init = g["init.weight"].clone();
+    let start = LinearState {
+        tensors: [
+            ("fc.weight".to_string(), init.clone()),
+            (
+                "fc.bias".to_string(),
+                init.zeros_like().unwrap().sum(1).unwrap(),
+            ),
+        ]
+        .into(),
+        history: vec![],
+    };
+    let rel = |a: &Tensor, b: &Tensor| {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let m = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
+    };
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+    for (name, lr, weight_decay, schedule) in [
+        ("v1", 1.0, 0.0, moco_core::LrSchedule::step(vec![3, 5])),
+        ("v1_wd", 1.0, 0.05, moco_core::LrSchedule::step(vec![3, 5])),
+        ("v3", 0.5, 0.0, moco_core::LrSchedule::cosine()),
+    ] {
+        let cfg = LinearConfig {
+            epochs: 6,
+            lr,
+            weight_decay,
+            schedule,
+            batch_size: train.len(),
+            ..Default::default()
+        };
+        let mut last = None;
+        let r = train_cached(&train, &test, 5, &cfg, &dev, Some(&start), |s| {
+            last = Some(s.clone());
+            Ok(())
+        })
+        .unwrap();
+        let state = last.unwrap();
+        for p in ["weight", "bias"] {
+            let (ours, theirs) = (
+                &state.tensors[&format!("fc.{p}")],
+                &g[&format!("{name}.{p}")],
+            );
+            let e = rel(ours, theirs);
+            eprintln!("{name} fc.{p}: relative difference {e:e}");
+            assert!(e < 1e-5, "{name} fc.{p}: relative difference {e:e}");
+        }
+        let (loss, lrs, top1) = (
+            f64s(&g[&format!("{name}.loss")]),
+            f64s(&g[&format!("{name}.lr")]),
+            f64s(&g[&format!("{name}.test_top1")]),
+        );
+        for (e, rec) in r.history.iter().enumerate() {
+            let what = format!("{name} epoch {}", e + 1);
+            assert!(
+                ((rec.train_loss as f64) - loss[e]).abs() <= 1e-5 * loss[e].abs(),
+                "{what}: loss {} vs {}",
+                rec.train_loss,
+                loss[e]
+            );
+            assert!(
+                (rec.lr - lrs[e]).abs() <= 1e-12 * lrs[e].abs().max(1.0),
+                "{what}: lr {} vs {}",
+                rec.lr,
+                lrs[e]
+            );
+            // One of the 64 test samples is 1.5625 points.
+            assert!(
+                (rec.test_top1 - top1[e]).abs() < 1.6,
+                "{what}: top-1 {} vs {}",
+                rec.test_top1,
+                top1[e]
+            );
+        }
+    }
 }
 
 #[test]
