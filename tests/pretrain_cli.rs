@@ -143,6 +143,90 @@ fn keep_every_keeps_epoch_checkpoints_that_evaluate() {
 }
 
 #[test]
+fn the_knn_monitor_runs_every_epoch_except_on_folders_unless_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    // A tiny ImageFolder: the reference photos, two classes, the same files in train and val.
+    let photos = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference/images");
+    let data = dir.path().join("data");
+    for (class, files) in [
+        ("a", ["coffee.png", "rocket.jpg"]),
+        ("b", ["chelsea_gray.png", "astronaut_rgba.png"]),
+    ] {
+        for split in ["train", "val"] {
+            let d = data.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for f in files {
+                std::fs::copy(photos.join(f), d.join(f)).unwrap();
+            }
+        }
+    }
+    let knn_lines = |run: &Path| {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("knn_top1"))
+            .count()
+    };
+    let folder = |run: &Path, extra: &[&str]| {
+        run_ok(
+            moco()
+                .args([
+                    "pretrain",
+                    "--dataset",
+                    "folder",
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                ])
+                .args([
+                    "--epochs",
+                    "2",
+                    "--image-size",
+                    "32",
+                    "--width",
+                    "4",
+                    "--batch-size",
+                    "4",
+                ])
+                .args(["--queue-size", "8", "--bn-splits", "2", "--workers", "1"])
+                .args(["--out", run.to_str().unwrap()])
+                .args(extra),
+        )
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    folder(&a, &[]);
+    assert_eq!(
+        knn_lines(&a),
+        1,
+        "a folder dataset: the monitor at the end only"
+    );
+    folder(&b, &["--knn-every", "1"]);
+    assert_eq!(knn_lines(&b), 2);
+    // Elsewhere every epoch by default.
+    let c = dir.path().join("c");
+    run_ok(
+        moco()
+            .args([
+                "pretrain",
+                "--epochs",
+                "2",
+                "--subset",
+                "128",
+                "--batch-size",
+                "64",
+            ])
+            .args([
+                "--width",
+                "4",
+                "--queue-size",
+                "128",
+                "--out",
+                c.to_str().unwrap(),
+            ]),
+    );
+    assert_eq!(knn_lines(&c), 2);
+}
+
+#[test]
 fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));

@@ -328,7 +328,8 @@ struct PretrainArgs {
     workers: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
-    /// kNN monitor every N epochs.
+    /// kNN monitor every N epochs (0: only at the end; default: every epoch, only at the end
+    /// with --dataset folder).
     #[arg(long)]
     knn_every: Option<usize>,
     /// Crop size of the augmentations.

@@ -54,8 +54,10 @@ pub struct RunConfig {
     pub subset: Option<usize>,
     /// Data worker threads.
     pub workers: usize,
-    /// kNN monitor every N epochs (0: only at the end).
-    pub knn_every: usize,
+    /// kNN monitor every N epochs (0: only at the end). Unset: every epoch, except on `folder`
+    /// datasets (ImageNet-sized: extracting the whole training set's features on the first
+    /// process every epoch would cost about half an epoch of pretraining), only at the end.
+    pub knn_every: Option<usize>,
     /// kNN neighbours.
     pub knn_k: usize,
     /// kNN temperature.
@@ -97,7 +99,7 @@ impl Default for RunConfig {
             image_size: None,
             subset: None,
             workers: 2,
-            knn_every: 1,
+            knn_every: None,
             knn_k: 200,
             knn_t: 0.1,
             log_every: 10,
@@ -327,7 +329,9 @@ pub fn resolve(config_file: Option<&Path>, o: &Overrides) -> Result<RunConfig> {
     set!(c.arch, o.arch);
     set!(c.width, o.width);
     set!(c.workers, o.workers);
-    set!(c.knn_every, o.knn_every);
+    if o.knn_every.is_some() {
+        c.knn_every = o.knn_every;
+    }
     set!(c.log_every, o.log_every);
     set!(c.checkpoint_every, o.checkpoint_every);
     set!(c.keep_every, o.keep_every);
@@ -641,6 +645,11 @@ pub fn run(
             "pretraining {} ({}, {} head) on {}: {} epochs x {ipe} steps of {}, {}x{} crops, preset {}, run in {}",
             spec.backbone.arch(), shape, spec.head.name(), train.describe(), c.moco.epochs, c.moco.batch_size, crop, crop, c.moco.preset, out.display()
         );
+        if c.knn_every.is_none() && c.dataset == "folder" {
+            eprintln!(
+                "kNN monitor: at the end only on a folder dataset (--knn-every N: every N epochs)"
+            );
+        }
         if world > 1 {
             eprintln!(
                 "data-parallel over {world} processes ({} backend): {local_batch} images per process and step",
@@ -705,7 +714,10 @@ pub fn run(
                 moco_core::io::write_atomic(&kept, &bytes)?;
             }
             let last = done == c.moco.epochs || moco.step() >= budget;
-            if lead && ((c.knn_every > 0 && done % c.knn_every == 0) || last) {
+            let every = c
+                .knn_every
+                .unwrap_or(if c.dataset == "folder" { 0 } else { 1 });
+            if lead && ((every > 0 && done % every == 0) || last) {
                 let (top1, top5) = knn_top1(&moco, &train, &test, size, native, &c, device)?;
                 last_knn = Some((moco.step(), top1, top5));
                 let line = serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5});
