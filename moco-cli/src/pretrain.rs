@@ -55,8 +55,8 @@ pub struct RunConfig {
     /// Data worker threads.
     pub workers: usize,
     /// kNN monitor every N epochs (0: only at the end). Unset: every epoch, except on `folder`
-    /// datasets (ImageNet-sized: extracting the whole training set's features on the first
-    /// process every epoch would cost about half an epoch of pretraining), only at the end.
+    /// datasets (ImageNet-sized: the first process would extract the whole training set's
+    /// features every epoch while the others wait), only at the end.
     pub knn_every: Option<usize>,
     /// kNN neighbours.
     pub knn_k: usize,
