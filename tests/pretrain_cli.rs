@@ -540,6 +540,12 @@ fn a_run_evaluates_with_knn_and_linear_eval() {
         serde_json::from_str(&std::fs::read_to_string(res.join("results.json")).unwrap()).unwrap();
     assert_eq!(r["protocol"], "linear (cached features, no augmentation)");
     assert_eq!(r["confusion"].as_array().unwrap().len(), 10);
+    // Not on a terminal: a JSON line per epoch before the results.
+    let epochs = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.starts_with("{\"epoch\"") && l.contains("test_top1"))
+        .count();
+    assert_eq!(epochs, 5);
     assert!(r["top1"].as_f64().unwrap() > 30.0);
     // Without --out, the results go into the run directory.
     let o = moco()

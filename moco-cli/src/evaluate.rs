@@ -225,6 +225,10 @@ pub fn linear_eval(
                 "loss {:.4} test top-1 {:.2}%",
                 r.train_loss, r.test_top1
             ));
+            // Without a terminal (a log file, a pipe), one JSON line per epoch instead.
+            if pb.is_hidden() {
+                println!("{}", serde_json::json!(r));
+            }
         }
         Ok(())
     };
