@@ -24,6 +24,19 @@ fn pretrain(out: &Path, extra: &[&str]) -> std::process::Output {
     )
 }
 
+/// Starts `cmd`, kills it (SIGKILL) as soon as `file` exists (within 2 minutes), and asserts
+/// that the file was written.
+fn kill_once_written(cmd: &mut std::process::Command, file: &Path) {
+    let mut child = cmd.spawn().unwrap();
+    let t0 = Instant::now();
+    while !file.exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(file.exists(), "{} was not written", file.display());
+}
+
 /// Asserts that two checkpoints hold the same tensors, bit for bit.
 fn assert_same_tensors(ta: &[(String, Vec<f32>)], tb: &[(String, Vec<f32>)]) {
     assert_eq!(ta.len(), tb.len());
@@ -234,21 +247,15 @@ fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
     pretrain(&a, &budget);
 
     // Run b is killed (SIGKILL) once it has written a checkpoint, then resumed.
-    let mut child = moco()
-        .args(TINY)
-        .args(TINY_RUN)
-        .args(["--out", b.to_str().unwrap()])
-        .args(budget)
-        .spawn()
-        .unwrap();
     let ckpt = b.join("checkpoint-last.safetensors");
-    let t0 = Instant::now();
-    while !ckpt.exists() && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(ckpt.exists(), "no checkpoint was written");
+    kill_once_written(
+        moco()
+            .args(TINY)
+            .args(TINY_RUN)
+            .args(["--out", b.to_str().unwrap()])
+            .args(budget),
+        &ckpt,
+    );
     let killed_at = moco_core::io::load(&ckpt, &Device::Cpu).unwrap().metadata["step"].clone();
     eprintln!("killed after step {killed_at}");
     pretrain(&b, &["--resume", "--max-steps", "10"]);
@@ -641,15 +648,8 @@ fn a_killed_linear_eval_resumes_exactly_and_keeps_unfinished_work() {
     assert_eq!(history[5]["test_top1"], ra["top1"]);
 
     // Run b is killed (SIGKILL) once it has written a checkpoint.
-    let mut child = lin(&b).spawn().unwrap();
     let ckpt = b.join("checkpoint-last.safetensors");
-    let t0 = Instant::now();
-    while !ckpt.exists() && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(ckpt.exists(), "no checkpoint was written");
+    kill_once_written(&mut lin(&b), &ckpt);
     let meta = moco_core::io::load(&ckpt, &Device::Cpu).unwrap().metadata;
     let history: serde_json::Value = serde_json::from_str(&meta["history"]).unwrap();
     let done = history.as_array().unwrap().len();
