@@ -8,7 +8,9 @@
 //!   (cosine similarity to the whole bank, chunked; top-k votes weighted by exp(s / t));
 //! - [`linear`]: the linear classification protocol of `main_lincls.py` (frozen backbone in eval
 //!   mode, fresh `fc` N(0, 0.01), SGD lr 30, momentum 0.9, steps at 60 and 80 of 100 epochs),
-//!   with its backbone sanity check, and a fast mode on cached features;
+//!   with its backbone sanity check, the test accuracy after every epoch (and the best), a
+//!   checkpointable state to resume from ([`linear::LinearState`]), and a fast mode on cached
+//!   features;
 //! - [`metrics`]: top-1/top-5, per-class accuracy and the confusion matrix.
 
 pub mod features;
