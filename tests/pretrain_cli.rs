@@ -620,9 +620,9 @@ fn a_killed_linear_eval_resumes_exactly_and_keeps_unfinished_work() {
     let run = dir.path().join("run");
     pretrain(&run, &["--max-steps", "2"]);
     // The protocol itself (augmented), 6 epochs: a checkpoint after each.
-    let lin = |out: &Path| {
+    let lin_from = |weights: &Path, out: &Path| {
         let mut c = moco();
-        c.args(["linear-eval", "--weights", run.to_str().unwrap()])
+        c.args(["linear-eval", "--weights", weights.to_str().unwrap()])
             .args([
                 "--dataset",
                 "default",
@@ -634,6 +634,7 @@ fn a_killed_linear_eval_resumes_exactly_and_keeps_unfinished_work() {
             .args(["--out", out.to_str().unwrap()]);
         c
     };
+    let lin = |out: &Path| lin_from(&run, out);
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     run_ok(&mut lin(&a));
     let ra: serde_json::Value =
@@ -693,19 +694,7 @@ fn a_killed_linear_eval_resumes_exactly_and_keeps_unfinished_work() {
     // The weights are matched by content: a copy elsewhere resumes, a run trained further does not.
     let copy = dir.path().join("copy.safetensors");
     std::fs::copy(run.join("checkpoint-last.safetensors"), &copy).unwrap();
-    run_ok(
-        moco()
-            .args(["linear-eval", "--weights", copy.to_str().unwrap()])
-            .args([
-                "--dataset",
-                "default",
-                "--epochs",
-                "6",
-                "--batch-size",
-                "128",
-            ])
-            .args(["--out", b.to_str().unwrap(), "--resume"]),
-    );
+    run_ok(lin_from(&copy, &b).arg("--resume"));
     pretrain(&run, &["--resume", "--max-steps", "3"]);
     let o = lin(&b).arg("--resume").output().unwrap();
     assert!(!o.status.success());
