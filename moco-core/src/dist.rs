@@ -690,8 +690,6 @@ pub fn fresh_init_file(dir: &Path) -> PathBuf {
 pub mod nccl {
     //! NCCL process group: CUDA tensors, one process per GPU.
 
-    use std::sync::Arc;
-
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
     use candle_core::cuda_backend::CudaStorage;
@@ -703,7 +701,7 @@ pub mod nccl {
     /// A process group over NCCL. Rank 0 creates the unique id and writes it (hex) to the
     /// rendezvous file.
     pub struct NcclGroup {
-        comm: Arc<Comm>,
+        comm: Comm,
         rank: usize,
         world_size: usize,
     }
@@ -758,7 +756,7 @@ pub mod nccl {
                 .map_err(|e| err(format!("ncclCommInitRank: {e:?}")))?;
             retire(config);
             Ok(Self {
-                comm: Arc::new(comm),
+                comm,
                 rank: config.rank,
                 world_size: config.world_size,
             })
