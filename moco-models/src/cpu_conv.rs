@@ -6,8 +6,9 @@
 //! Candle's own CPU convolution runs its gradient wrt the input through a direct
 //! `conv_transpose2d` loop with no GEMM and its gradient wrt the weight as a convolution over
 //! transposed tensors; these three kernels replace them for float32 tensors on the CPU (NCHW,
-//! any stride, padding and groups, dilation 1). [`conv2d`] falls back to candle's kernel on
-//! other devices and dtypes, so CUDA and Metal keep theirs.
+//! any stride, padding and groups, dilation 1). On other devices and dtypes [`conv2d`] runs
+//! candle's forward kernel with a backward pass of convolutions and matrix products
+//! (`generic_conv`) instead of candle's `conv_transpose2d`.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -871,7 +872,7 @@ fn conv2d_with(
     groups: usize,
 ) -> Result<Tensor> {
     if !moco_core::kernels::fused_cpu(&[x, w]) {
-        return x.conv2d(w, padding, stride, 1, groups);
+        return crate::generic_conv::conv2d(x, w, padding, stride, groups);
     }
     let op = Conv2d {
         stride,

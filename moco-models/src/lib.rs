@@ -13,7 +13,8 @@
 //!   from safetensors with the architecture in the metadata;
 //! - [`checkpoint`]: import of official MoCo (v1, v2, v3) `checkpoint_*.pth.tar` files;
 //! - [`cpu_conv`], [`cpu_batch_norm`], [`cpu_elementwise`], [`cpu_pool`], [`cpu_transformer`]: the fused CPU
-//!   kernels the backbones run on (other devices run candle's ops).
+//!   kernels the backbones run on (other devices run candle's ops, the convolution with its own
+//!   backward pass).
 
 mod attached;
 pub mod batch_norm;
@@ -24,6 +25,7 @@ pub mod cpu_elementwise;
 pub mod cpu_pool;
 pub mod cpu_transformer;
 mod error;
+mod generic_conv;
 mod generic_norm;
 mod generic_transformer;
 pub mod head;

@@ -549,7 +549,11 @@ impl Vit {
 
     /// The class token after the final LayerNorm, N x dim.
     pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.tokens(x, train)?.narrow(1, 0, 1)?.squeeze(1)
+        // Contiguous: CUDA's matrix products refuse rows strided by the token count.
+        self.tokens(x, train)?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?
+            .contiguous()
     }
 }
 
