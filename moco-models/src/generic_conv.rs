@@ -11,7 +11,8 @@
 //! - wrt the weight: `conv2d(x^T, g^T)` with the stride as the dilation (candle's own
 //!   formulation, one matrix product over all images and positions).
 //!
-//! Groups other than 1 take candle's `conv2d` with its own backward.
+//! Groups other than 1 take candle's `conv2d` with its own backward. With the `cudnn` feature,
+//! float32 CUDA tensors take cuDNN's three convolutions instead (`cudnn_conv`).
 
 use candle_core::{Result, Tensor};
 
@@ -26,6 +27,10 @@ pub(crate) fn conv2d(
     stride: usize,
     groups: usize,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cudnn")]
+    if crate::cudnn_conv::applies(x, w, groups) {
+        return crate::cudnn_conv::conv2d(x, w, padding, stride);
+    }
     let (_, _, kh, kw) = w.dims4()?;
     if groups != 1 || padding >= kh || padding >= kw || !(x.track_op() || w.track_op()) {
         return x.conv2d(w, padding, stride, 1, groups);

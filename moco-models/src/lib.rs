@@ -14,7 +14,7 @@
 //! - [`checkpoint`]: import of official MoCo (v1, v2, v3) `checkpoint_*.pth.tar` files;
 //! - [`cpu_conv`], [`cpu_batch_norm`], [`cpu_elementwise`], [`cpu_pool`], [`cpu_transformer`]: the fused CPU
 //!   kernels the backbones run on (other devices run candle's ops, the convolution with its own
-//!   backward pass).
+//!   backward pass, on cuDNN for float32 CUDA tensors with the `cudnn` feature).
 
 mod attached;
 pub mod batch_norm;
@@ -24,6 +24,8 @@ pub mod cpu_conv;
 pub mod cpu_elementwise;
 pub mod cpu_pool;
 pub mod cpu_transformer;
+#[cfg(feature = "cudnn")]
+mod cudnn_conv;
 mod error;
 mod generic_conv;
 mod generic_norm;

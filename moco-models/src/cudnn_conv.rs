@@ -1,0 +1,249 @@
+//! The convolution on cuDNN (feature `cudnn`, float32 CUDA tensors): forward, gradient wrt the
+//! input and gradient wrt the weight, each one cuDNN call with the algorithm its heuristics
+//! rank first, as PyTorch runs them with `torch.backends.cudnn.benchmark = False`.
+//!
+//! Candle's `cudnn` feature gives its forward convolution only; its backward stays on
+//! `conv_transpose2d` and a convolution with the output's size as its kernel. Precision follows
+//! candle's TF32 switch for float32 matrix products
+//! (`candle_core::cuda::set_gemm_reduced_precision_f32`, `moco ... --tf32`): off, cuDNN runs
+//! in full float32 (`CUDNN_FMA_MATH`, as PyTorch with `torch.backends.cudnn.allow_tf32 =
+//! False`); on, it may use TF32 tensor cores (`CUDNN_DEFAULT_MATH`, PyTorch's default).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::cudnn::sys::{
+    cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
+};
+use candle_core::cuda_backend::cudarc::cudnn::{
+    ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use crate::attached::{attach3, Backward3};
+
+thread_local! {
+    // cuDNN handles are neither Send nor Sync: one per thread and device, as candle keeps them.
+    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+}
+
+fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
+    HANDLES.with(|h| {
+        if let Some(c) = h.borrow().get(&dev.id()) {
+            return Ok(c.clone());
+        }
+        let c = Cudnn::new(dev.cuda_stream())?;
+        h.borrow_mut().insert(dev.id(), c.clone());
+        Ok(c)
+    })
+}
+
+/// Whether `conv2d(x, w)` runs here: float32 CUDA tensors, no groups.
+pub(crate) fn applies(x: &Tensor, w: &Tensor, groups: usize) -> bool {
+    groups == 1
+        && x.device().is_cuda()
+        && x.dtype() == candle_core::DType::F32
+        && w.dtype() == candle_core::DType::F32
+}
+
+/// `conv2d(x, w, padding, stride)` (dilation 1, no groups) on cuDNN, with cuDNN's backward.
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (xd, wd) = (x.detach().contiguous()?, w.detach().contiguous()?);
+    let y = xd.apply_op2_no_bwd(&wd, &Conv::new(padding, stride, Pass::Forward))?;
+    if !(x.track_op() || w.track_op()) {
+        return Ok(y);
+    }
+    // attach3 takes three operands: the weight stands in as the third, with no gradient.
+    attach3(&y, [x, w, w], Grad { padding, stride })
+}
+
+struct Grad {
+    padding: usize,
+    stride: usize,
+}
+
+impl Backward3 for Grad {
+    fn name(&self) -> &'static str {
+        "conv2d-cudnn"
+    }
+
+    fn backward(
+        &self,
+        [x, w, _]: [&Tensor; 3],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let (p, s) = (self.padding, self.stride);
+        let gx = match x.track_op() {
+            true => {
+                let pass = Pass::Data(x.dims4()?);
+                Some(g.apply_op2_no_bwd(&w.detach().contiguous()?, &Conv::new(p, s, pass))?)
+            }
+            false => None,
+        };
+        let gw = match w.track_op() {
+            true => {
+                let pass = Pass::Filter(w.dims4()?);
+                let xd = x.detach().contiguous()?;
+                Some(xd.apply_op2_no_bwd(&g, &Conv::new(p, s, pass))?)
+            }
+            false => None,
+        };
+        Ok((gx, gw, None))
+    }
+}
+
+/// Which of the three convolutions, with the shape of its result where the operands do not
+/// determine it.
+#[derive(Clone, Copy)]
+enum Pass {
+    /// (x, w) -> y.
+    Forward,
+    /// (gy, w) -> gx of these dims.
+    Data((usize, usize, usize, usize)),
+    /// (x, gy) -> gw of these dims.
+    Filter((usize, usize, usize, usize)),
+}
+
+struct Conv {
+    padding: usize,
+    stride: usize,
+    pass: Pass,
+}
+
+impl Conv {
+    fn new(padding: usize, stride: usize, pass: Pass) -> Self {
+        Self {
+            padding,
+            stride,
+            pass,
+        }
+    }
+}
+
+fn dims4(l: &Layout) -> Result<[usize; 4]> {
+    match l.dims() {
+        &[a, b, c, d] => Ok([a, b, c, d]),
+        d => candle_core::bail!("conv2d-cudnn: expected a 4-D tensor, got {d:?}"),
+    }
+}
+
+fn c_int(d: [usize; 4]) -> [std::ffi::c_int; 4] {
+    d.map(|v| v as std::ffi::c_int)
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-cudnn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("conv2d-cudnn: cuDNN convolutions take CUDA tensors")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if !l1.is_contiguous() || !l2.is_contiguous() {
+            candle_core::bail!("conv2d-cudnn: operands must be contiguous")
+        }
+        let dev = s1.device.clone();
+        let a = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
+        let b = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let (d1, d2) = (dims4(l1)?, dims4(l2)?);
+        let cudnn = handle(&dev)?;
+        let (p, s) = (
+            self.padding as std::ffi::c_int,
+            self.stride as std::ffi::c_int,
+        );
+        let mut conv = cudnn.create_conv2d::<f32>(
+            [p, p],
+            [s, s],
+            [1, 1],
+            cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+        )?;
+        conv.set_math_type(match candle_core::cuda::gemm_reduced_precision_f32() {
+            true => cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            false => cudnnMathType_t::CUDNN_FMA_MATH,
+        })?;
+        let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let tensor = |d: [usize; 4]| cudnn.create_4d_tensor::<f32>(nchw, c_int(d));
+        let filter = |d: [usize; 4]| cudnn.create_4d_filter::<f32>(nchw, c_int(d));
+        let workspace = |bytes: usize| -> Result<Option<_>> {
+            match bytes {
+                0 => Ok(None),
+                n => Ok(Some(unsafe { dev.alloc::<u8>(n)? })),
+            }
+        };
+        let out_dims = match self.pass {
+            Pass::Forward => {
+                let [n, _, h, w] = d1;
+                let [o, _, kh, kw] = d2;
+                let (p, s) = (self.padding, self.stride);
+                if h + 2 * p < kh || w + 2 * p < kw {
+                    candle_core::bail!(
+                        "conv2d-cudnn: kernel {kh}x{kw} larger than the padded input {h}x{w}"
+                    )
+                }
+                [n, o, (h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1]
+            }
+            Pass::Data((a, b, c, d)) | Pass::Filter((a, b, c, d)) => [a, b, c, d],
+        };
+        let mut out = unsafe { dev.alloc::<f32>(out_dims.iter().product())? };
+        match self.pass {
+            Pass::Forward => {
+                let (x, w, y) = (tensor(d1)?, filter(d2)?, tensor(out_dims)?);
+                let op = ConvForward {
+                    conv: &conv,
+                    x: &x,
+                    w: &w,
+                    y: &y,
+                };
+                let algo = op.pick_algorithm()?;
+                let mut ws = workspace(op.get_workspace_size(algo)?)?;
+                unsafe { op.launch(algo, ws.as_mut(), (1f32, 0f32), &a, &b, &mut out)? };
+            }
+            Pass::Data(_) => {
+                let (dy, w, dx) = (tensor(d1)?, filter(d2)?, tensor(out_dims)?);
+                let op = ConvBackwardData {
+                    conv: &conv,
+                    dx: &dx,
+                    w: &w,
+                    dy: &dy,
+                };
+                let algo = op.pick_algorithm()?;
+                let mut ws = workspace(op.get_workspace_size(algo)?)?;
+                unsafe { op.launch(algo, ws.as_mut(), (1f32, 0f32), &mut out, &b, &a)? };
+            }
+            Pass::Filter(_) => {
+                let (x, dy, dw) = (tensor(d1)?, tensor(d2)?, filter(out_dims)?);
+                let op = ConvBackwardFilter {
+                    conv: &conv,
+                    x: &x,
+                    dw: &dw,
+                    dy: &dy,
+                };
+                let algo = op.pick_algorithm()?;
+                let mut ws = workspace(op.get_workspace_size(algo)?)?;
+                unsafe { op.launch(algo, ws.as_mut(), (1f32, 0f32), &a, &mut out, &b)? };
+            }
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from(out_dims.to_vec()),
+        ))
+    }
+}
