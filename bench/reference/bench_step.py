@@ -40,7 +40,12 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--json", action="store_true")
 p.add_argument("--extract", action="store_true",
                help="time the frozen backbone's eval-mode forward (pooled features, no_grad) instead")
+p.add_argument("--fp32", action="store_true",
+               help="on CUDA, full float32: TF32 off for cuDNN's convolutions (on by PyTorch's default) and matmuls")
 a = p.parse_args()
+if a.fp32:
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
 
@@ -157,7 +162,7 @@ ips = a.batch_size / med
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if dev.type == "cuda":
     rss = torch.cuda.max_memory_allocated() / 2**20  # peak GPU memory instead
-what = "feature extraction (eval mode)" if a.extract else "MoCo step"
+what = ("feature extraction (eval mode)" if a.extract else "MoCo step") + (" (full FP32)" if a.fp32 else "")
 print(f"PyTorch {torch.__version__} {what} {a.arch} width {a.width} patch {a.patch_size} {a.image_size}x{a.image_size}x{a.channels} batch {a.batch_size}: {ips:.1f} images/s ({med:.3f} s/step), peak RSS {rss:.0f} MB")
 if a.json:
     print(json.dumps({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": med}))

@@ -95,6 +95,11 @@ pub struct StepOptions {
     pub json: bool,
     /// Time the frozen backbone's eval-mode forward (feature extraction) instead of a step.
     pub extract: bool,
+    /// TF32 on CUDA for float32 matrix products and cuDNN convolutions (candle's
+    /// reduced-precision flag, which `cudnn_conv` follows too).
+    pub tf32: bool,
+    /// Also time the encoder's forward, and forward + backward, on their own.
+    pub phases: bool,
 }
 
 /// `moco bench step`: full MoCo training steps (query forward+backward, key forward with
@@ -102,6 +107,12 @@ pub struct StepOptions {
 /// code path of `moco pretrain`.
 pub fn step(o: StepOptions) -> Result<()> {
     use candle_core::Tensor;
+    if o.tf32 {
+        if !o.device.is_cuda() {
+            bail!("--tf32 applies to --device cuda only, not {:?}", o.device);
+        }
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
     let backbone = moco_models::BackboneConfig::for_input(
         &o.arch,
         o.width,
@@ -142,9 +153,39 @@ pub fn step(o: StepOptions) -> Result<()> {
         false => None,
     };
     let warmup = 2;
-    let mut times = vec![];
-    for i in 0..warmup + o.steps {
-        let t0 = Instant::now();
+    // The median of `o.steps` timed runs of `f` after the warm-up ones.
+    let median_of = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut times = vec![];
+        for i in 0..warmup + o.steps {
+            let t0 = Instant::now();
+            f()?;
+            o.device.synchronize()?;
+            if i >= warmup {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(times[times.len() / 2])
+    };
+    if o.phases {
+        use candle_nn::ModuleT;
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &o.device);
+        let enc = moco_models::encoder(spec, vb)?;
+        let fwd = median_of(&mut || {
+            enc.forward_t(&x1, true)?;
+            Ok(())
+        })?;
+        let fwd_bwd = median_of(&mut || {
+            enc.forward_t(&x1, true)?.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        println!(
+            "phases: the query encoder's training-mode forward {fwd:.3} s, forward + backward {fwd_bwd:.3} s (medians of {})",
+            o.steps
+        );
+    }
+    let median = median_of(&mut || {
         match &frozen {
             Some(enc) => {
                 use moco_models::Backbone;
@@ -154,13 +195,8 @@ pub fn step(o: StepOptions) -> Result<()> {
                 moco.train_step(&x1, &x2, 0.03, 0.999)?;
             }
         }
-        o.device.synchronize()?;
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
+        Ok(())
+    })?;
     let ips = o.batch_size as f64 / median;
     let rss = peak_rss_mb();
     // The CPU convolution engine (gemm or onednn); "device" on other devices.
@@ -172,7 +208,7 @@ pub fn step(o: StepOptions) -> Result<()> {
     let what = match o.extract {
         true => "feature extraction (eval mode)".to_string(),
         false => format!("MoCo {} step", if o.mlp { "v2" } else { "v1" }),
-    };
+    } + if o.tf32 { " (TF32)" } else { "" };
     println!(
         "{what} {} width {} {}x{}x{} batch {} K {}: {:.1} images/s (median of {} steps, {:.3} s/step), peak RSS {}, convolutions: {conv}",
         o.arch, o.width, o.image_size, o.image_size, o.channels, o.batch_size, o.queue_size, ips, o.steps, median,

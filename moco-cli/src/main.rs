@@ -450,6 +450,15 @@ enum BenchCommand {
         /// what `moco knn`, `linear-eval` and `extract` run per batch).
         #[arg(long)]
         extract: bool,
+        /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds)
+        /// convolutions, as PyTorch runs its cuDNN convolutions by default (without it: full
+        /// float32).
+        #[arg(long)]
+        tf32: bool,
+        /// Also time the query encoder's training-mode forward pass, and forward + backward
+        /// (of the sum of its outputs), on their own: where a step's time goes.
+        #[arg(long)]
+        phases: bool,
     },
     /// Images/s of the data pipeline: decode, two augmented crops, batching.
     Data {
@@ -683,6 +692,8 @@ fn main() -> Result<()> {
             device,
             json,
             extract,
+            tf32,
+            phases,
         }) => bench::step(bench::StepOptions {
             arch,
             patch_size,
@@ -696,6 +707,8 @@ fn main() -> Result<()> {
             device: device::parse(&device)?,
             json,
             extract,
+            tf32,
+            phases,
         })?,
         Command::Bench(BenchCommand::Data {
             dataset,
