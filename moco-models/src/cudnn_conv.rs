@@ -22,8 +22,6 @@ use candle_core::cuda_backend::cudarc::cudnn::{
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::attached::{attach3, Backward3};
-
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per thread and device, as candle keeps them.
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
@@ -48,52 +46,35 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor, groups: usize) -> bool {
         && w.dtype() == candle_core::DType::F32
 }
 
-/// `conv2d(x, w, padding, stride)` (dilation 1, no groups) on cuDNN, with cuDNN's backward.
-pub(crate) fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (xd, wd) = (x.detach().contiguous()?, w.detach().contiguous()?);
-    let y = xd.apply_op2_no_bwd(&wd, &Conv::new(padding, stride, Pass::Forward))?;
-    if !(x.track_op() || w.track_op()) {
-        return Ok(y);
-    }
-    // attach3 takes three operands: the weight stands in as the third, with no gradient.
-    attach3(&y, [x, w, w], Grad { padding, stride })
+/// `conv2d(x, w, padding, stride)` (dilation 1, no groups) on cuDNN; no gradient is recorded
+/// (`generic_conv` attaches the backward pass, [`input_grad`] and [`weight_grad`]).
+pub(crate) fn forward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let op = Conv::new(padding, stride, Pass::Forward);
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
-struct Grad {
+/// The gradient of `conv2d(x, w, padding, stride)` wrt `x` given the output's gradient `g`.
+pub(crate) fn input_grad(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
     padding: usize,
     stride: usize,
+) -> Result<Tensor> {
+    let op = Conv::new(padding, stride, Pass::Data(x.dims4()?));
+    g.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
-impl Backward3 for Grad {
-    fn name(&self) -> &'static str {
-        "conv2d-cudnn"
-    }
-
-    fn backward(
-        &self,
-        [x, w, _]: [&Tensor; 3],
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?;
-        let (p, s) = (self.padding, self.stride);
-        let gx = match x.track_op() {
-            true => {
-                let pass = Pass::Data(x.dims4()?);
-                Some(g.apply_op2_no_bwd(&w.detach().contiguous()?, &Conv::new(p, s, pass))?)
-            }
-            false => None,
-        };
-        let gw = match w.track_op() {
-            true => {
-                let pass = Pass::Filter(w.dims4()?);
-                let xd = x.detach().contiguous()?;
-                Some(xd.apply_op2_no_bwd(&g, &Conv::new(p, s, pass))?)
-            }
-            false => None,
-        };
-        Ok((gx, gw, None))
-    }
+/// The gradient of `conv2d(x, w, padding, stride)` wrt `w` given the output's gradient `g`.
+pub(crate) fn weight_grad(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let op = Conv::new(padding, stride, Pass::Filter(w.dims4()?));
+    x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &op)
 }
 
 /// Which of the three convolutions, with the shape of its result where the operands do not

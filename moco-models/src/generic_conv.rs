@@ -18,8 +18,29 @@ use candle_core::{Result, Tensor};
 
 use crate::attached::{attach3, Backward3};
 
-/// `conv2d(x, w, padding, stride, groups)` (dilation 1) on candle's ops, with this module's
-/// backward pass for `groups == 1`.
+/// Who computes the three convolutions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    /// Candle's `conv2d` and this module's backward.
+    Candle,
+    /// cuDNN (`cudnn_conv`: float32 CUDA tensors).
+    #[cfg(feature = "cudnn")]
+    Cudnn,
+}
+
+impl Engine {
+    fn for_operands(x: &Tensor, w: &Tensor, groups: usize) -> Self {
+        #[cfg(feature = "cudnn")]
+        if crate::cudnn_conv::applies(x, w, groups) {
+            return Self::Cudnn;
+        }
+        let _ = (x, w, groups);
+        Self::Candle
+    }
+}
+
+/// `conv2d(x, w, padding, stride, groups)` (dilation 1) on candle's ops (or cuDNN's), with
+/// this module's backward pass for `groups == 1`.
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -27,27 +48,38 @@ pub(crate) fn conv2d(
     stride: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    #[cfg(feature = "cudnn")]
-    if crate::cudnn_conv::applies(x, w, groups) {
-        return crate::cudnn_conv::conv2d(x, w, padding, stride);
-    }
+    let engine = Engine::for_operands(x, w, groups);
     let (_, _, kh, kw) = w.dims4()?;
-    if groups != 1 || padding >= kh || padding >= kw || !(x.track_op() || w.track_op()) {
+    let tracked = x.track_op() || w.track_op();
+    if engine == Engine::Candle && (groups != 1 || padding >= kh || padding >= kw || !tracked) {
         return x.conv2d(w, padding, stride, 1, groups);
     }
-    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    let y = match engine {
+        Engine::Candle => x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?,
+        #[cfg(feature = "cudnn")]
+        Engine::Cudnn => crate::cudnn_conv::forward(&x.detach(), &w.detach(), padding, stride)?,
+    };
+    if !tracked {
+        return Ok(y);
+    }
+    let op = ConvGrad {
+        padding,
+        stride,
+        engine,
+    };
     // attach3 takes three operands: the weight stands in as the third, with no gradient.
-    attach3(&y, [x, w, w], ConvGrad { padding, stride })
+    attach3(&y, [x, w, w], op)
 }
 
 struct ConvGrad {
     padding: usize,
     stride: usize,
+    engine: Engine,
 }
 
 impl Backward3 for ConvGrad {
     fn name(&self) -> &'static str {
-        "conv2d-generic"
+        "conv2d-attached"
     }
 
     fn backward(
@@ -58,13 +90,18 @@ impl Backward3 for ConvGrad {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (track_x, track_w) = (x.track_op(), w.track_op());
         let (x, w) = (x.detach(), w.detach());
-        let gx = match track_x {
-            true => Some(input_grad(&x, &w, grad, self.padding, self.stride)?),
-            false => None,
+        let (p, s) = (self.padding, self.stride);
+        let gx = match (track_x, self.engine) {
+            (false, _) => None,
+            (true, Engine::Candle) => Some(input_grad(&x, &w, grad, p, s)?),
+            #[cfg(feature = "cudnn")]
+            (true, Engine::Cudnn) => Some(crate::cudnn_conv::input_grad(&x, &w, grad, p, s)?),
         };
-        let gw = match track_w {
-            true => Some(weight_grad(&x, &w, grad, self.padding, self.stride)?),
-            false => None,
+        let gw = match (track_w, self.engine) {
+            (false, _) => None,
+            (true, Engine::Candle) => Some(weight_grad(&x, &w, grad, p, s)?),
+            #[cfg(feature = "cudnn")]
+            (true, Engine::Cudnn) => Some(crate::cudnn_conv::weight_grad(&x, &w, grad, p, s)?),
         };
         Ok((gx, gw, None))
     }
