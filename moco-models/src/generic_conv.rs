@@ -108,7 +108,7 @@ impl Backward3 for ConvGrad {
 }
 
 /// The gradient of `conv2d(x, w, padding, stride)` wrt `x`, given the output's gradient `g`.
-pub(crate) fn input_grad(
+fn input_grad(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
@@ -148,7 +148,7 @@ pub(crate) fn input_grad(
 }
 
 /// The gradient of `conv2d(x, w, padding, stride)` wrt `w`, given the output's gradient `g`.
-pub(crate) fn weight_grad(
+fn weight_grad(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
