@@ -108,13 +108,7 @@ impl Backward3 for ConvGrad {
 }
 
 /// The gradient of `conv2d(x, w, padding, stride)` wrt `x`, given the output's gradient `g`.
-fn input_grad(
-    x: &Tensor,
-    w: &Tensor,
-    g: &Tensor,
-    padding: usize,
-    stride: usize,
-) -> Result<Tensor> {
+fn input_grad(x: &Tensor, w: &Tensor, g: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (_, _, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
     let (n, o, ho, wo) = g.dims4()?;
