@@ -52,7 +52,8 @@ if [ ! -x "$root/bin/nvcc" ]; then
 fi
 libdirs=("$root/lib")
 if has cudnn; then
-  install_wheels cudnn-wheel "$prefix/cudnn-wheel/nvidia/cudnn/lib" nvidia-cudnn-cu13
+  # Pinned: the version the GPU-checked binary was built with (it ran with cuDNN 9.19 there).
+  install_wheels cudnn-wheel "$prefix/cudnn-wheel/nvidia/cudnn/lib" "nvidia-cudnn-cu13==9.28.1.4"
   ln -sfn "$prefix/cudnn-wheel/nvidia/cudnn" "$prefix/nvidia/cudnn"
   libdirs+=("$prefix/nvidia/cudnn/lib")
 fi
