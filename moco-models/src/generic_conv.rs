@@ -128,11 +128,8 @@ fn input_grad(x: &Tensor, w: &Tensor, g: &Tensor, padding: usize, stride: usize)
     let (top, left) = (kh - 1 - padding, kw - 1 - padding);
     let bottom = top + h - ((ho - 1) * stride + kh - 2 * padding);
     let right = left + wd - ((wo - 1) * stride + kw - 2 * padding);
-    let wt = w
-        .transpose(0, 1)?
-        .contiguous()?
-        .flip(&[2, 3])?
-        .contiguous()?;
+    // flip (index_select) needs a contiguous input and returns a fresh contiguous tensor.
+    let wt = w.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
     if top == bottom && left == right && top == left {
         return g.conv2d(&wt, top, 1, 1, 1);
     }
