@@ -133,7 +133,7 @@ if [ "$gpus" -ge 2 ] && [[ $steps == *" checks "* ]]; then
     --max-steps 20 --log-every 5 --knn-every 0 --out target/gpu/ddp-run --quiet || echo "launch failed"
 fi
 
-# WHO COMMAND...: runs the command (its last 2 lines shown) while nvidia-smi samples the GPUs'
+# WHO COMMAND...: runs the command (its last 3 lines shown: --phases adds one) while nvidia-smi samples the GPUs'
 # used memory every 100 ms, and prints the largest sample: the two sides measured alike.
 gpu_peak() {
   local who=$1 out samples smi
