@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use moco_core::init::seeded_randn;
 use moco_tests::{file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_RUN};
 
 /// A tiny, fast configuration on the embedded data: `moco pretrain` with [`TINY_RUN`], 2
@@ -747,7 +748,7 @@ fn export_writes_a_hub_folder_that_loads_back_with_identical_features_and_hf_url
         .keys()
         .all(|k| !k.starts_with("fc.") && !k.starts_with("encoder_")));
     assert!(model.tensors.contains_key("layer4.1.bn2.running_var"));
-    let x = candle_core::Tensor::randn(0f32, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
+    let x = seeded_randn(0.0, 1., (3, 1, 28, 28), 1, &Device::Cpu).unwrap();
     let feats = |p: &Path| {
         let (enc, _) = moco_models::load_encoder(p, None, &Device::Cpu).unwrap();
         moco_models::Backbone::features(&enc, &x, false)

@@ -394,6 +394,7 @@ pub(crate) fn column_cross_entropy(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::init::seeded_randn;
     use candle_core::{Device, Var};
 
     /// The same loss through candle's generic ops, as `loss.rs` computes it on other devices.
@@ -418,8 +419,8 @@ mod tests {
         let dev = Device::Cpu;
         // K not a multiple of the 16 lanes; large logits (t = 0.05) to exercise the shift.
         for (n, k, t) in [(5, 37, 0.05), (3, 16, 1.0), (8, 1000, 0.2), (1, 1, 0.07)] {
-            let pos = Var::randn(0f32, 1.0, (n, 1), &dev).unwrap();
-            let neg = Var::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let pos = Var::from_tensor(&seeded_randn(0.0, 1.0, (n, 1), 1, &dev).unwrap()).unwrap();
+            let neg = Var::from_tensor(&seeded_randn(0.0, 1.0, (n, k), 2, &dev).unwrap()).unwrap();
             let fused =
                 queue_cross_entropy(pos.as_tensor(), neg.as_tensor(), (1.0 / t) as f32).unwrap();
             let labels = Tensor::zeros(n, DType::U32, &dev).unwrap();
@@ -455,7 +456,7 @@ mod tests {
             (3, 9, 3, 1.0, 1.0),
             (6, 40, 17, 0.1, 2.0),
         ] {
-            let raw = Var::randn(0f32, 2.0, (n, m), &dev).unwrap();
+            let raw = Var::from_tensor(&seeded_randn(0.0, 2.0, (n, m), 3, &dev).unwrap()).unwrap();
             let fused =
                 column_cross_entropy(raw.as_tensor(), offset, (1.0 / t) as f32, scale).unwrap();
             let labels = Tensor::arange(offset as u32, (offset + n) as u32, &dev).unwrap();

@@ -63,6 +63,22 @@ pub fn sample(init: Init, shape: &Shape, rng: &mut impl Rng) -> Vec<f32> {
     }
 }
 
+/// A float32 tensor of `shape` drawn from N(`mean`, `std`^2) by a generator seeded with `seed`.
+/// Candle's `Tensor::randn` draws from an unseeded generator on the CPU; tests that compare two
+/// computations on random inputs use this one, so that every run sees the same inputs.
+pub fn seeded_randn(
+    mean: f64,
+    std: f64,
+    shape: impl Into<Shape>,
+    seed: u64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let shape = shape.into();
+    let init = Init::Randn { mean, stdev: std };
+    let data = sample(init, &shape, &mut StdRng::seed_from_u64(seed));
+    Tensor::from_vec(data, shape, device)
+}
+
 struct Seeded {
     vars: VarMap,
     seed: u64,

@@ -258,6 +258,7 @@ pub fn cosine_momentum(m0: f64, progress: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::init::{seeded_randn, seeded_var_builder};
     use candle_nn::{batch_norm, linear, BatchNorm, Linear, Module};
 
     struct Net {
@@ -280,7 +281,7 @@ mod tests {
 
     fn setup() -> (VarMap, MomentumEncoder, Net, Net) {
         let vars = VarMap::new();
-        let q = net(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
+        let q = net(seeded_var_builder(&vars, 1, DType::F32, &Device::Cpu)).unwrap();
         let enc = MomentumEncoder::new(&vars);
         let k = net(enc.key_var_builder(DType::F32, &Device::Cpu)).unwrap();
         (vars, enc, q, k)
@@ -353,7 +354,7 @@ mod tests {
     #[test]
     fn key_forward_builds_no_graph_and_keeps_its_own_running_stats() {
         let (_, enc, q, k) = setup();
-        let x = Tensor::randn(0f32, 1., (8, 3), &Device::Cpu).unwrap();
+        let x = seeded_randn(0.0, 1., (8, 3), 1, &Device::Cpu).unwrap();
         let yq = candle_nn::ModuleT::forward_t(&q, &x, true).unwrap();
         let yk = candle_nn::ModuleT::forward_t(&k, &x, true).unwrap();
         assert!(yq.track_op(), "the query forward is tracked for backprop");
@@ -408,7 +409,7 @@ mod tests {
         let _q = linear(
             3,
             4,
-            VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu).pp("fc"),
+            seeded_var_builder(&vars, 2, DType::F32, &Device::Cpu).pp("fc"),
         )
         .unwrap();
         let enc = MomentumEncoder::new(&vars);

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use moco_core::init::seeded_randn;
 use moco_eval::features::FeatureSet;
 use moco_eval::knn::{self, KnnConfig};
 use moco_eval::linear::{sanity_check, train_cached, LinearConfig, LinearState};
@@ -65,8 +66,8 @@ fn brute_force(
 #[test]
 fn knn_equals_brute_force_with_any_chunking() {
     let dev = Device::Cpu;
-    let bank = Tensor::randn(0f32, 1., (257, 8), &dev).unwrap();
-    let q = Tensor::randn(0f32, 1., (41, 8), &dev).unwrap();
+    let bank = seeded_randn(0.0, 1., (257, 8), 1, &dev).unwrap();
+    let q = seeded_randn(0.0, 1., (41, 8), 2, &dev).unwrap();
     let bl: Vec<u32> = (0..257).map(|i| (i * 7 % 6) as u32).collect();
     for (k, qc, bc) in [(1, 5, 10), (17, 41, 257), (200, 7, 31), (300, 64, 64)] {
         let cfg = KnnConfig {
@@ -395,7 +396,7 @@ fn feature_sets_round_trip_through_safetensors() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("f.safetensors");
     let fs = FeatureSet {
-        features: Tensor::randn(0f32, 1., (5, 3), &Device::Cpu).unwrap(),
+        features: seeded_randn(0.0, 1., (5, 3), 3, &Device::Cpu).unwrap(),
         labels: vec![4, 3, 2, 1, 0],
     };
     fs.save(

@@ -457,6 +457,7 @@ mod tests {
     use crate::test_util::max_rel;
     use candle_core::Device;
     use candle_nn::VarMap;
+    use moco_core::init::seeded_randn;
 
     /// The fused CPU kernel (float32 input) against the generic candle-op path (the same
     /// values as float64, which takes the generic path): output, running statistics and the
@@ -482,7 +483,7 @@ mod tests {
                 let bn = batch_norm(c, cfg, vb).unwrap();
                 if let Some((w, b)) = &bn.weight_bias {
                     // Non-trivial scale and shift.
-                    for (t, v) in [(w, 1.5f64), (b, -0.25)] {
+                    for (t, v, seed) in [(w, 1.5f64, 1), (b, -0.25, 2)] {
                         let var = vars
                             .data()
                             .lock()
@@ -492,7 +493,7 @@ mod tests {
                             .cloned()
                             .unwrap();
                         var.set(
-                            &((Tensor::randn(0f32, 1.0, c, &dev).unwrap() * 0.1).unwrap() + v)
+                            &((seeded_randn(0.0, 1.0, c, seed, &dev).unwrap() * 0.1).unwrap() + v)
                                 .unwrap(),
                         )
                         .unwrap();
@@ -506,7 +507,8 @@ mod tests {
             for (k, v) in fv.data().lock().unwrap().iter() {
                 sv.data().lock().unwrap()[k].set(v.as_tensor()).unwrap();
             }
-            let x = Var::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap();
+            let x = Var::from_tensor(&seeded_randn(0.0, 2.0, dims.as_slice(), 6, &dev).unwrap())
+                .unwrap();
             let x = Var::from_tensor(&(x.as_tensor() + 0.5).unwrap()).unwrap();
             let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
             // The fused ReLU on the 4-D cases, against candle's relu after the generic path.
@@ -536,7 +538,7 @@ mod tests {
                     "{what}: running stats"
                 );
             }
-            let mix = Tensor::randn(0f32, 1.0, ya.shape(), &dev).unwrap();
+            let mix = seeded_randn(0.0, 1.0, ya.shape(), 60, &dev).unwrap();
             let ga = (&ya * &mix).unwrap().sum_all().unwrap().backward().unwrap();
             let gb = (&yb * mix.to_dtype(DType::F64).unwrap())
                 .unwrap()
@@ -590,20 +592,23 @@ mod tests {
             (vec![4, 6, 5, 3], false),
             (vec![7, 6], true),
         ] {
-            let (mut bn, _v) = random_bn(6, 1);
-            let (mut bn2, _v2) = random_bn(6, 1);
+            let (mut bn, _v) = random_bn(6, 1, 40);
+            let (mut bn2, _v2) = random_bn(6, 1, 50);
             if !affine {
                 (bn.weight_bias, bn2.weight_bias) = (None, None);
             }
             // Running statistics away from 0 and 1: a few training-mode forwards.
-            for _ in 0..3 {
-                let x = (Tensor::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap() + 0.7).unwrap();
+            for step in 0..3 {
+                let x = (seeded_randn(0.0, 2.0, dims.as_slice(), 30 + step, &dev).unwrap() + 0.7)
+                    .unwrap();
                 bn.forward_t(&x, true).unwrap();
                 bn2.forward_t(&(x * 0.5).unwrap(), true).unwrap();
             }
             let (fb, fb2) = (frozen(&bn, affine), frozen(&bn2, affine));
-            let x = Var::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap();
-            let z = Var::randn(0f32, 1.0, dims.as_slice(), &dev).unwrap();
+            let x = Var::from_tensor(&seeded_randn(0.0, 2.0, dims.as_slice(), 7, &dev).unwrap())
+                .unwrap();
+            let z = Var::from_tensor(&seeded_randn(0.0, 1.0, dims.as_slice(), 8, &dev).unwrap())
+                .unwrap();
             let (xt, zt) = (x.as_tensor(), z.as_tensor());
             let (xd, zd) = (xt.detach(), zt.detach());
             let cases: [(&str, Tensor, Tensor); 4] = [
@@ -641,7 +646,7 @@ mod tests {
     }
 
     /// A BatchNorm over `c` channels with a random scale around 1.5 and shift around -0.25.
-    fn random_bn(c: usize, splits: usize) -> (BatchNorm, VarMap) {
+    fn random_bn(c: usize, splits: usize, mut seed: u64) -> (BatchNorm, VarMap) {
         let dev = Device::Cpu;
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
@@ -657,7 +662,8 @@ mod tests {
                 Some((_, b)) if b.id() == t.id() => -0.25,
                 _ => continue,
             };
-            let noise = (Tensor::randn(0f32, 1.0, c, &dev).unwrap() * 0.3).unwrap();
+            let noise = (seeded_randn(0.0, 1.0, c, seed, &dev).unwrap() * 0.3).unwrap();
+            seed += 1;
             var.set(&(noise + center).unwrap()).unwrap();
         }
         (bn, vars)
@@ -671,14 +677,14 @@ mod tests {
         let dev = Device::Cpu;
         let dims = (8, 6, 5, 3);
         for splits in [1, 4] {
-            let (bn, _v1) = random_bn(6, splits);
-            let (bn2, _v2) = random_bn(6, splits);
+            let (bn, _v1) = random_bn(6, splits, 10);
+            let (bn2, _v2) = random_bn(6, splits, 20);
             let (w, b) = bn.weight_bias.clone().unwrap();
             let (w2, b2) = bn2.weight_bias.clone().unwrap();
-            let x = Var::randn(0f32, 2.0, dims, &dev).unwrap();
-            let z = Var::randn(0f32, 1.0, dims, &dev).unwrap();
+            let x = Var::from_tensor(&seeded_randn(0.0, 2.0, dims, 9, &dev).unwrap()).unwrap();
+            let z = Var::from_tensor(&seeded_randn(0.0, 1.0, dims, 10, &dev).unwrap()).unwrap();
             let (xt, zt) = (x.as_tensor(), z.as_tensor());
-            let mix = Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+            let mix = seeded_randn(0.0, 1.0, dims, 5, &dev).unwrap();
             let add_relu = crate::cpu_elementwise::add_relu;
             for pair in [false, true] {
                 let (fused, separate) = if pair {

@@ -890,6 +890,7 @@ mod tests {
     use crate::test_util::max_rel;
     use candle_core::DType;
     use candle_core::{Device, Var};
+    use moco_core::init::seeded_randn;
 
     /// Direct-loop reference in f64: y, and the gradients of sum(y * mix) wrt x and w.
     #[allow(clippy::type_complexity)]
@@ -985,8 +986,10 @@ mod tests {
     /// columns unused) and, where candle's shapes agree, against candle's backward too.
     fn check(engine: ConvEngine, (n, c, h, w, o, k, s, p, groups): Case) {
         let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
-        let wt = Var::randn(0f32, 1.0, (o, c / groups, k.0, k.1), &dev).unwrap();
+        let x = Var::from_tensor(&seeded_randn(0.0, 1.0, (n, c, h, w), 7, &dev).unwrap()).unwrap();
+        let wt =
+            Var::from_tensor(&seeded_randn(0.0, 1.0, (o, c / groups, k.0, k.1), 8, &dev).unwrap())
+                .unwrap();
         let ours = conv2d_on(engine, x.as_tensor(), wt.as_tensor(), p, s, groups).unwrap();
         let theirs = x
             .as_tensor()
@@ -995,7 +998,7 @@ mod tests {
         let what = format!("{engine:?}: n{n} c{c} {h}x{w} o{o} k{k:?} s{s} p{p} g{groups}");
         assert_eq!(ours.dims(), theirs.dims(), "{what}");
         assert!(max_rel(&ours, &theirs) < 1e-5, "{what}: forward");
-        let mix = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
+        let mix = seeded_randn(0.0, 1.0, ours.shape(), 1, &dev).unwrap();
         let (y, gx, gw) = naive(x.as_tensor(), wt.as_tensor(), &mix, s, p, groups);
         assert!(
             max_rel64(&ours, &y) < 1e-5,
@@ -1058,8 +1061,8 @@ mod tests {
     #[test]
     fn a_frozen_input_gets_no_gradient_and_other_devices_fall_back() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &dev).unwrap();
-        let w = Var::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
+        let x = seeded_randn(0.0, 1.0, (2, 3, 6, 6), 2, &dev).unwrap();
+        let w = Var::from_tensor(&seeded_randn(0.0, 1.0, (4, 3, 3, 3), 9, &dev).unwrap()).unwrap();
         let g = conv2d(&x, w.as_tensor(), 1, 1, 1)
             .unwrap()
             .sum_all()
@@ -1113,12 +1116,13 @@ mod tests {
                 }
             }
             for relu in [false, true] {
-                let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+                let x = seeded_randn(0.0, 1.0, (n, c, h, w), 3, &dev).unwrap();
                 let x = Var::from_tensor(&if relu { x.relu().unwrap() } else { x }).unwrap();
-                let wt = Var::randn(0f32, 0.1, (o, c, 3, 3), &dev).unwrap();
+                let wt = Var::from_tensor(&seeded_randn(0.0, 0.1, (o, c, 3, 3), 10, &dev).unwrap())
+                    .unwrap();
                 let y =
                     conv2d_on(ConvEngine::OneDnn, x.as_tensor(), wt.as_tensor(), 1, 1, 1).unwrap();
-                let mix = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
+                let mix = seeded_randn(0.0, 1.0, y.shape(), 4, &dev).unwrap();
                 let (y64, gx, gw) = naive(x.as_tensor(), wt.as_tensor(), &mix, 1, 1, 1);
                 let grads = (&y * &mix).unwrap().sum_all().unwrap().backward().unwrap();
                 let what = format!("n{n} c{c} {h}x{w} o{o} relu {relu}");
@@ -1180,8 +1184,10 @@ mod tests {
         let dev = Device::Cpu;
         // First calls of each pass on both rayon threads, Winograd's layers and direct ones.
         for (c, o) in [(16, 16), (32, 32)] {
-            let x = Var::randn(0f32, 1.0, (4, c, 16, 16), &dev).unwrap();
-            let w = Var::randn(0f32, 0.1, (o, c, 3, 3), &dev).unwrap();
+            let x = Var::from_tensor(&seeded_randn(0.0, 1.0, (4, c, 16, 16), 11, &dev).unwrap())
+                .unwrap();
+            let w =
+                Var::from_tensor(&seeded_randn(0.0, 0.1, (o, c, 3, 3), 12, &dev).unwrap()).unwrap();
             let y = conv2d_on(ConvEngine::OneDnn, x.as_tensor(), w.as_tensor(), 1, 1, 1).unwrap();
             y.sum_all().unwrap().backward().unwrap();
         }
@@ -1198,8 +1204,10 @@ mod tests {
     #[test]
     fn onednn_and_gemm_engines_agree() {
         let dev = Device::Cpu;
+        let seed = std::cell::Cell::new(100);
         let random = |len: usize| -> Vec<f32> {
-            Tensor::randn(0f32, 1.0, len, &dev)
+            seed.set(seed.get() + 1);
+            seeded_randn(0.0, 1.0, len, seed.get(), &dev)
                 .unwrap()
                 .to_vec1()
                 .unwrap()
@@ -1282,15 +1290,15 @@ mod tests {
         let g = Geometry::new(&[4, 8, 9, 9], &[8, 8, 3, 3], 1, 1, 1).unwrap();
         let dev = Device::Cpu;
         let inputs: Vec<(Vec<f32>, Vec<f32>)> = (0..4)
-            .map(|_| {
+            .map(|i| {
                 let [al, bl, _] = g.lens(Pass::GradWeight);
-                let r = |len| {
-                    Tensor::randn(0f32, 1.0, len, &dev)
+                let r = |len, seed: u64| {
+                    seeded_randn(0.0, 1.0, len, 200 + 2 * i + seed, &dev)
                         .unwrap()
                         .to_vec1()
                         .unwrap()
                 };
-                (r(al), r(bl))
+                (r(al, 0), r(bl, 1))
             })
             .collect();
         let alone = |(a, b): &(Vec<f32>, Vec<f32>)| {

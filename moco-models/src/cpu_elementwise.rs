@@ -107,13 +107,14 @@ mod tests {
     use super::*;
     use crate::test_util::max_rel;
     use candle_core::{Device, Var};
+    use moco_core::init::seeded_randn;
 
     #[test]
     fn add_relu_matches_candle_ops_forward_and_backward() {
         let dev = Device::Cpu;
-        let a = Var::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
-        let b = Var::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
-        let mix = Tensor::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
+        let a = Var::from_tensor(&seeded_randn(0.0, 1.0, (3, 4, 5, 7), 3, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&seeded_randn(0.0, 1.0, (3, 4, 5, 7), 4, &dev).unwrap()).unwrap();
+        let mix = seeded_randn(0.0, 1.0, (3, 4, 5, 7), 1, &dev).unwrap();
         let ours = add_relu(a.as_tensor(), b.as_tensor()).unwrap();
         let theirs = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
         assert_eq!(max_rel(&ours, &theirs), 0.0);
@@ -133,7 +134,7 @@ mod tests {
             assert_eq!(max_rel(ga.get(v).unwrap(), gb.get(v).unwrap()), 0.0);
         }
         // A frozen input gets no gradient.
-        let c = Tensor::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
+        let c = seeded_randn(0.0, 1.0, (3, 4, 5, 7), 2, &dev).unwrap();
         let g = add_relu(a.as_tensor(), &c)
             .unwrap()
             .sum_all()

@@ -766,6 +766,7 @@ mod tests {
     use crate::test_util::max_rel;
     use candle_core::DType;
     use candle_core::{Device, Var};
+    use moco_core::init::seeded_randn;
 
     /// Forward values and the gradients of sum(f(..) * mix) against candle's generic ops.
     fn check(
@@ -782,7 +783,7 @@ mod tests {
             "{name}: forward {}",
             max_rel(&a, &b)
         );
-        let mix = Tensor::randn(0f32, 1.0, a.shape(), &Device::Cpu).unwrap();
+        let mix = seeded_randn(0.0, 1.0, a.shape(), 1, &Device::Cpu).unwrap();
         let ga = (&a * &mix).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (&b * &mix).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, v) in inputs.iter().enumerate() {
@@ -800,9 +801,9 @@ mod tests {
         let dev = Device::Cpu;
         // Odd sizes: rows that do not fill a chunk, lanes left over.
         for (rows, d) in [(3, 5), (37, 48), (300, 129)] {
-            let x = Var::randn(0.5f32, 2.0, (rows, d), &dev).unwrap();
-            let w = Var::randn(1f32, 0.3, d, &dev).unwrap();
-            let b = Var::randn(0f32, 0.3, d, &dev).unwrap();
+            let x = Var::from_tensor(&seeded_randn(0.5, 2.0, (rows, d), 2, &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&seeded_randn(1.0, 0.3, d, 3, &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&seeded_randn(0.0, 0.3, d, 4, &dev).unwrap()).unwrap();
             check(
                 "layer_norm",
                 &[&x, &w, &b],
@@ -820,8 +821,9 @@ mod tests {
                 },
                 2e-5,
             );
-            let s = Var::randn(0f32, 3.0, (2, rows, d), &dev).unwrap();
-            let y = Var::randn(0f32, 1.0, (rows, d), &dev).unwrap();
+            let s =
+                Var::from_tensor(&seeded_randn(0.0, 3.0, (2, rows, d), 5, &dev).unwrap()).unwrap();
+            let y = Var::from_tensor(&seeded_randn(0.0, 1.0, (rows, d), 6, &dev).unwrap()).unwrap();
             check(
                 "add_bias",
                 &[&y, &b],
@@ -844,7 +846,9 @@ mod tests {
         let dev = Device::Cpu;
         // (samples, tokens, heads, head width): odd sizes, one head, tokens beyond a lane block.
         for (n, t, h, hd) in [(2, 5, 1, 3), (3, 17, 4, 8), (2, 65, 3, 16)] {
-            let qkv = Var::randn(0f32, 1.0, (n, t, 3 * h * hd), &dev).unwrap();
+            let qkv =
+                Var::from_tensor(&seeded_randn(0.0, 1.0, (n, t, 3 * h * hd), 7, &dev).unwrap())
+                    .unwrap();
             check(
                 "attention",
                 &[&qkv],

@@ -164,6 +164,7 @@ mod tests {
     use super::*;
     use crate::test_util::max_rel;
     use candle_core::{DType, Device, Var};
+    use moco_core::init::seeded_randn;
 
     /// Against the fused CPU kernels (`cpu_conv`, checked against a direct loop in float64),
     /// over the strides, paddings and kernels of the ResNets and odd sizes, non-square ones too
@@ -195,11 +196,11 @@ mod tests {
         ];
         for (n, c, h, wd, o, k, s, p) in cases {
             let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, wd), &dev).unwrap()).unwrap();
+                Var::from_tensor(&seeded_randn(0.0, 1., (n, c, h, wd), 1, &dev).unwrap()).unwrap();
             let w =
-                Var::from_tensor(&Tensor::randn(0f32, 1., (o, c, k, k), &dev).unwrap()).unwrap();
+                Var::from_tensor(&seeded_randn(0.0, 1., (o, c, k, k), 2, &dev).unwrap()).unwrap();
             let y0 = crate::cpu_conv::conv2d(&x, &w, p, s, 1).unwrap();
-            let mix = Tensor::randn(0f32, 1., y0.dims(), &dev).unwrap();
+            let mix = seeded_randn(0.0, 1., y0.dims(), 3, &dev).unwrap();
             let g0 = (&y0 * &mix).unwrap().sum_all().unwrap().backward().unwrap();
             let y = conv2d(&x, &w, p, s, 1).unwrap();
             let g = (&y * &mix).unwrap().sum_all().unwrap().backward().unwrap();
@@ -216,8 +217,8 @@ mod tests {
     #[test]
     fn no_gradient_for_a_constant_input() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 3, 8, 8), &dev).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev).unwrap()).unwrap();
+        let x = seeded_randn(0.0, 1., (2, 3, 8, 8), 4, &dev).unwrap();
+        let w = Var::from_tensor(&seeded_randn(0.0, 1., (4, 3, 3, 3), 5, &dev).unwrap()).unwrap();
         let g = conv2d(&x, &w, 1, 2, 1)
             .unwrap()
             .sum_all()

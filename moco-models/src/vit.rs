@@ -568,6 +568,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use candle_nn::VarMap;
+    use moco_core::init::{seeded_randn, seeded_var_builder};
 
     fn tiny() -> VitConfig {
         VitConfig {
@@ -688,7 +689,7 @@ mod tests {
             ..tiny()
         };
         let vars = VarMap::new();
-        vit(c, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
+        vit(c, seeded_var_builder(&vars, 1, DType::F32, &Device::Cpu)).unwrap();
         let data = vars.data().lock().unwrap();
         let max_abs = |k: &str| largest_magnitude(&data, k) as f32;
         // Uniform in +-bound: the largest of thousands of draws is within 2% of the bound. The
@@ -720,7 +721,7 @@ mod tests {
             conv_stem: true,
             ..tiny()
         };
-        vit(c, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
+        vit(c, seeded_var_builder(&vars, 2, DType::F32, &Device::Cpu)).unwrap();
         let data = vars.data().lock().unwrap();
         let max_abs = |k: &str| largest_magnitude(&data, k);
         // 2 -> 32 -> 64 (3x3), then 64 -> 64 (1x1): fan-ins 18, 288, 64.
@@ -770,8 +771,8 @@ mod tests {
                 stop_grad_patch_embed: stop,
                 ..tiny()
             };
-            let net = vit(c, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
-            let x = Tensor::randn(0f32, 1., (3, 2, 8, 8), &Device::Cpu).unwrap();
+            let net = vit(c, seeded_var_builder(&vars, 3, DType::F32, &Device::Cpu)).unwrap();
+            let x = seeded_randn(0.0, 1., (3, 2, 8, 8), 1, &Device::Cpu).unwrap();
             let y = net.forward_t(&x, true).unwrap();
             assert_eq!(y.dims(), [3, 16]);
             let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
