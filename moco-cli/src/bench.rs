@@ -95,8 +95,7 @@ pub struct StepOptions {
     pub json: bool,
     /// Time the frozen backbone's eval-mode forward (feature extraction) instead of a step.
     pub extract: bool,
-    /// TF32 on CUDA for float32 matrix products and cuDNN convolutions (candle's
-    /// reduced-precision flag, which `cudnn_conv` follows too).
+    /// TF32 is on (set by `device::parse_with_tf32`); only labels the figures.
     pub tf32: bool,
     /// Also time the encoder's forward, and forward + backward, on their own.
     pub phases: bool,
@@ -107,12 +106,6 @@ pub struct StepOptions {
 /// code path of `moco pretrain`.
 pub fn step(o: StepOptions) -> Result<()> {
     use candle_core::Tensor;
-    if o.tf32 {
-        if !o.device.is_cuda() {
-            bail!("--tf32 applies to --device cuda only, not {:?}", o.device);
-        }
-        candle_core::cuda::set_gemm_reduced_precision_f32(true);
-    }
     let backbone = moco_models::BackboneConfig::for_input(
         &o.arch,
         o.width,

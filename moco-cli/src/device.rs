@@ -1,4 +1,4 @@
-//! `--device cpu|cuda|cuda:N|metal`.
+//! `--device cpu|cuda|cuda:N|metal`, and `--tf32`.
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -30,5 +30,34 @@ pub fn parse(spec: &str) -> Result<Device> {
         other => {
             bail!("--device {spec}: unknown device `{other}` (expected cpu, cuda, cuda:N or metal)")
         }
+    }
+}
+
+/// Parses `--device` and applies `--tf32`: TF32 tensor cores for float32 matrix products and
+/// (cudnn builds) convolutions, as PyTorch runs its cuDNN convolutions by default. Only CUDA has
+/// them; asking for them on another device is an error.
+pub fn parse_with_tf32(spec: &str, tf32: bool) -> Result<Device> {
+    let device = parse(spec)?;
+    if tf32 {
+        if !device.is_cuda() {
+            bail!("--tf32 applies to --device cuda only, not --device {spec}");
+        }
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
+    Ok(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf32_is_refused_off_cuda_and_names_its_flags() {
+        let err = parse_with_tf32("cpu", true).unwrap_err().to_string();
+        assert!(
+            err.contains("--tf32") && err.contains("--device cpu"),
+            "{err}"
+        );
+        assert!(parse_with_tf32("cpu", false).unwrap().is_cpu());
     }
 }

@@ -138,6 +138,10 @@ enum Command {
         /// cpu, cuda, cuda:N or metal.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds) convolutions,
+        /// as PyTorch runs its cuDNN convolutions by default (without it: full float32).
+        #[arg(long)]
+        tf32: bool,
     },
     /// MoCo pretraining. With no flags: a small ResNet on the embedded Fashion-MNIST subset for a
     /// short budget, then its kNN accuracy. Flags override the preset, which overrides --config.
@@ -354,6 +358,10 @@ struct PretrainArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds) convolutions,
+    /// as PyTorch runs its cuDNN convolutions by default (without it: full float32).
+    #[arg(long)]
+    tf32: bool,
     /// Run directory (default: runs/DATASET-ARCH-TIMESTAMP).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -392,6 +400,10 @@ struct EvalArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds) convolutions,
+    /// as PyTorch runs its cuDNN convolutions by default (without it: full float32).
+    #[arg(long)]
+    tf32: bool,
     /// Print a last line with the results as JSON.
     #[arg(long)]
     json: bool,
@@ -406,7 +418,7 @@ impl EvalArgs {
             image_size: self.image_size,
             batch_size: self.batch_size,
             workers: self.workers,
-            device: device::parse(&self.device)?,
+            device: device::parse_with_tf32(&self.device, self.tf32)?,
             json: self.json,
         })
     }
@@ -555,6 +567,7 @@ fn main() -> Result<()> {
             image_size,
             batch_size,
             device,
+            tf32,
         } => extract::run(extract::Options {
             weights: &weights,
             arch: arch.as_deref(),
@@ -562,7 +575,7 @@ fn main() -> Result<()> {
             out: &out,
             image_size,
             batch_size,
-            device: device::parse(&device)?,
+            device: device::parse_with_tf32(&device, tf32)?,
         })?,
         Command::Pretrain(a) => {
             let o = pretrain::Overrides {
@@ -600,7 +613,7 @@ fn main() -> Result<()> {
                 patch_size: a.patch_size,
                 stop_grad_conv1: a.stop_grad_conv1,
             };
-            let device = device::parse(&a.dist.device(&a.device))?;
+            let device = device::parse_with_tf32(&a.dist.device(&a.device), a.tf32)?;
             if a.resume && a.out.is_none() {
                 anyhow::bail!("--resume needs --out RUN_DIR");
             }
@@ -704,7 +717,7 @@ fn main() -> Result<()> {
             queue_size,
             mlp,
             steps,
-            device: device::parse(&device)?,
+            device: device::parse_with_tf32(&device, tf32)?,
             json,
             extract,
             tf32,

@@ -29,3 +29,39 @@ fn an_unknown_preset_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--preset") && err.contains("v9"), "{err}");
 }
+
+#[test]
+fn tf32_off_cuda_is_refused_by_every_command_that_takes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    for args in [
+        vec!["pretrain", "--tf32", "--out", out],
+        vec!["knn", "--tf32", "--weights", out],
+        vec!["linear-eval", "--tf32", "--weights", out, "--out", out],
+        vec![
+            "extract",
+            "--tf32",
+            "--weights",
+            out,
+            "--input",
+            out,
+            "--out",
+            out,
+        ],
+        vec!["bench", "step", "--tf32", "--steps", "1"],
+    ] {
+        let res = Command::cargo_bin("moco")
+            .unwrap()
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!res.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            err.contains("--tf32 applies to --device cuda only, not --device cpu"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!dir.path().join("run").exists(), "nothing written");
+}
