@@ -514,9 +514,10 @@ fn main() -> Result<()> {
     keep_freed_memory();
     shorter_candle_spins();
     let cli = Cli::parse();
-    // A bad MOCO_CPU_CONV or MOCO_CPU_KERNELS is an error before any work.
+    // A bad MOCO_CPU_CONV, MOCO_CPU_KERNELS or MOCO_CUDNN_BN is an error before any work.
     moco_models::cpu_conv::conv_engine()?;
     moco_core::kernels::init_from_env()?;
+    moco_models::batch_norm::cudnn_enabled()?;
     match cli.command {
         Command::Config { preset } => {
             let config = MocoConfig::preset(&preset).context("--preset")?;

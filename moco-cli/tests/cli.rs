@@ -65,3 +65,30 @@ fn tf32_off_cuda_is_refused_by_every_command_that_takes_it() {
     }
     assert!(!dir.path().join("run").exists(), "nothing written");
 }
+
+#[test]
+fn a_bad_or_unbuilt_cudnn_batch_norm_switch_is_an_error_naming_it() {
+    for (value, want) in [
+        ("2", "MOCO_CUDNN_BN=2: expected 0 or 1"),
+        ("1", "MOCO_CUDNN_BN=1: this build has no cuDNN"),
+    ] {
+        let res = Command::cargo_bin("moco")
+            .unwrap()
+            .env("MOCO_CUDNN_BN", value)
+            .args(["config"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            !res.status.success() && err.contains(want),
+            "{value}: {err}"
+        );
+    }
+    let res = Command::cargo_bin("moco")
+        .unwrap()
+        .env("MOCO_CUDNN_BN", "0")
+        .args(["config"])
+        .output()
+        .unwrap();
+    assert!(res.status.success());
+}

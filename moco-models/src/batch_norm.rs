@@ -55,6 +55,25 @@ impl Default for BatchNormConfig {
     }
 }
 
+/// Whether training-mode BatchNorm runs on cuDNN where it can: float32 CUDA tensors in one
+/// group, no SyncBN (environment variable `MOCO_CUDNN_BN=1`, builds with the `cudnn` feature;
+/// off by default: not yet run on a GPU). Read once; a value other than `0` or `1`, or `1` in a
+/// build without cuDNN, is an error naming the variable.
+pub fn cudnn_enabled() -> Result<bool> {
+    static ENABLED: std::sync::OnceLock<std::result::Result<bool, String>> =
+        std::sync::OnceLock::new();
+    let read = || match std::env::var("MOCO_CUDNN_BN").as_deref() {
+        Err(_) | Ok("0") => Ok(false),
+        Ok("1") if cfg!(feature = "cudnn") => Ok(true),
+        Ok("1") => Err("MOCO_CUDNN_BN=1: this build has no cuDNN (cargo feature `cudnn`)".into()),
+        Ok(v) => Err(format!("MOCO_CUDNN_BN={v}: expected 0 or 1")),
+    };
+    ENABLED
+        .get_or_init(read)
+        .clone()
+        .map_err(candle_core::Error::Msg)
+}
+
 /// Builds a [`BatchNorm`] over `channels` from `vb`.
 pub fn batch_norm(channels: usize, config: BatchNormConfig, vb: VarBuilder) -> Result<BatchNorm> {
     if config.splits == 0 {
@@ -162,6 +181,10 @@ impl BatchNorm {
                 (s, (n / s) * l)
             }
         };
+        #[cfg(feature = "cudnn")]
+        if group.is_none() && crate::cudnn_norm::applies(x, s, self.eps)? {
+            return self.normalized_cudnn(x, count);
+        }
         let ct = generic_norm::compute_dtype(x);
         // (N/s, s, C, L): sample i*s + j is element [i, j] (group j).
         let xs = x.detach().to_dtype(ct)?.reshape((n / s, s, c, l))?;
@@ -203,6 +226,34 @@ impl BatchNorm {
                 splits: s,
                 count: count as f64,
                 synced: group.is_some(),
+                #[cfg(feature = "cudnn")]
+                cudnn_eps: None,
+            },
+        })
+    }
+
+    /// [`Self::normalized`] on cuDNN (one group, no SyncBN; see [`crate::cudnn_norm`]).
+    #[cfg(feature = "cudnn")]
+    fn normalized_cudnn(&self, x: &Tensor, count: usize) -> Result<generic_norm::Normalized> {
+        let c = self.channels;
+        let (w_var, b_var) = self.weight_bias_or_identity(x.device())?;
+        let w = w_var.detach();
+        let (y, mean, invstd) =
+            crate::cudnn_norm::forward(&x.detach(), &w, &b_var.detach(), self.eps)?;
+        // cuDNN returns 1 / sqrt(var + eps) (biased variance); the running variance needs var.
+        let var = (invstd.sqr()?.recip()? - self.eps)?;
+        self.update_running(&mean.reshape((1, c))?, &var.reshape((1, c))?, count as f64)?;
+        Ok(generic_norm::Normalized {
+            y,
+            weight_bias: Tensor::stack(&[&w_var, &b_var], 0)?,
+            state: generic_norm::NormState {
+                mean: mean.reshape((1, 1, c, 1))?,
+                invstd: invstd.reshape((1, 1, c, 1))?,
+                weight: w,
+                splits: 1,
+                count: count as f64,
+                synced: false,
+                cudnn_eps: Some(self.eps),
             },
         })
     }

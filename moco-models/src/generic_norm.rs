@@ -56,6 +56,10 @@ pub(crate) struct NormState {
     pub count: f64,
     /// Whether the statistics are the global batch's (SyncBN).
     pub synced: bool,
+    /// cuDNN's forward pass computed the statistics with this `eps`: the backward pass runs on
+    /// cuDNN too ([`crate::cudnn_norm`]).
+    #[cfg(feature = "cudnn")]
+    pub cudnn_eps: Option<f64>,
 }
 
 /// The dtype the generic ops compute in: float64 for float64 input, else float32.
@@ -86,6 +90,18 @@ impl NormGrad {
     /// Gradients of one BatchNorm from its input `x` and its output's gradient `dy` (compute
     /// dtype, input's shape): the input's, and the weight's and bias's stacked as (2, C).
     fn side(side: &NormState, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cudnn")]
+        if let Some(eps) = side.cudnn_eps {
+            let (dx, dw, db) = crate::cudnn_norm::backward(
+                &x.detach(),
+                dy,
+                &side.weight,
+                &side.mean,
+                &side.invstd,
+                eps,
+            )?;
+            return Ok((dx, Tensor::stack(&[&dw, &db], 0)?));
+        }
         let ct = side.mean.dtype();
         let c = side.weight.dim(0)?;
         let xs = grouped(&x.detach(), side.splits, ct)?;

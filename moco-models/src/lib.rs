@@ -26,6 +26,8 @@ pub mod cpu_pool;
 pub mod cpu_transformer;
 #[cfg(feature = "cudnn")]
 mod cudnn_conv;
+#[cfg(feature = "cudnn")]
+mod cudnn_norm;
 mod error;
 mod generic_conv;
 mod generic_norm;
