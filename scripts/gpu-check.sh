@@ -22,12 +22,17 @@
 #      bench/reference/bench_step.py --device cuda (PyTorch's default, TF32 convolutions, and
 #      --fp32): resnet50 at 224x224 (batch 256, K 65536, v2 head) and the small ResNet-18
 #      (width 64, 32x32, batch 256), each side's peak GPU memory sampled by nvidia-smi;
-#   4. the same pairs for resnet50's eval-mode forward at 224x224, batch 256 (--extract).
-# GPU_CHECK_STEPS (default "checks bench e2e") picks sections 1, 3-4 and 2.
+#   4. the same pairs for resnet50's eval-mode forward at 224x224, batch 256 (--extract);
+#   5. (the cuDNN binary) MOCO_CUDNN_BN=1, BatchNorm's training mode on cuDNN (off by default,
+#      not yet run on a GPU): the small ResNet and resnet50 checks of 1, then resnet50's step
+#      of 3 (float32 with --phases, and --tf32), to read next to the step of 3.
+# GPU_CHECK_STEPS (default "checks bn bench e2e") picks sections 1, 5, 3-4 and 2, run in that
+# order.
 # Everything is logged to target/gpu/gpu-check.log (and $OUT, when set, receives a copy).
-# Budget: GPU_CHECK_BUDGET seconds in all (default 430); each step has its own timeout, cut to
-# what is left, and a step that would start with under 15 s left is skipped. The whole script
-# ran in about 5 minutes on an H200 (bench/results/).
+# Budget: GPU_CHECK_BUDGET seconds in all (default 540, under the 10 minutes one device call may
+# run); each step has its own timeout, cut to what is left, and a step that would start with
+# under 15 s left is skipped. Without section 5 the script ran in about 5 minutes on an H200
+# (bench/results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +54,7 @@ log=target/gpu/gpu-check.log
 exec > >(tee "$log" ${OUT:+"$OUT/gpu-check.log"}) 2>&1
 
 export RUST_BACKTRACE=0 # the binary is stripped: a backtrace would show nothing
-budget=${GPU_CHECK_BUDGET:-430}
+budget=${GPU_CHECK_BUDGET:-540}
 # MAX COMMAND...: runs COMMAND under `timeout`, MAX seconds or what is left of the budget.
 within() {
   local max=$1 left=$((budget - SECONDS - 5))
@@ -106,7 +111,7 @@ done
 "$bin" --version
 python3 -c 'import torch; print("PyTorch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
 
-steps=" ${GPU_CHECK_STEPS:-checks bench e2e} "
+steps=" ${GPU_CHECK_STEPS:-checks bn bench e2e} "
 small=(--arch resnet18-small --width 16 --image-size 32 --batch-size 32)
 [[ $steps == *" checks "* ]] && for b in "${bins[@]}"; do
   echo "== 1. $b: one MoCo step, CUDA vs CPU"
@@ -164,6 +169,21 @@ bench() {
   gpu_peak "PyTorch --fp32" within 120 python3 bench/reference/bench_step.py --device cuda "$@" --fp32 --json
 }
 r50=(--arch resnet50 --width 64 --image-size 224 --channels 3 --batch-size 256)
+[[ $steps == *" bn "* ]] && for b in "${bins[@]}"; do
+  [[ $b == *cudnn* ]] || continue
+  (
+    export MOCO_CUDNN_BN=1
+    echo "== 5. $b, MOCO_CUDNN_BN=1: BatchNorm's training mode on cuDNN"
+    within 90 "$b" check-device --device cuda "${small[@]}" || echo "cuDNN BatchNorm check failed"
+    within 90 "$b" check-device --device cuda --arch resnet50 --width 16 --image-size 64 \
+      --batch-size 16 || echo "cuDNN BatchNorm resnet50 check failed"
+    echo "-- ${r50[*]} --queue-size 65536 --mlp --steps 3"
+    gpu_peak "moco-rs ($b) cuDNN BatchNorm" within 150 "$b" bench step --device cuda "${r50[@]}" \
+      --queue-size 65536 --mlp --steps 3 --phases --json
+    gpu_peak "moco-rs ($b) cuDNN BatchNorm --tf32" within 150 "$b" bench step --device cuda \
+      "${r50[@]}" --queue-size 65536 --mlp --steps 3 --tf32 --json
+  )
+done
 if [[ $steps == *" e2e "* ]]; then
   run=target/gpu/e2e
   rm -rf "$run"
