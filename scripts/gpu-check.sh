@@ -25,9 +25,12 @@
 #   4. the same pairs for resnet50's eval-mode forward at 224x224, batch 256 (--extract);
 #   5. (the cuDNN binary) MOCO_CUDNN_BN=1, BatchNorm's training mode on cuDNN (off by default,
 #      not yet run on a GPU): the small ResNet and resnet50 checks of 1, then resnet50's step
-#      of 3 (float32 with --phases, and --tf32), to read next to the step of 3.
-# GPU_CHECK_STEPS (default "checks bn bench e2e") picks sections 1, 5, 3-4 and 2, run in that
-# order.
+#      of 3 (float32 with --phases, and --tf32), to read next to the step of 3;
+#   6. (only when asked for) the main job of 2 twice, uninterrupted, and how many tensors of the
+#      two last checkpoints are equal: whether a GPU run repeats itself at all (2 compares the
+#      killed-and-resumed run with the uninterrupted one the same way).
+# GPU_CHECK_STEPS (default "checks bn bench e2e"; add "repeat" for 6) picks the sections; they
+# run in the order 1, 5, 2, 6, 3-4.
 # Everything is logged to target/gpu/gpu-check.log (and $OUT, when set, receives a copy).
 # Budget: GPU_CHECK_BUDGET seconds in all (default 540, under the 10 minutes one device call may
 # run); each step has its own timeout, cut to what is left, and a step that would start with
@@ -169,6 +172,21 @@ bench() {
   gpu_peak "PyTorch --fp32" within 120 python3 bench/reference/bench_step.py --device cuda "$@" --fp32 --json
 }
 r50=(--arch resnet50 --width 64 --image-size 224 --channels 3 --batch-size 256)
+# RUN_A RUN_B: how many tensors of the two runs' last checkpoints are equal to the bit.
+same_run() {
+  python3 - "$1/checkpoint-last.safetensors" "$2/checkpoint-last.safetensors" <<'PY' || true
+import json, struct, sys
+def tensors(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return {k: raw[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]] for k, v in header.items()}
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+same = sum(a[k] == b.get(k) for k in a)
+print(f"last checkpoints: {same} of {len(a)} tensors equal to the bit ({sys.argv[1]} vs {sys.argv[2]})")
+PY
+}
 [[ $steps == *" bn "* ]] && for b in "${bins[@]}"; do
   [[ $b == *cudnn* ]] || continue
   (
@@ -203,6 +221,16 @@ if [[ $steps == *" e2e "* ]]; then
   kill -9 "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   within 120 "$bin" pretrain --device cuda --resume --out "$run/killed" || echo "resume failed"
+  same_run "$run/pretrain" "$run/killed"
+fi
+if [[ $steps == *" repeat "* ]]; then
+  echo "== 6. ${bins[0]}: the main job twice, uninterrupted: is training on this GPU repeatable?"
+  for i in 1 2; do
+    rm -rf "target/gpu/repeat$i"
+    within 120 "$bin" pretrain --device cuda --quiet --out "target/gpu/repeat$i" | tail -1 ||
+      echo "pretrain $i failed"
+  done
+  same_run target/gpu/repeat1 target/gpu/repeat2
 fi
 if [[ $steps == *" bench "* ]]; then
   echo "== 3. training step throughput, moco-rs vs PyTorch on this GPU"
