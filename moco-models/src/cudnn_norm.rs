@@ -51,12 +51,7 @@ pub(crate) fn forward(
     let out = x
         .contiguous()?
         .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)?;
-    let (m, c) = (x.elem_count(), op.nchw[1]);
-    Ok((
-        out.narrow(0, 0, m)?.reshape(x.dims())?,
-        out.narrow(0, m, c)?.copy()?,
-        out.narrow(0, m + c, c)?.copy()?,
-    ))
+    split(&out, x.dims(), op.nchw[1])
 }
 
 /// The gradients of the input, the weight and the bias given the output's gradient `dy` (the
@@ -77,9 +72,15 @@ pub(crate) fn backward(
     let out = x
         .contiguous()?
         .apply_op3_no_bwd(&dy.contiguous()?, &params, &op)?;
-    let (m, c) = (x.elem_count(), op.nchw[1]);
+    split(&out, x.dims(), op.nchw[1])
+}
+
+/// An op's output `[values of the input's size, c, c]` as the first part in `dims` and the two
+/// per-channel parts copied out (they outlive the first).
+fn split(out: &Tensor, dims: &[usize], c: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let m = dims.iter().product();
     Ok((
-        out.narrow(0, 0, m)?.reshape(x.dims())?,
+        out.narrow(0, 0, m)?.reshape(dims)?,
         out.narrow(0, m, c)?.copy()?,
         out.narrow(0, m + c, c)?.copy()?,
     ))
