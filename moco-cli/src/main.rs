@@ -135,13 +135,8 @@ enum Command {
         /// Images per forward pass.
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
-        /// cpu, cuda, cuda:N or metal.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds) convolutions,
-        /// as PyTorch runs its cuDNN convolutions by default (without it: full float32).
-        #[arg(long)]
-        tf32: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// MoCo pretraining. With no flags: a small ResNet on the embedded Fashion-MNIST subset for a
     /// short budget, then its kNN accuracy. Flags override the preset, which overrides --config.
@@ -355,13 +350,8 @@ struct PretrainArgs {
     /// Metrics line every N steps.
     #[arg(long)]
     log_every: Option<usize>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds) convolutions,
-    /// as PyTorch runs its cuDNN convolutions by default (without it: full float32).
-    #[arg(long)]
-    tf32: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Run directory (default: runs/DATASET-ARCH-TIMESTAMP).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -373,6 +363,29 @@ struct PretrainArgs {
     quiet: bool,
     #[command(flatten)]
     dist: pretrain::DistArgs,
+}
+
+/// `--device` and `--tf32`, for the commands that run a model.
+#[derive(Debug, clap::Args)]
+struct DeviceArgs {
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds) convolutions,
+    /// as PyTorch runs its cuDNN convolutions by default (without it: full float32).
+    #[arg(long)]
+    tf32: bool,
+}
+
+impl DeviceArgs {
+    /// The device, `spec` standing for `--device` (see [`device::parse_with_tf32`]).
+    fn open_as(&self, spec: &str) -> Result<candle_core::Device> {
+        device::parse_with_tf32(spec, self.tf32)
+    }
+
+    fn open(&self) -> Result<candle_core::Device> {
+        self.open_as(&self.device)
+    }
 }
 
 /// Arguments of the evaluation commands.
@@ -397,13 +410,8 @@ struct EvalArgs {
     /// Data worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds) convolutions,
-    /// as PyTorch runs its cuDNN convolutions by default (without it: full float32).
-    #[arg(long)]
-    tf32: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Print a last line with the results as JSON.
     #[arg(long)]
     json: bool,
@@ -418,7 +426,7 @@ impl EvalArgs {
             image_size: self.image_size,
             batch_size: self.batch_size,
             workers: self.workers,
-            device: device::parse_with_tf32(&self.device, self.tf32)?,
+            device: self.device.open()?,
             json: self.json,
         })
     }
@@ -452,9 +460,8 @@ enum BenchCommand {
         /// Timed steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 5)]
         steps: usize,
-        /// cpu, cuda, cuda:N or metal.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        device: DeviceArgs,
         /// Print a last line {"images_per_s": ..., "peak_rss_mb": ...}.
         #[arg(long)]
         json: bool,
@@ -462,11 +469,6 @@ enum BenchCommand {
         /// what `moco knn`, `linear-eval` and `extract` run per batch).
         #[arg(long)]
         extract: bool,
-        /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds)
-        /// convolutions, as PyTorch runs its cuDNN convolutions by default (without it: full
-        /// float32).
-        #[arg(long)]
-        tf32: bool,
         /// Also time the query encoder's training-mode forward pass, and forward + backward
         /// (of the sum of its outputs), on their own: where a step's time goes.
         #[arg(long)]
@@ -568,7 +570,6 @@ fn main() -> Result<()> {
             image_size,
             batch_size,
             device,
-            tf32,
         } => extract::run(extract::Options {
             weights: &weights,
             arch: arch.as_deref(),
@@ -576,7 +577,7 @@ fn main() -> Result<()> {
             out: &out,
             image_size,
             batch_size,
-            device: device::parse_with_tf32(&device, tf32)?,
+            device: device.open()?,
         })?,
         Command::Pretrain(a) => {
             let o = pretrain::Overrides {
@@ -614,7 +615,7 @@ fn main() -> Result<()> {
                 patch_size: a.patch_size,
                 stop_grad_conv1: a.stop_grad_conv1,
             };
-            let device = device::parse_with_tf32(&a.dist.device(&a.device), a.tf32)?;
+            let device = a.device.open_as(&a.dist.device(&a.device.device))?;
             if a.resume && a.out.is_none() {
                 anyhow::bail!("--resume needs --out RUN_DIR");
             }
@@ -706,7 +707,6 @@ fn main() -> Result<()> {
             device,
             json,
             extract,
-            tf32,
             phases,
         }) => bench::step(bench::StepOptions {
             arch,
@@ -718,10 +718,10 @@ fn main() -> Result<()> {
             queue_size,
             mlp,
             steps,
-            device: device::parse_with_tf32(&device, tf32)?,
+            tf32: device.tf32,
+            device: device.open()?,
             json,
             extract,
-            tf32,
             phases,
         })?,
         Command::Bench(BenchCommand::Data {
