@@ -4,7 +4,8 @@
 //! mode), the gradients of the input, the weight and the bias in another
 //! (`cudnnBatchNormalizationBackward`), where the generic path ([`crate::generic_norm`]) runs
 //! about seven full passes over the activations forward and nine backward, one CUDA kernel each.
-//! PyTorch runs the same two cuDNN calls for float32 NCHW BatchNorm on CUDA.
+//! PyTorch's `cudnn_batch_norm` makes the same two calls (whether PyTorch picks it over its own
+//! CUDA kernels depends on its version and the input).
 //!
 //! The running statistics stay with [`crate::batch_norm`] (candle ops on C values): cuDNN is
 //! asked for the batch mean and inverse standard deviation only (its running-average pointers
