@@ -64,7 +64,9 @@ fn both_serializations_convert_to_the_same_encoder_with_torchvision_features() {
                 && file.tensors.contains_key("fc.2.weight")
         );
         // Same features as the torchvision model the checkpoint came from.
-        let (enc, _) = moco_models::load_encoder(&out, None, &Device::Cpu).unwrap();
+        let (enc, _) =
+            moco_models::load_encoder(&out, None, moco_models::Settings::default(), &Device::Cpu)
+                .unwrap();
         let x = &gold["small.x"];
         let f = moco_models::Backbone::features(&enc, x, false).unwrap();
         assert!(max_abs(&f, &gold["small.features"]) < 1e-5);
@@ -115,7 +117,9 @@ fn moco_v3_vit_checkpoint_converts_with_timm_features() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
-    let (enc, _) = moco_models::load_encoder(&out, None, &Device::Cpu).unwrap();
+    let (enc, _) =
+        moco_models::load_encoder(&out, None, moco_models::Settings::default(), &Device::Cpu)
+            .unwrap();
     let f = moco_models::Backbone::features(&enc, &gold["vit.x"], false).unwrap();
     assert!(max_abs(&f, &gold["vit.features"]) < 1e-5);
 }

@@ -750,7 +750,9 @@ fn export_writes_a_hub_folder_that_loads_back_with_identical_features_and_hf_url
     assert!(model.tensors.contains_key("layer4.1.bn2.running_var"));
     let x = seeded_randn(0.0, 1., (3, 1, 28, 28), 1, &Device::Cpu).unwrap();
     let feats = |p: &Path| {
-        let (enc, _) = moco_models::load_encoder(p, None, &Device::Cpu).unwrap();
+        let (enc, _) =
+            moco_models::load_encoder(p, None, moco_models::Settings::default(), &Device::Cpu)
+                .unwrap();
         moco_models::Backbone::features(&enc, &x, false)
             .unwrap()
             .flatten_all()
@@ -767,7 +769,14 @@ fn export_writes_a_hub_folder_that_loads_back_with_identical_features_and_hf_url
         .filter_map(|(k, v)| k.strip_prefix("encoder_q.").map(|s| (s.to_string(), v)))
         .collect();
     let spec = moco_models::spec_from_metadata(&run, &ck.metadata).unwrap();
-    let (enc, _, _) = moco_models::encoder_from_tensors(spec, &q, &Device::Cpu, &run).unwrap();
+    let (enc, _, _) = moco_models::encoder_from_tensors(
+        spec,
+        &q,
+        moco_models::Settings::default(),
+        &Device::Cpu,
+        &run,
+    )
+    .unwrap();
     let original = moco_models::Backbone::features(&enc, &x, false)
         .unwrap()
         .flatten_all()

@@ -99,6 +99,8 @@ pub struct StepOptions {
     pub tf32: bool,
     /// Also time the encoder's forward, and forward + backward, on their own.
     pub phases: bool,
+    /// The kernel settings (printed with the figures).
+    pub settings: moco_models::Settings,
 }
 
 /// `moco bench step`: full MoCo training steps (query forward+backward, key forward with
@@ -130,7 +132,11 @@ pub fn step(o: StepOptions) -> Result<()> {
             moco_core::MocoConfig::v1()
         }
     };
-    let mut moco = moco_core::Moco::new(config, &o.device, |vb| moco_models::encoder(spec, vb))?;
+    let settings = o.settings;
+    let mut moco = moco_core::Moco::new(config, &o.device, |vb| {
+        moco_models::encoder(spec, settings, vb)
+    })?
+    .with_kernels(settings.kernels);
     let shape = (o.batch_size, o.channels, o.image_size, o.image_size);
     let x1 = Tensor::randn(0f32, 1., shape, &o.device)?;
     let x2 = Tensor::randn(0f32, 1., shape, &o.device)?;
@@ -141,7 +147,7 @@ pub fn step(o: StepOptions) -> Result<()> {
             let tensors = moco.encoders().query_tensors().into_iter().collect();
             let vb =
                 candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &o.device);
-            Some(moco_models::encoder(spec, vb)?)
+            Some(moco_models::encoder(spec, settings, vb)?)
         }
         false => None,
     };
@@ -164,7 +170,7 @@ pub fn step(o: StepOptions) -> Result<()> {
         use candle_nn::ModuleT;
         let varmap = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &o.device);
-        let enc = moco_models::encoder(spec, vb)?;
+        let enc = moco_models::encoder(spec, settings, vb)?;
         let fwd = median_of(&mut || {
             enc.forward_t(&x1, true)?;
             Ok(())
@@ -194,7 +200,7 @@ pub fn step(o: StepOptions) -> Result<()> {
     let rss = peak_rss_mb();
     // The CPU convolution engine (gemm or onednn); "device" on other devices.
     let conv = if o.device.is_cpu() {
-        moco_models::cpu_conv::conv_engine()?.name()
+        settings.conv_engine.name()
     } else {
         "device"
     };
@@ -207,6 +213,7 @@ pub fn step(o: StepOptions) -> Result<()> {
         o.arch, o.width, o.image_size, o.image_size, o.channels, o.batch_size, o.queue_size, ips, o.steps, median,
         rss.map_or("unknown".into(), |r| format!("{r:.0} MB"))
     );
+    println!("kernels: {settings}");
     if o.json {
         println!(
             "{}",
@@ -233,6 +240,8 @@ pub struct CheckOptions {
     pub generic: bool,
     /// Seed of the initial weights, the queue and the two views.
     pub seed: u64,
+    /// The kernel settings of the CPU side (the device side's too, but with `generic`).
+    pub settings: moco_models::Settings,
 }
 
 impl CheckOptions {
@@ -245,24 +254,19 @@ impl CheckOptions {
         }
     }
 
-    /// Runs `f`, the device side's computation: with `generic`, with the fused CPU kernels
-    /// switched off (restored afterwards, also on error).
-    fn device_side<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// The device side's kernel settings: with `generic`, candle's generic ops; an error when
+    /// `generic` is asked for off the CPU.
+    fn device_settings(&self) -> Result<moco_models::Settings> {
         if !self.generic {
-            return f();
+            return Ok(self.settings);
         }
         if !self.device.is_cpu() {
             bail!("--generic runs candle's generic ops on the CPU: it needs --device cpu");
         }
-        struct Restore;
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                moco_core::kernels::set_generic_cpu(false);
-            }
-        }
-        moco_core::kernels::set_generic_cpu(true);
-        let _restore = Restore;
-        f()
+        Ok(moco_models::Settings {
+            kernels: moco_core::Kernels::Generic,
+            ..self.settings
+        })
     }
 }
 
@@ -325,11 +329,14 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
     };
     let (x1, x2) = seeded_views(&o)?;
     let run = |device: &Device,
-               in_group: bool|
+               in_group: bool,
+               settings: moco_models::Settings|
      -> Result<(f32, std::collections::BTreeMap<String, Tensor>)> {
         // Same seed: the same initial weights and queue on every device.
-        let mut moco =
-            moco_core::Moco::new(config.clone(), device, |vb| moco_models::encoder(spec, vb))?;
+        let mut moco = moco_core::Moco::new(config.clone(), device, |vb| {
+            moco_models::encoder(spec, settings, vb)
+        })?
+        .with_kernels(settings.kernels);
         if in_group {
             if let Some(comm) = group(device)? {
                 moco = moco.with_collective(comm)?;
@@ -337,8 +344,10 @@ pub fn check_device(o: CheckOptions) -> Result<()> {
         }
         one_step(&mut moco, device, (&x1, &x2), 0.03)
     };
-    let (loss_dev, dev_state) = o.device_side(|| run(&o.device, true))?;
-    let (loss_cpu, cpu_state) = run(&Device::Cpu, false)?;
+    let device_settings = o.device_settings()?;
+    println!("device side: {device_settings}; CPU side: {}", o.settings);
+    let (loss_dev, dev_state) = run(&o.device, true, device_settings)?;
+    let (loss_cpu, cpu_state) = run(&Device::Cpu, false, o.settings)?;
     compare(
         &o,
         "one MoCo v2 step",
@@ -460,13 +469,18 @@ fn check_sync_bn(o: &CheckOptions) -> Result<()> {
     let (x1, x2) = seeded_views(o)?;
     type State = std::collections::BTreeMap<String, Tensor>;
     let step = move |device: &Device,
+                     settings: moco_models::Settings,
                      comm: Option<Box<dyn moco_core::Collective>>,
                      x1: &Tensor,
                      x2: &Tensor|
           -> Result<(f32, State)> {
-        let mut moco =
-            moco_core::Moco::new(config.clone(), device, |vb| moco_models::encoder(spec, vb))?
-                .with_predictor(|vb| moco_models::head::v3_mlp(2, dim, hidden, dim, last_bn, vb))?;
+        let mut moco = moco_core::Moco::new(config.clone(), device, |vb| {
+            moco_models::encoder(spec, settings, vb)
+        })?
+        .with_kernels(settings.kernels)
+        .with_predictor(|vb| {
+            moco_models::head::v3_mlp(2, dim, hidden, dim, last_bn, settings, vb)
+        })?;
         if let Some(comm) = comm {
             moco = moco.with_collective(comm)?;
         }
@@ -476,20 +490,20 @@ fn check_sync_bn(o: &CheckOptions) -> Result<()> {
     let device = o.device.clone();
     let (a, b) = (x1.clone(), x2.clone());
     let on_rank = step.clone();
-    let mut ranks = o.device_side(|| {
-        moco_core::dist::on_threads(RANKS, move |comm| {
-            let r = comm.rank();
-            let mine = |x: &Tensor| x.narrow(0, r * per_rank, per_rank);
-            (|| on_rank(&device, Some(comm), &mine(&a)?, &mine(&b)?))()
-                .map_err(|e| format!("rank {r}: {e:#}"))
-        })
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .into_iter()
-        .collect::<std::result::Result<Vec<_>, String>>()
-        .map_err(|e| anyhow::anyhow!(e))
-    })?;
+    let device_settings = o.device_settings()?;
+    println!("device side: {device_settings}; CPU side: {}", o.settings);
+    let mut ranks = moco_core::dist::on_threads(RANKS, move |comm| {
+        let r = comm.rank();
+        let mine = |x: &Tensor| x.narrow(0, r * per_rank, per_rank);
+        (|| on_rank(&device, device_settings, Some(comm), &mine(&a)?, &mine(&b)?))()
+            .map_err(|e| format!("rank {r}: {e:#}"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?
+    .into_iter()
+    .collect::<std::result::Result<Vec<_>, String>>()
+    .map_err(|e| anyhow::anyhow!(e))?;
     let (loss_dev, dev_state) = ranks.swap_remove(0);
-    let (loss_cpu, cpu_state) = step(&Device::Cpu, None, &x1, &x2)?;
+    let (loss_cpu, cpu_state) = step(&Device::Cpu, o.settings, None, &x1, &x2)?;
     compare(
         o,
         "one MoCo v3 step with SyncBN over 2 ranks",

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use moco_models::checkpoint::import_official_as;
+use moco_models::weights::official::import_official_as;
+use moco_models::Settings;
 
 /// Converts `input` (`checkpoint_*.pth.tar`) into `out`: the query encoder (backbone and head;
 /// v3's base encoder with its projector), with `arch`, `head`, `dim` (and the full spec) in the
@@ -15,8 +16,13 @@ use moco_models::checkpoint::import_official_as;
 pub fn run(input: &Path, out: &Path, arch: Option<&str>) -> Result<()> {
     let ckpt = import_official_as(input, arch).context("--input / --arch")?;
     // Build the encoder from the tensors: every variable must be there with its shape.
-    let (_, vars, unused) =
-        moco_models::encoder_from_tensors(ckpt.spec, &ckpt.encoder_q, &Device::Cpu, input)?;
+    let (_, vars, unused) = moco_models::encoder_from_tensors(
+        ckpt.spec,
+        &ckpt.encoder_q,
+        Settings::default(),
+        &Device::Cpu,
+        input,
+    )?;
     if let Some(first) = unused.first() {
         anyhow::bail!(
             "{}: tensor `encoder_q.{first}` is not part of {} ({} unused)",

@@ -25,6 +25,7 @@ pub struct Common<'a> {
     pub batch_size: usize,
     pub workers: usize,
     pub device: Device,
+    pub settings: moco_models::Settings,
     pub json: bool,
 }
 
@@ -76,7 +77,7 @@ fn split_features(
 /// `moco knn`.
 pub fn knn(c: Common, k: usize, t: f64) -> Result<()> {
     let w = crate::weights::Weights::read(c.weights)?;
-    let enc = w.frozen(&c.device)?;
+    let enc = w.frozen(&c.device, c.settings)?;
     let (train_data, test_data) = open_splits(&enc, &c)?;
     let native = train_data.native_size;
     let train = split_features(&enc, &c, &train_data, "train", native)?;
@@ -211,7 +212,7 @@ pub fn linear_eval(
     };
     std::fs::create_dir_all(&out_dir).with_context(|| format!("--out {}", out_dir.display()))?;
 
-    let enc = w.frozen(&c.device)?;
+    let enc = w.frozen(&c.device, c.settings)?;
     let (train_data, test_data) = open_splits(&enc, &c)?;
     let native = train_data.native_size;
     let classes = train_data.classes().to_vec();

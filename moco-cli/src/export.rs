@@ -30,7 +30,7 @@ fn run_info(run: &Path) -> (Option<serde_json::Value>, Option<serde_json::Value>
 pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
     let w = Weights::read(source)?;
     // Check that the tensors build the encoder before writing anything.
-    w.frozen(&candle_core::Device::Cpu)?;
+    w.frozen(&candle_core::Device::Cpu, moco_models::Settings::default())?;
     let head = format!("{}.", w.spec.backbone.head_prefix());
     let mut backbone: BTreeMap<String, Tensor> = w
         .tensors
@@ -211,7 +211,7 @@ moco knn --weights hf://OWNER/NAME --dataset fashion-mnist --data-dir DIR
 ```
 
 ```rust
-let (encoder, _) = moco_models::load_encoder("model.safetensors".as_ref(), None, &candle_core::Device::Cpu)?;
+let (encoder, _) = moco_models::load_encoder("model.safetensors".as_ref(), None, moco_models::Settings::default(), &candle_core::Device::Cpu)?;
 let features = moco_models::Backbone::features(&encoder, &images, false)?; // N x {fd}
 ```
 

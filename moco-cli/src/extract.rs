@@ -20,6 +20,7 @@ pub struct Options<'a> {
     pub image_size: usize,
     pub batch_size: usize,
     pub device: Device,
+    pub settings: moco_models::Settings,
 }
 
 /// Loads the encoder, runs the evaluation transform and the frozen backbone over the images.
@@ -65,7 +66,7 @@ pub fn run(o: Options) -> Result<()> {
             );
         }
     }
-    let enc = w.frozen(&o.device)?;
+    let enc = w.frozen(&o.device, o.settings)?;
     let files = image_files(o.input).context("--input")?;
     if files.is_empty() {
         bail!(

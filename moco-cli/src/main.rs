@@ -418,7 +418,7 @@ struct EvalArgs {
 }
 
 impl EvalArgs {
-    fn common(&self) -> Result<evaluate::Common<'_>> {
+    fn common(&self, settings: moco_models::Settings) -> Result<evaluate::Common<'_>> {
         Ok(evaluate::Common {
             weights: &self.weights,
             dataset: &self.dataset,
@@ -427,6 +427,7 @@ impl EvalArgs {
             batch_size: self.batch_size,
             workers: self.workers,
             device: self.device.open()?,
+            settings,
             json: self.json,
         })
     }
@@ -517,9 +518,7 @@ fn main() -> Result<()> {
     shorter_candle_spins();
     let cli = Cli::parse();
     // A bad MOCO_CPU_CONV, MOCO_CPU_KERNELS or MOCO_CUDNN_BN is an error before any work.
-    moco_models::cpu_conv::conv_engine()?;
-    moco_core::kernels::init_from_env()?;
-    moco_models::batch_norm::cudnn_enabled()?;
+    let settings = moco_models::Settings::from_env()?;
     match cli.command {
         Command::Config { preset } => {
             let config = MocoConfig::preset(&preset).context("--preset")?;
@@ -555,6 +554,7 @@ fn main() -> Result<()> {
             sync_bn,
             generic,
             seed,
+            settings,
         })?,
         Command::Plot { run, out } => {
             for f in plot::run(&run, out.as_deref())? {
@@ -578,6 +578,7 @@ fn main() -> Result<()> {
             image_size,
             batch_size,
             device: device.open()?,
+            settings,
         })?,
         Command::Pretrain(a) => {
             let o = pretrain::Overrides {
@@ -634,7 +635,7 @@ fn main() -> Result<()> {
                     .unwrap_or(0);
                 PathBuf::from("runs").join(format!("{}-{}-{secs}", config.dataset, config.arch))
             });
-            pretrain::run(config, &out, a.resume, &device, a.quiet, comm)?
+            pretrain::run(config, &out, a.resume, &device, settings, a.quiet, comm)?
         }
         Command::Launch {
             nproc_per_node,
@@ -659,7 +660,7 @@ fn main() -> Result<()> {
             private,
             revision,
         } => hub::push(&dir, &repo, private, revision)?,
-        Command::Knn { common, k, t } => evaluate::knn(common.common()?, k, t)?,
+        Command::Knn { common, k, t } => evaluate::knn(common.common(settings)?, k, t)?,
         Command::LinearEval {
             common,
             protocol,
@@ -692,7 +693,7 @@ fn main() -> Result<()> {
                 seed,
                 ..base
             };
-            evaluate::linear_eval(common.common()?, cfg, cached_features, out, resume)?
+            evaluate::linear_eval(common.common(settings)?, cfg, cached_features, out, resume)?
         }
         Command::Bench(BenchCommand::Step {
             arch,
@@ -723,6 +724,7 @@ fn main() -> Result<()> {
             json,
             extract,
             phases,
+            settings,
         })?,
         Command::Bench(BenchCommand::Data {
             dataset,

@@ -442,12 +442,13 @@ fn knn_top1(
     native: usize,
     c: &RunConfig,
     device: &Device,
+    settings: moco_models::Settings,
 ) -> Result<(f64, f64)> {
     // The weights as plain tensors (sharing the variables' storage): the eval-mode forward then
     // records no autograd graph, as `moco knn` on a saved checkpoint.
     let tensors = moco.encoders().query_tensors().into_iter().collect();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
-    let enc = moco_models::encoder(*moco.query().spec(), vb)?;
+    let enc = moco_models::encoder(*moco.query().spec(), settings, vb)?;
     let f = |d: &Arc<data::Data>| {
         features::extract(
             &enc,
@@ -483,6 +484,7 @@ pub fn run(
     out: &Path,
     resume: bool,
     device: &Device,
+    settings: moco_models::Settings,
     quiet: bool,
     comm: Box<dyn Collective>,
 ) -> Result<()> {
@@ -576,14 +578,18 @@ pub fn run(
         );
     }
 
-    let mut moco = Moco::new(c.moco.clone(), device, |vb| moco_models::encoder(spec, vb))?;
+    let mut moco = Moco::new(c.moco.clone(), device, |vb| {
+        moco_models::encoder(spec, settings, vb)
+    })?
+    .with_kernels(settings.kernels);
     if let Some(hidden) = c.moco.mlp_dim {
         // MoCo v3: a predictor after the query encoder, trained with it, never averaged. Its
         // last layer has a BatchNorm on a ViT (`MoCo_ViT`), none on a ResNet (`MoCo_ResNet`).
         let dim = c.moco.dim;
         let last_bn = matches!(spec.backbone, BackboneConfig::Vit(_));
-        moco =
-            moco.with_predictor(|vb| moco_models::head::v3_mlp(2, dim, hidden, dim, last_bn, vb))?;
+        moco = moco.with_predictor(|vb| {
+            moco_models::head::v3_mlp(2, dim, hidden, dim, last_bn, settings, vb)
+        })?;
     }
     if resume {
         moco.load_checkpoint(&ckpt)
@@ -718,7 +724,8 @@ pub fn run(
                 .knn_every
                 .unwrap_or(if c.dataset == "folder" { 0 } else { 1 });
             if lead && ((every > 0 && done % every == 0) || last) {
-                let (top1, top5) = knn_top1(&moco, &train, &test, size, native, &c, device)?;
+                let (top1, top5) =
+                    knn_top1(&moco, &train, &test, size, native, &c, device, settings)?;
                 last_knn = Some((moco.step(), top1, top5));
                 let line = serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5});
                 if lead && (quiet || pb.is_hidden()) {
@@ -750,7 +757,7 @@ pub fn run(
     let (top1, top5) = match last_knn {
         Some(r) if r.0 == moco.step() => (r.1, r.2),
         _ => {
-            let (top1, top5) = knn_top1(&moco, &train, &test, size, native, &c, device)?;
+            let (top1, top5) = knn_top1(&moco, &train, &test, size, native, &c, device, settings)?;
             let epoch = (moco.step() as usize).div_ceil(ipe).saturating_sub(1);
             log(
                 serde_json::json!({"epoch": epoch, "step": moco.step(), "knn_top1": top1, "knn_top5": top5}),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use moco_models::Settings;
 use moco_models::{Encoder, EncoderSpec};
 
 /// Encoder weights by torchvision name, with the architecture.
@@ -36,7 +37,7 @@ impl Weights {
         };
         let name = path.to_string_lossy();
         if name.ends_with(".pth") || name.ends_with(".pth.tar") || name.ends_with(".tar") {
-            let ck = moco_models::checkpoint::import_official(&path).context("--weights")?;
+            let ck = moco_models::weights::official::import_official(&path).context("--weights")?;
             return Ok(Self {
                 spec: ck.spec,
                 tensors: ck.encoder_q,
@@ -55,7 +56,7 @@ impl Weights {
         }
         let spec = match moco_models::spec_from_metadata(&path, &file.metadata) {
             Ok(s) => s,
-            Err(_) => moco_models::checkpoint::detect_spec(&tensors).map_err(|m| {
+            Err(_) => moco_models::weights::official::detect_spec(&tensors).map_err(|m| {
                 anyhow!(
                     "--weights {}: no architecture in the metadata and none detected: {m}",
                     path.display()
@@ -90,10 +91,11 @@ impl Weights {
     }
 
     /// The encoder, frozen: built from plain tensors, so no forward records an autograd graph.
-    pub fn frozen(&self, device: &Device) -> Result<Encoder> {
+    pub fn frozen(&self, device: &Device, settings: Settings) -> Result<Encoder> {
         let (_, _, unused) = moco_models::encoder_from_tensors(
             self.spec,
             &self.tensors,
+            settings,
             &Device::Cpu,
             &self.source,
         )?;
@@ -111,6 +113,7 @@ impl Weights {
             .collect::<candle_core::Result<_>>()?;
         Ok(moco_models::encoder(
             self.spec,
+            settings,
             VarBuilder::from_tensors(on_device, DType::F32, device),
         )?)
     }

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use moco_core::{info_nce, l2_normalize, Queue};
+use moco_core::{info_nce, l2_normalize, Kernels, Queue};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -32,7 +32,7 @@ fn main() -> moco_core::Result<()> {
         let q = Var::from_tensor(&l2_normalize(&Tensor::randn(0f32, 1., (n, c), &dev)?, 1)?)?;
         let keys = l2_normalize(&Tensor::randn(0f32, 1., (n, c), &dev)?, 1)?;
         let t0 = Instant::now();
-        let out = info_nce(q.as_tensor(), &keys, queue.keys(), t)?;
+        let out = info_nce(q.as_tensor(), &keys, queue.keys(), t, Kernels::Fused)?;
         let _ = out.loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let grads = out.loss.backward()?;

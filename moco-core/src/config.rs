@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{AdamWConfig, SgdConfig};
+use candle_core::Var;
+
+use crate::optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
 use crate::schedule::{LrSchedule, MomentumSchedule};
 use crate::{Error, Result};
 
@@ -282,6 +284,14 @@ impl MocoConfig {
             weight_decay: self.weight_decay,
             ..AdamWConfig::default()
         }
+    }
+
+    /// The optimizer this configuration asks for ([`OptimizerKind`]), over named parameters.
+    pub fn optimizer(&self, params: Vec<(String, Var)>) -> Result<Optimizer> {
+        Ok(match self.optimizer {
+            OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new_named(params, self.sgd())?),
+            OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new_named(params, self.adamw())?),
+        })
     }
 
     /// Checks every setting; the error names the first one out of range.

@@ -16,13 +16,21 @@ pub enum Error {
         "queue size K={queue_size} is smaller than the {batch} keys enqueued at once; \
          K must be at least the batch size (each key would overwrite another key of the same batch)"
     )]
-    QueueTooSmall { queue_size: usize, batch: usize },
+    QueueTooSmall {
+        /// K.
+        queue_size: usize,
+        /// Keys enqueued at once.
+        batch: usize,
+    },
 
     /// A tensor handed to a function has the wrong shape, dtype or device.
     #[error("{what}: expected {expected}, got {got}")]
     BadTensor {
+        /// The tensor (or argument) at fault.
         what: String,
+        /// What it should have been.
         expected: String,
+        /// What it was.
         got: String,
     },
 
@@ -31,35 +39,65 @@ pub enum Error {
         "the key encoder asks for variable `{name}`, which the query encoder does not have \
          (build the query encoder first, with the same architecture)"
     )]
-    UnknownKeyVariable { name: String },
+    UnknownKeyVariable {
+        /// The variable's name.
+        name: String,
+    },
 
     /// A configuration value is out of its range.
     #[error("invalid setting `{key}`: {msg}")]
-    Config { key: String, msg: String },
+    Config {
+        /// The setting (key, flag or environment variable).
+        key: String,
+        /// What is wrong with it.
+        msg: String,
+    },
 
     /// The loss became NaN or infinite; training stops there.
     #[error("the loss is {value} at step {step}: training stopped (lower the learning rate, check the data)")]
-    NonFiniteLoss { step: u64, value: f32 },
+    NonFiniteLoss {
+        /// The step that produced it.
+        step: u64,
+        /// The loss.
+        value: f32,
+    },
 
     /// A parameter became NaN or infinite; training stops there.
     #[error("parameter `{name}` is not finite after step {step}: training diverged (lower the learning rate)")]
-    NonFiniteWeights { step: u64, name: String },
+    NonFiniteWeights {
+        /// The step after which it was found.
+        step: u64,
+        /// The parameter.
+        name: String,
+    },
 
     /// A collective operation between the processes of a distributed run failed.
     #[error("distributed run, rank {rank}: {msg}")]
-    Dist { rank: usize, msg: String },
+    Dist {
+        /// This process's rank.
+        rank: usize,
+        /// What failed.
+        msg: String,
+    },
 
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
 
     /// A safetensors file is malformed or lacks a tensor.
     #[error("{}: {msg}", path.display())]
-    File { path: PathBuf, msg: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
 }
 
 impl Error {
@@ -75,6 +113,15 @@ impl Error {
             path: path.to_path_buf(),
             msg: msg.into(),
         }
+    }
+}
+
+/// A [`Error::BadTensor`] for `got`, which should have been `expected`.
+pub(crate) fn bad(what: &str, expected: &str, got: &candle_core::Tensor) -> Error {
+    Error::BadTensor {
+        what: what.to_string(),
+        expected: expected.to_string(),
+        got: format!("{:?} {:?}", got.dims(), got.dtype()),
     }
 }
 

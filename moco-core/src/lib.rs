@@ -10,11 +10,13 @@
 //!   their cross-entropy fused into one op on float32 CPU tensors;
 //! - [`BatchShuffle`]: shuffle-BN on one device;
 //! - [`dist`]: data-parallel training over several processes (TCP on CPUs, NCCL on GPUs);
-//! - [`sync`]: BatchNorm statistics over all ranks (SyncBN, as MoCo v3's official runs);
+//! - [`dist::sync_bn`]: BatchNorm statistics over all ranks (SyncBN, as MoCo v3's official runs);
+//! - [`Kernels`]: whether float32 CPU tensors take the fused kernels or candle's generic ops;
 //! - [`Sgd`]: `torch.optim.SGD` with momentum, Nesterov and weight decay;
 //! - [`schedule`]: step, cosine and warm-up learning rates, cosine momentum;
 //! - [`MocoConfig`]: every setting, with the official presets;
-//! - [`Moco`]: the training step, in order: forward, loss, backward, SGD step, momentum update, enqueue.
+//! - [`Moco`]: the training step, in order: forward, loss, backward, SGD step, momentum update,
+//!   enqueue ([`trainer`]; its data-parallel side and checkpoint format in files of their own).
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -35,6 +37,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod config;
 mod cross_entropy;
 pub mod dist;
@@ -49,12 +53,12 @@ pub mod optim;
 pub mod queue;
 pub mod schedule;
 pub mod shuffle;
-pub mod sync;
 pub mod trainer;
 
 pub use config::{AugmentationPreset, LossKind, MocoConfig, OptimizerKind};
 pub use dist::{Collective, DistConfig, SingleProcess, TcpGroup};
 pub use error::{Error, Result};
+pub use kernels::Kernels;
 pub use loss::{in_batch_info_nce, info_nce, l2_normalize, symmetric_info_nce, ContrastiveOutput};
 pub use momentum::{is_batch_norm_buffer, MomentumEncoder};
 pub use optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};

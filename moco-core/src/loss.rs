@@ -4,8 +4,8 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::cross_entropy;
-use crate::queue::bad;
-use crate::{Error, Result};
+use crate::error::bad;
+use crate::{Error, Kernels, Result};
 
 /// A contrastive loss and what the official code logs next to it.
 #[derive(Debug, Clone)]
@@ -80,11 +80,6 @@ fn accuracy_from_ranks(ranks: &[u32]) -> (f32, f32) {
     (pct(1), pct(5))
 }
 
-/// Float32 on the CPU, kernels on: the fused cross-entropy applies (`cross_entropy.rs`).
-fn fused_applies(ts: &[&Tensor]) -> bool {
-    crate::kernels::fused_cpu(ts)
-}
-
 /// `x / max(||x||_2, 1e-12)` along `dim`, as `torch.nn.functional.normalize`.
 pub fn l2_normalize(x: &Tensor, dim: usize) -> Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(dim)?.sqrt()?.maximum(1e-12)?;
@@ -106,12 +101,15 @@ fn check_temperature(t: f64) -> Result<()> {
 /// - `q`: N x C queries, `k`: N x C positive keys (both L2-normalised; `k` is detached here),
 /// - `queue`: C x K negatives,
 /// - logits `[q.k+, q.queue] / t`: N x (1+K), the positive in column 0, so the loss is plain
-///   cross-entropy with all-zero labels.
+///   cross-entropy with all-zero labels;
+/// - `kernels`: [`Kernels::Fused`] takes the fused cross-entropy on float32 CPU tensors (it
+///   never forms the N x (1+K) logits), [`Kernels::Generic`] candle's ops everywhere.
 pub fn info_nce(
     q: &Tensor,
     k: &Tensor,
     queue: &Tensor,
     temperature: f64,
+    kernels: Kernels,
 ) -> Result<ContrastiveOutput> {
     check_temperature(temperature)?;
     let (n, c) = q.dims2().map_err(|_| bad("queries", "N x C", q))?;
@@ -129,7 +127,7 @@ pub fn info_nce(
     let l_pos = (q * &k)?.sum_keepdim(1)?;
     // l_neg: N x K, each query against every queued key.
     let l_neg = q.matmul(&queue.detach())?;
-    if fused_applies(&[&l_pos, &l_neg]) {
+    if kernels.fused(&[&l_pos, &l_neg]) {
         let fused = cross_entropy::queue_cross_entropy(&l_pos, &l_neg, (1.0 / temperature) as f32)?;
         let logits = Logits::Queue {
             pos: l_pos,
@@ -162,9 +160,10 @@ pub fn symmetric_info_nce(
     k1: &Tensor,
     queue: &Tensor,
     temperature: f64,
+    kernels: Kernels,
 ) -> Result<ContrastiveOutput> {
-    let a = info_nce(q1, k2, queue, temperature)?;
-    let b = info_nce(q2, k1, queue, temperature)?;
+    let a = info_nce(q1, k2, queue, temperature, kernels)?;
+    let b = info_nce(q2, k1, queue, temperature, kernels)?;
     a.plus(b)
 }
 
@@ -176,8 +175,9 @@ pub fn in_batch_info_nce(
     k: &Tensor,
     temperature: f64,
     scale: f64,
+    kernels: Kernels,
 ) -> Result<ContrastiveOutput> {
-    in_batch_info_nce_gathered(q, k, 0, temperature, scale)
+    in_batch_info_nce_gathered(q, k, 0, temperature, scale, kernels)
 }
 
 /// In-batch InfoNCE with the keys of every process of a data-parallel run: `k_all` (M x C) holds
@@ -190,6 +190,7 @@ pub fn in_batch_info_nce_gathered(
     offset: usize,
     temperature: f64,
     scale: f64,
+    kernels: Kernels,
 ) -> Result<ContrastiveOutput> {
     check_temperature(temperature)?;
     let (n, c) = q.dims2().map_err(|_| bad("queries", "N x C", q))?;
@@ -203,7 +204,7 @@ pub fn in_batch_info_nce_gathered(
     }
     // logits: N x M
     let raw = q.matmul(&k_all.detach().t()?)?;
-    if fused_applies(&[&raw]) {
+    if kernels.fused(&[&raw]) {
         let fused = cross_entropy::column_cross_entropy(
             &raw,
             offset,
@@ -260,14 +261,14 @@ mod tests {
         let v = l2_normalize(&Tensor::ones((n, c), DType::F32, &dev).unwrap(), 1).unwrap();
         let queue = l2_normalize(&Tensor::ones((c, k), DType::F32, &dev).unwrap(), 0).unwrap();
         for t in [0.07, 0.2, 1.0] {
-            let out = info_nce(&v, &v, &queue, t).unwrap();
+            let out = info_nce(&v, &v, &queue, t, Kernels::Fused).unwrap();
             let loss = out.loss.to_scalar::<f32>().unwrap();
             assert!((loss - (64f32).ln()).abs() < 1e-5, "T={t}: {loss}");
             assert_eq!(out.logits().unwrap().dims(), [n, 1 + k]);
             // Ties favour the positive.
             assert_eq!((out.acc1, out.acc5), (100.0, 100.0));
         }
-        let out = in_batch_info_nce(&v, &v, 0.5, 1.0).unwrap();
+        let out = in_batch_info_nce(&v, &v, 0.5, 1.0, Kernels::Fused).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap();
         assert!((loss - (n as f32).ln()).abs() < 1e-5, "{loss}");
     }
@@ -294,12 +295,12 @@ mod tests {
         let dev = Device::Cpu;
         let q = Tensor::ones((2, 3), DType::F32, &dev).unwrap();
         let queue = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
-        assert!(info_nce(&q, &q, &queue, 0.0)
+        assert!(info_nce(&q, &q, &queue, 0.0, Kernels::Fused)
             .unwrap_err()
             .to_string()
             .contains("temperature"));
         let bad_queue = Tensor::ones((4, 5), DType::F32, &dev).unwrap();
-        assert!(info_nce(&q, &q, &bad_queue, 0.1)
+        assert!(info_nce(&q, &q, &bad_queue, 0.1, Kernels::Fused)
             .unwrap_err()
             .to_string()
             .contains("queue"));

@@ -96,6 +96,10 @@ impl MomentumEncoder {
     }
 
     /// Every query variable (parameters and buffers), sorted by name.
+    ///
+    /// The tensors share storage with the variables, which the optimizer, the momentum update
+    /// and the BatchNorm buffers change in place: they show the current values at every step.
+    /// `Tensor::copy` keeps a snapshot.
     pub fn query_tensors(&self) -> BTreeMap<String, Tensor> {
         lock(self.query.data())
             .iter()
@@ -104,6 +108,9 @@ impl MomentumEncoder {
     }
 
     /// Every key variable (parameters and buffers), sorted by name.
+    ///
+    /// As [`query_tensors`](Self::query_tensors), they share storage with the variables that
+    /// [`update`](Self::update) writes in place; `Tensor::copy` keeps a snapshot.
     pub fn key_tensors(&self) -> BTreeMap<String, Tensor> {
         lock(&self.key)
             .iter()
@@ -154,6 +161,35 @@ impl MomentumEncoder {
             set_checked(name, var, t)?;
         }
         Ok(())
+    }
+}
+
+impl MomentumEncoder {
+    /// Copies the named tensors into the query variables of the same names (pretrained or
+    /// imported weights), then the key encoder's variables from the query's, so that the two
+    /// start equal as at construction. A tensor that names no query variable, or has another
+    /// shape, is an error naming it; query variables `tensors` does not name keep their values
+    /// and are returned, sorted.
+    pub fn load_query(&self, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<String>> {
+        {
+            let query = lock(self.query.data());
+            for (name, t) in tensors {
+                let var = query.get(name).ok_or_else(|| Error::BadTensor {
+                    what: format!("tensor `{name}`"),
+                    expected: "the name of a variable of the query encoder".into(),
+                    got: "no such variable (check the names: torchvision's, without `module.` or `encoder_q.`)".into(),
+                })?;
+                set_checked(name, var, t)?;
+            }
+        }
+        let mut untouched: Vec<String> = lock(self.query.data())
+            .keys()
+            .filter(|k| !tensors.contains_key(*k))
+            .cloned()
+            .collect();
+        untouched.sort();
+        self.load_key(&self.query_tensors())?;
+        Ok(untouched)
     }
 }
 

@@ -378,7 +378,8 @@ impl AdamW {
 
 candle_optimizer!(AdamW, AdamWConfig);
 
-/// The optimizer of a MoCo run: SGD (or LARS) or AdamW, chosen by [`crate::MocoConfig`].
+/// The optimizer of a MoCo run: SGD (or LARS) or AdamW, built by
+/// [`crate::MocoConfig::optimizer`].
 #[derive(Debug)]
 pub enum Optimizer {
     /// SGD with momentum, or LARS.
@@ -388,16 +389,6 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
-    /// The optimizer `config` asks for, over named parameters.
-    pub fn from_config(params: Vec<(String, Var)>, config: &crate::MocoConfig) -> Result<Self> {
-        Ok(match config.optimizer {
-            crate::config::OptimizerKind::Sgd => Self::Sgd(Sgd::new_named(params, config.sgd())?),
-            crate::config::OptimizerKind::AdamW => {
-                Self::AdamW(AdamW::new_named(params, config.adamw())?)
-            }
-        })
-    }
-
     /// The optimized parameters, by name.
     pub fn params(&self) -> &[(String, Var)] {
         match self {

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use rand_distr::StandardNormal;
 
+use crate::error::bad;
 use crate::{io, Error, Result};
 
 /// A queue of `size` (K) keys of dimension `dim` (C), stored as one C x K tensor as in the
@@ -21,14 +22,33 @@ use crate::{io, Error, Result};
 /// backward pass of the step whose logits used the queue.
 #[derive(Debug)]
 pub struct Queue {
-    keys: Tensor,           // C x K, f32, contiguous
+    keys: Tensor,           // C x K, a float dtype, contiguous
     labels: Option<Tensor>, // K, i64
     ptr: usize,
 }
 
 impl Queue {
-    /// A queue initialised like the official code: `randn(C, K)` L2-normalised over C.
+    /// A queue initialised like the official code: `randn(C, K)` L2-normalised over C, in
+    /// float32.
     pub fn new(dim: usize, size: usize, rng: &mut impl Rng, device: &Device) -> Result<Self> {
+        Self::new_with_dtype(dim, size, DType::F32, rng, device)
+    }
+
+    /// [`new`](Self::new) in `dtype` (a float type): the same float32 draws, normalised in
+    /// `dtype`.
+    pub fn new_with_dtype(
+        dim: usize,
+        size: usize,
+        dtype: DType,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        if !dtype.is_float() {
+            return Err(Error::config(
+                "queue",
+                format!("{dtype:?} is not a float type: use F32, F64, BF16 or F16"),
+            ));
+        }
         if dim == 0 || size == 0 {
             return Err(Error::config(
                 "queue_size",
@@ -38,7 +58,7 @@ impl Queue {
         let data: Vec<f32> = (0..dim * size)
             .map(|_| rng.sample(StandardNormal))
             .collect();
-        let keys = Tensor::from_vec(data, (dim, size), device)?;
+        let keys = Tensor::from_vec(data, (dim, size), device)?.to_dtype(dtype)?;
         let keys = crate::loss::l2_normalize(&keys, 0)?.contiguous()?;
         Ok(Self {
             keys,
@@ -54,11 +74,15 @@ impl Queue {
         Ok(self)
     }
 
-    /// Builds a queue from a C x K tensor and a pointer (e.g. an imported checkpoint).
+    /// Builds a queue from a C x K tensor (of a float dtype, which the queue keeps) and a
+    /// pointer (e.g. an imported checkpoint).
     pub fn from_parts(keys: Tensor, ptr: usize, labels: Option<Tensor>) -> Result<Self> {
         let (_, k) = keys
             .dims2()
             .map_err(|_| bad("queue keys", "a C x K matrix", &keys))?;
+        if !keys.dtype().is_float() {
+            return Err(bad("queue keys", "a matrix of a float dtype", &keys));
+        }
         if ptr >= k {
             return Err(Error::config(
                 "queue_ptr",
@@ -70,7 +94,7 @@ impl Queue {
                 return Err(bad("queue labels", &format!("[{k}]"), l));
             }
         }
-        let keys = keys.to_dtype(DType::F32)?.contiguous()?;
+        let keys = keys.contiguous()?;
         let labels = labels.map(|l| l.to_dtype(DType::I64)).transpose()?;
         // `contiguous` returns the same storage when already contiguous; own the buffer that
         // `enqueue` will write into.
@@ -79,6 +103,20 @@ impl Queue {
             labels: labels.map(|l| l.copy()).transpose()?,
             ptr,
         })
+    }
+
+    /// The queue with its keys in `dtype` (itself when it is already), pointer and labels kept.
+    pub fn to_dtype(self, dtype: DType) -> Result<Self> {
+        if self.keys.dtype() == dtype {
+            return Ok(self);
+        }
+        let keys = self.keys.to_dtype(dtype)?;
+        Self::from_parts(keys, self.ptr, self.labels)
+    }
+
+    /// The dtype of the keys; enqueued keys must have it.
+    pub fn dtype(&self) -> DType {
+        self.keys.dtype()
     }
 
     /// The C x K key buffer. It changes in place on `enqueue`.
@@ -130,6 +168,16 @@ impl Queue {
         if kc != c {
             return Err(bad("enqueued keys", &format!("N x {c}"), keys));
         }
+        if keys.dtype() != self.dtype() {
+            return Err(bad(
+                "enqueued keys",
+                &format!(
+                    "{:?}, the queue's dtype (build the queue, or the Moco model, in the encoder's dtype)",
+                    self.dtype()
+                ),
+                keys,
+            ));
+        }
         if n > k {
             return Err(Error::QueueTooSmall {
                 queue_size: k,
@@ -142,7 +190,7 @@ impl Queue {
             }
         }
         // keys: N x C -> C x N, the layout of the buffer's columns.
-        let cols = keys.detach().to_dtype(DType::F32)?.t()?.contiguous()?;
+        let cols = keys.detach().t()?.contiguous()?;
         let labels = labels
             .map(|l| l.detach().to_dtype(DType::I64)?.contiguous())
             .transpose()?;
@@ -222,14 +270,6 @@ impl Queue {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let mut f = io::load(path, device)?;
         Self::from_file(&mut f, "")
-    }
-}
-
-pub(crate) fn bad(what: &str, expected: &str, got: &Tensor) -> Error {
-    Error::BadTensor {
-        what: what.to_string(),
-        expected: expected.to_string(),
-        got: format!("{:?} {:?}", got.dims(), got.dtype()),
     }
 }
 

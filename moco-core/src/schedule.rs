@@ -13,10 +13,18 @@ pub enum LrDecay {
     /// The base rate throughout.
     Constant,
     /// `lr * gamma^(number of milestones <= epoch)` (MoCo v1: milestones 120, 160, gamma 0.1).
-    Step { milestones: Vec<usize>, gamma: f64 },
+    Step {
+        /// The epochs at which the rate drops.
+        milestones: Vec<usize>,
+        /// The factor of each drop.
+        gamma: f64,
+    },
     /// `lr * 0.5 * (1 + cos(pi * t / T))` (MoCo v2 `--cos`); `t` is the epoch, or with
     /// `per_iteration` the fractional epoch `epoch + iter / iters_per_epoch`.
-    Cosine { per_iteration: bool },
+    Cosine {
+        /// Decay every iteration (MoCo v3) instead of every epoch (MoCo v2).
+        per_iteration: bool,
+    },
 }
 
 /// A learning-rate schedule: optional linear warm-up, then a decay.

@@ -18,7 +18,7 @@ use candle_nn::{
 };
 use moco_core::optim::{Sgd, SgdConfig};
 use moco_core::{
-    in_batch_info_nce, LossKind, LrDecay, LrSchedule, Moco, MocoConfig, Queue, StepOutput,
+    in_batch_info_nce, Kernels, LossKind, LrDecay, LrSchedule, Moco, MocoConfig, Queue, StepOutput,
 };
 
 const TOL: f64 = 1e-5;
@@ -232,7 +232,14 @@ fn symmetric_loss_matches_pytorch() {
 fn in_batch_loss_and_gradient_match_pytorch() {
     let gold = golden();
     let q = Var::from_tensor(g(&gold, "inbatch.q")).unwrap();
-    let out = in_batch_info_nce(q.as_tensor(), g(&gold, "inbatch.k"), 0.2, 0.4).unwrap();
+    let out = in_batch_info_nce(
+        q.as_tensor(),
+        g(&gold, "inbatch.k"),
+        0.2,
+        0.4,
+        Kernels::Fused,
+    )
+    .unwrap();
     let loss = out.loss.reshape(1).unwrap();
     assert_close("inbatch.loss", &loss, g(&gold, "inbatch.loss"));
     let grads = out.loss.backward().unwrap();

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use moco_models::{encoder, BackboneConfig, EncoderSpec, HeadKind};
+use moco_models::{encoder, BackboneConfig, EncoderSpec, HeadKind, Settings};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -47,7 +47,11 @@ fn bench(
             v.in_channels = channels;
         }
     }
-    let enc = encoder(spec, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
+    let enc = encoder(
+        spec,
+        Settings::default(),
+        VarBuilder::from_varmap(&vars, DType::F32, &dev),
+    )?;
     let x = Tensor::randn(0f32, 1., (batch, channels, size, size), &dev)?;
     let (mut fwd, mut both) = (vec![], vec![]);
     for i in 0..=steps {

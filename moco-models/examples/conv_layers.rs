@@ -5,7 +5,8 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use moco_models::cpu_conv::{conv2d, conv2d_backward};
+use moco_models::ops::conv::{conv2d, conv2d_backward};
+use moco_models::Settings;
 
 fn median_ms(f: &dyn Fn() -> candle_core::Result<()>) -> candle_core::Result<f64> {
     f()?;
@@ -29,6 +30,7 @@ fn main() -> candle_core::Result<()> {
         args.get(1).copied().unwrap_or(28),
     );
     let dev = Device::Cpu;
+    let settings = Settings::default();
     let mut s = size;
     for (i, c) in [w, 2 * w, 4 * w, 8 * w].into_iter().enumerate() {
         if i > 0 {
@@ -37,8 +39,9 @@ fn main() -> candle_core::Result<()> {
         let x = Tensor::randn(0f32, 1.0, (64, c, s, s), &dev)?;
         let k = Tensor::randn(0f32, 0.1, (c, c, 3, 3), &dev)?;
         let gy = Tensor::randn(0f32, 1.0, (64, c, s, s), &dev)?;
-        let fwd = median_ms(&|| conv2d(&x, &k, 1, 1, 1).map(|_| ()))?;
-        let bwd = median_ms(&|| conv2d_backward(&x, &k, &gy, 1, 1, 1).map(|_| ()))?;
+        let fwd = median_ms(&|| conv2d(&x, &k, 1, 1, 1, &settings).map(|_| ()))?;
+        let bwd =
+            median_ms(&|| conv2d_backward(&x, &k, &gy, 1, 1, 1, settings.conv_engine).map(|_| ()))?;
         let gflop = 2.0 * 64.0 * (c * c * 9 * s * s) as f64 / 1e9;
         println!(
             "{c:4} ch {s:2}x{s:<2}: forward {fwd:6.2} ms ({:5.1} GFLOP/s), both gradients {bwd:6.2} ms ({:5.1} GFLOP/s)",

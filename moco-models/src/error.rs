@@ -14,16 +14,35 @@ pub enum Error {
     Core(#[from] moco_core::Error),
 
     /// An architecture name that is not in the zoo.
-    #[error("unknown architecture `{0}` (expected one of: {list}, or vit-DxNhH for a width-D, N-block, H-head ViT, vit-conv-DxNhH with MoCo v3's convolutional stem)", list = crate::ARCH_NAMES.join(", "))]
-    UnknownArch(String),
+    #[error("unknown architecture `{name}` (expected one of: {known}, or vit-DxNhH for a width-D, N-block, H-head ViT, vit-conv-DxNhH with MoCo v3's convolutional stem)")]
+    UnknownArch {
+        /// The name asked for.
+        name: String,
+        /// The zoo's names.
+        known: String,
+    },
 
     /// A setting out of range.
     #[error("invalid setting `{key}`: {msg}")]
-    Config { key: String, msg: String },
+    Config {
+        /// The setting.
+        key: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+
+    /// An environment variable with a value this build cannot take; the message names it.
+    #[error("{0}")]
+    Env(String),
 
     /// A weights or checkpoint file that cannot be used, with the reason.
     #[error("{}: {msg}", path.display())]
-    File { path: PathBuf, msg: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
 }
 
 impl Error {

@@ -7,6 +7,7 @@ use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::batch_norm::{batch_norm, BatchNorm, BatchNormConfig};
+use crate::ops::Settings;
 
 /// Which head sits on the backbone's pooled features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,12 +16,23 @@ pub enum HeadKind {
     /// No head: the encoder outputs the pooled features.
     None,
     /// MoCo v1: `fc` = Linear(features, dim).
-    Linear { dim: usize },
+    Linear {
+        /// Output dimension.
+        dim: usize,
+    },
     /// MoCo v2: `fc` = Linear(features, features), ReLU, Linear(features, dim).
-    Mlp { dim: usize },
+    Mlp {
+        /// Output dimension.
+        dim: usize,
+    },
     /// MoCo v3 ResNet projector: `fc.0` Linear (no bias), `fc.1` BN, ReLU, `fc.3` Linear (no
     /// bias), `fc.4` BN without affine.
-    V3 { hidden: usize, dim: usize },
+    V3 {
+        /// Hidden width of the MLPs.
+        hidden: usize,
+        /// Output dimension.
+        dim: usize,
+    },
 }
 
 impl HeadKind {
@@ -101,6 +113,7 @@ pub fn v3_mlp(
     hidden: usize,
     output: usize,
     last_bn: bool,
+    settings: Settings,
     vb: VarBuilder,
 ) -> Result<Head> {
     let mut layers = vec![];
@@ -117,6 +130,7 @@ pub fn v3_mlp(
             layers.push(Layer::Bn(batch_norm(
                 d2,
                 BatchNormConfig::default(),
+                settings,
                 vb.pp(layers.len()),
             )?));
             layers.push(Layer::Relu);
@@ -125,14 +139,25 @@ pub fn v3_mlp(
                 affine: false,
                 ..Default::default()
             };
-            layers.push(Layer::Bn(batch_norm(d2, cfg, vb.pp(layers.len()))?));
+            layers.push(Layer::Bn(batch_norm(
+                d2,
+                cfg,
+                settings,
+                vb.pp(layers.len()),
+            )?));
         }
     }
     Ok(Head { layers })
 }
 
-/// Builds the head of `kind` on `feature_dim` features; `vb` is the head's prefix (`fc`).
-pub fn head(kind: HeadKind, feature_dim: usize, vb: VarBuilder) -> Result<Head> {
+/// Builds the head of `kind` on `feature_dim` features; `vb` is the head's prefix (`fc`); its
+/// BatchNorms compute on the ops `settings` choose.
+pub fn head(
+    kind: HeadKind,
+    feature_dim: usize,
+    settings: Settings,
+    vb: VarBuilder,
+) -> Result<Head> {
     let layers = match kind {
         HeadKind::None => vec![],
         HeadKind::Linear { dim } => vec![Layer::Linear(torch_linear(feature_dim, dim, true, vb)?)],
@@ -141,7 +166,9 @@ pub fn head(kind: HeadKind, feature_dim: usize, vb: VarBuilder) -> Result<Head> 
             Layer::Relu,
             Layer::Linear(torch_linear(feature_dim, dim, true, vb.pp("2"))?),
         ],
-        HeadKind::V3 { hidden, dim } => return v3_mlp(2, feature_dim, hidden, dim, true, vb),
+        HeadKind::V3 { hidden, dim } => {
+            return v3_mlp(2, feature_dim, hidden, dim, true, settings, vb)
+        }
     };
     Ok(Head { layers })
 }

@@ -9,6 +9,7 @@ use candle_nn::{Init, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::batch_norm::{batch_norm, BatchNorm, BatchNormConfig};
+use crate::ops::{self, Settings};
 
 /// Depth of a ResNet: the block type and the number of blocks per stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +83,7 @@ impl ResNetConfig {
             "resnet50" => Depth::R50,
             "resnet101" if !small => Depth::R101,
             "resnet152" if !small => Depth::R152,
-            _ => return Err(crate::Error::UnknownArch(name.to_string())),
+            _ => return Err(crate::zoo::unknown_arch(name)),
         };
         Ok(Self {
             depth,
@@ -120,14 +121,14 @@ struct Conv {
     weight: Tensor,
     stride: usize,
     padding: usize,
+    settings: Settings,
 }
 
 fn conv(
-    cin: usize,
-    cout: usize,
-    k: usize,
+    (cin, cout, k): (usize, usize, usize),
     stride: usize,
     padding: usize,
+    settings: Settings,
     vb: VarBuilder,
 ) -> Result<Conv> {
     let init = Init::Kaiming {
@@ -139,22 +140,36 @@ fn conv(
         weight: vb.get_with_hints((cout, cin, k, k), "weight", init)?,
         stride,
         padding,
+        settings,
     })
 }
 
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::cpu_conv::conv2d(x, &self.weight, self.padding, self.stride, 1)
+        ops::conv::conv2d(
+            x,
+            &self.weight,
+            self.padding,
+            self.stride,
+            1,
+            &self.settings,
+        )
     }
 }
 
-fn bn(c: usize, splits: usize, zero: bool, vb: VarBuilder) -> Result<BatchNorm> {
+fn bn(
+    c: usize,
+    splits: usize,
+    zero: bool,
+    settings: Settings,
+    vb: VarBuilder,
+) -> Result<BatchNorm> {
     let config = BatchNormConfig {
         splits,
         weight_init: if zero { 0.0 } else { 1.0 },
         ..Default::default()
     };
-    batch_norm(c, config, vb)
+    batch_norm(c, config, settings, vb)
 }
 
 /// A residual block: BasicBlock (two 3x3 convs) or Bottleneck (1x1, 3x3 with the stride, 1x1).
@@ -170,43 +185,45 @@ impl Block {
         cin: usize,
         planes: usize,
         stride: usize,
+        settings: Settings,
         vb: VarBuilder,
     ) -> Result<Self> {
         let s = cfg.bn_splits;
+        let st = settings;
         let z = cfg.zero_init_residual;
         let exp = cfg.expansion();
         let convs = if cfg.depth.bottleneck() {
             vec![
                 (
-                    conv(cin, planes, 1, 1, 0, vb.pp("conv1"))?,
-                    bn(planes, s, false, vb.pp("bn1"))?,
+                    conv((cin, planes, 1), 1, 0, st, vb.pp("conv1"))?,
+                    bn(planes, s, false, st, vb.pp("bn1"))?,
                 ),
                 (
-                    conv(planes, planes, 3, stride, 1, vb.pp("conv2"))?,
-                    bn(planes, s, false, vb.pp("bn2"))?,
+                    conv((planes, planes, 3), stride, 1, st, vb.pp("conv2"))?,
+                    bn(planes, s, false, st, vb.pp("bn2"))?,
                 ),
                 (
-                    conv(planes, planes * exp, 1, 1, 0, vb.pp("conv3"))?,
-                    bn(planes * exp, s, z, vb.pp("bn3"))?,
+                    conv((planes, planes * exp, 1), 1, 0, st, vb.pp("conv3"))?,
+                    bn(planes * exp, s, z, st, vb.pp("bn3"))?,
                 ),
             ]
         } else {
             vec![
                 (
-                    conv(cin, planes, 3, stride, 1, vb.pp("conv1"))?,
-                    bn(planes, s, false, vb.pp("bn1"))?,
+                    conv((cin, planes, 3), stride, 1, st, vb.pp("conv1"))?,
+                    bn(planes, s, false, st, vb.pp("bn1"))?,
                 ),
                 (
-                    conv(planes, planes, 3, 1, 1, vb.pp("conv2"))?,
-                    bn(planes, s, z, vb.pp("bn2"))?,
+                    conv((planes, planes, 3), 1, 1, st, vb.pp("conv2"))?,
+                    bn(planes, s, z, st, vb.pp("bn2"))?,
                 ),
             ]
         };
         let downsample = if stride != 1 || cin != planes * exp {
             let d = vb.pp("downsample");
             Some((
-                conv(cin, planes * exp, 1, stride, 0, d.pp("0"))?,
-                bn(planes * exp, s, false, d.pp("1"))?,
+                conv((cin, planes * exp, 1), stride, 0, st, d.pp("0"))?,
+                bn(planes * exp, s, false, st, d.pp("1"))?,
             ))
         } else {
             None
@@ -241,20 +258,22 @@ pub struct ResNet {
     conv1: Conv,
     bn1: BatchNorm,
     stages: Vec<Vec<Block>>,
+    settings: Settings,
 }
 
-/// Builds a ResNet; variables get torchvision's names under `vb`.
-pub fn resnet(config: ResNetConfig, vb: VarBuilder) -> Result<ResNet> {
+/// Builds a ResNet; variables get torchvision's names under `vb`; its layers compute on the
+/// ops `settings` choose.
+pub fn resnet(config: ResNetConfig, settings: Settings, vb: VarBuilder) -> Result<ResNet> {
     if config.width == 0 || config.in_channels == 0 {
         candle_core::bail!("resnet width and input channels must be positive")
     }
     let w = config.width;
     let conv1 = if config.small {
-        conv(config.in_channels, w, 3, 1, 1, vb.pp("conv1"))?
+        conv((config.in_channels, w, 3), 1, 1, settings, vb.pp("conv1"))?
     } else {
-        conv(config.in_channels, w, 7, 2, 3, vb.pp("conv1"))?
+        conv((config.in_channels, w, 7), 2, 3, settings, vb.pp("conv1"))?
     };
-    let bn1 = bn(w, config.bn_splits, false, vb.pp("bn1"))?;
+    let bn1 = bn(w, config.bn_splits, false, settings, vb.pp("bn1"))?;
     let mut cin = w;
     let mut stages = vec![];
     for (i, n) in config.depth.blocks().into_iter().enumerate() {
@@ -268,6 +287,7 @@ pub fn resnet(config: ResNetConfig, vb: VarBuilder) -> Result<ResNet> {
                 cin,
                 planes,
                 if b == 0 { stride } else { 1 },
+                settings,
                 svb.pp(b),
             )?);
             cin = planes * config.expansion();
@@ -279,6 +299,7 @@ pub fn resnet(config: ResNetConfig, vb: VarBuilder) -> Result<ResNet> {
         conv1,
         bn1,
         stages,
+        settings,
     })
 }
 
@@ -300,11 +321,7 @@ impl ResNet {
         }
         let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if !self.config.small {
-            y = if moco_core::kernels::fused_cpu(&[&y]) {
-                crate::cpu_pool::max_pool2d(&y, 3, 2, 1)?
-            } else {
-                recomputed(&y, max_pool_3x3_s2_p1)?
-            };
+            y = ops::pool::stem_max_pool(&y, &self.settings)?;
         }
         for stage in &self.stages {
             for block in stage {
@@ -314,58 +331,6 @@ impl ResNet {
         // Global average pooling: (N, C, H, W) -> (N, C)
         y.mean((2, 3))
     }
-}
-
-/// torchvision's stem pooling, `MaxPool2d(3, stride=2, padding=1)`, on a post-ReLU input, with
-/// candle's ops (other devices than the CPU, other dtypes; [`crate::cpu_pool`] on the CPU).
-///
-/// Candle's `max_pool2d` has no padding and no backward for overlapping windows, so this is a
-/// separable max (rows, then columns) over strided views, which autograd differentiates. Zero
-/// padding gives the same maxima as PyTorch's -inf padding because the input is >= 0; a gradient
-/// that reaches a tied zero is stopped by the ReLU before it, as in PyTorch.
-fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    // Along `dim` of size n: out[i] = max(x[2i-1], x[2i], x[2i+1]), out size (n - 1) / 2 + 1.
-    fn pool(x: &Tensor, dim: usize) -> Result<Tensor> {
-        let n = x.dim(dim)?;
-        let out = (n - 1) / 2 + 1;
-        // Padded by 1 on the left and to 2 * (out + 1) positions, viewed as (out + 1, 2) pairs:
-        // padded position 2i + k (original 2i + k - 1) is pair i, element k. The three taps are
-        // views of the one padded copy, so the graph keeps that copy and the two maxima only.
-        let xp = x.pad_with_zeros(dim, 1, 2 * out + 1 - n)?;
-        let mut shape = xp.dims().to_vec();
-        shape[dim] = out + 1;
-        shape.insert(dim + 1, 2);
-        let pairs = xp.reshape(shape)?;
-        let tap = |start: usize, k: usize| -> Result<Tensor> {
-            pairs
-                .narrow(dim, start, out)?
-                .narrow(dim + 1, k, 1)?
-                .squeeze(dim + 1)
-        };
-        tap(0, 0)?.maximum(&tap(0, 1)?)?.maximum(&tap(1, 0)?)
-    }
-    pool(&pool(x, 2)?, 3)
-}
-
-/// A layer of one input and no parameters recomputed in the backward pass: `f` runs on the
-/// detached input, so that none of its intermediates stays alive, and its result is attached
-/// to the graph as one op ([`crate::attached`]) whose backward runs `f` again on a copy of the
-/// input with a graph of its own and returns that graph's gradient: the same gradient as
-/// differentiating `f` in place.
-fn recomputed(x: &Tensor, f: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    struct Recompute(fn(&Tensor) -> Result<Tensor>);
-    impl crate::attached::Backward1 for Recompute {
-        fn name(&self) -> &'static str {
-            "recomputed"
-        }
-        fn backward(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-            let v = candle_core::Var::from_tensor(&x.detach())?;
-            let y = (self.0)(v.as_tensor())?;
-            let grads = (y * grad.detach())?.sum_all()?.backward()?;
-            Ok(grads.get(v.as_tensor()).cloned())
-        }
-    }
-    crate::attached::attach1(&f(&x.detach())?, x, Recompute(f))
 }
 
 impl ModuleT for ResNet {

@@ -20,8 +20,8 @@ use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::batch_norm::{batch_norm, BatchNorm, BatchNormConfig};
-use crate::cpu_transformer;
 use crate::head::torch_default_init;
+use crate::ops::{self, Settings};
 
 /// Everything that shapes a Vision Transformer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +83,7 @@ impl VitConfig {
                 };
                 let dims = rest
                     .and_then(Self::parse_custom)
-                    .ok_or_else(|| crate::Error::UnknownArch(name.to_string()))?;
+                    .ok_or_else(|| crate::zoo::unknown_arch(name))?;
                 (dims, conv)
             }
         };
@@ -270,15 +270,15 @@ fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
 
 impl LayerNorm {
     /// `torch.nn.LayerNorm` over the last dimension (biased variance).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        cpu_transformer::layer_norm(x, &self.weight, &self.bias, LN_EPS)
+    fn forward(&self, x: &Tensor, s: &Settings) -> Result<Tensor> {
+        ops::transformer::layer_norm(x, &self.weight, &self.bias, LN_EPS, s)
     }
 }
 
 /// A linear layer on the last dimension of a tensor of any rank (flattened to 2-D for one GEMM),
 /// keeping no product before the bias for the backward pass.
-fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    crate::generic_transformer::linear(x, lin.weight(), bias(lin)?)
+fn linear(lin: &Linear, x: &Tensor, s: &Settings) -> Result<Tensor> {
+    ops::linear::linear(x, lin.weight(), bias(lin)?, s)
 }
 
 /// A ViT linear layer's bias (every one has one).
@@ -290,8 +290,8 @@ fn bias(lin: &Linear) -> Result<&Tensor> {
 }
 
 /// `r + linear(lin, x)`, keeping no more for the backward pass than the linear layer does.
-fn linear_add(lin: &Linear, x: &Tensor, r: &Tensor) -> Result<Tensor> {
-    crate::generic_transformer::linear_add(x, lin.weight(), bias(lin)?, r)
+fn linear_add(lin: &Linear, x: &Tensor, r: &Tensor, s: &Settings) -> Result<Tensor> {
+    ops::linear::linear_add(x, lin.weight(), bias(lin)?, r, s)
 }
 
 /// A linear layer with MoCo v3's initialisation: weight uniform in +-`bound`, bias zero.
@@ -340,14 +340,15 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, s: &Settings) -> Result<Tensor> {
         // Multi-head self-attention: softmax(q k^T / sqrt(hd)) v per head.
-        let qkv = linear(&self.qkv, &self.norm1.forward(x)?)?;
-        let heads = cpu_transformer::attention(&qkv, self.heads)?;
-        let x = linear_add(&self.proj, &heads, x)?;
+        let qkv = linear(&self.qkv, &self.norm1.forward(x, s)?, s)?;
+        let heads = ops::transformer::attention(&qkv, self.heads, s)?;
+        let x = linear_add(&self.proj, &heads, x, s)?;
         // MLP with the exact (erf) GELU.
-        let m = cpu_transformer::gelu_erf(&linear(&self.fc1, &self.norm2.forward(&x)?)?)?;
-        linear_add(&self.fc2, &m, &x)
+        let m = linear(&self.fc1, &self.norm2.forward(&x, s)?, s)?;
+        let m = ops::transformer::gelu_erf(&m, s)?;
+        linear_add(&self.fc2, &m, &x, s)
     }
 }
 
@@ -366,7 +367,7 @@ enum PatchEmbed {
 }
 
 impl PatchEmbed {
-    fn new(config: &VitConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(config: &VitConfig, settings: Settings, vb: VarBuilder) -> Result<Self> {
         let (d, p, c) = (config.embed_dim, config.patch_size, config.in_channels);
         if !config.conv_stem {
             let bound = xavier(c * p * p, d);
@@ -391,7 +392,7 @@ impl PatchEmbed {
                     &format!("{}.weight", 3 * i),
                     torch_default_init(cin * 9),
                 )?;
-                let bn = batch_norm(cout, BatchNormConfig::default(), vb.pp(3 * i + 1))?;
+                let bn = batch_norm(cout, BatchNormConfig::default(), settings, vb.pp(3 * i + 1))?;
                 Ok((w, bn))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -406,7 +407,7 @@ impl PatchEmbed {
     }
 
     /// (N, C, H, W) images -> (N, patches, D) tokens, patches in row-major order.
-    fn forward(&self, config: &VitConfig, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, config: &VitConfig, x: &Tensor, train: bool, s: &Settings) -> Result<Tensor> {
         let (n, ch, _, _) = x.dims4()?;
         let (p, g, d) = (config.patch_size, config.grid(), config.embed_dim);
         let weight_dtype = match self {
@@ -435,7 +436,7 @@ impl PatchEmbed {
             } => {
                 let mut y = x;
                 for (w, bn) in layers {
-                    y = bn.forward_relu_t(&crate::cpu_conv::conv2d(&y, w, 1, 2, 1)?, train)?;
+                    y = bn.forward_relu_t(&ops::conv::conv2d(&y, w, 1, 2, 1, s)?, train)?;
                 }
                 let rows = y
                     .permute((0, 2, 3, 1))?
@@ -460,19 +461,21 @@ pub struct Vit {
     pos_embed: Tensor,
     blocks: Vec<Block>,
     norm: LayerNorm,
+    settings: Settings,
 }
 
 /// Builds a ViT with MoCo v3's initialisation (timm's `VisionTransformer` + `vits.py`): Q, K,
 /// V weights uniform in +-sqrt(6 / 2d), the other linear weights Xavier-uniform, biases zero,
 /// class token N(0, 1e-6^2), patch projection Xavier-uniform over (channels x patch^2, dim),
 /// LayerNorms 1 and 0; a convolutional stem keeps PyTorch's defaults (convolutions uniform in
-/// +-1/sqrt(fan_in), BatchNorm 1 and 0), as the official code leaves it.
-pub fn vit(config: VitConfig, vb: VarBuilder) -> Result<Vit> {
+/// +-1/sqrt(fan_in), BatchNorm 1 and 0), as the official code leaves it. Its layers compute on
+/// the ops `settings` choose.
+pub fn vit(config: VitConfig, settings: Settings, vb: VarBuilder) -> Result<Vit> {
     config
         .validate()
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let d = config.embed_dim;
-    let patch = PatchEmbed::new(&config, vb.pp("patch_embed.proj"))?;
+    let patch = PatchEmbed::new(&config, settings, vb.pp("patch_embed.proj"))?;
     let cls_token = vb.get_with_hints(
         (1, 1, d),
         "cls_token",
@@ -508,6 +511,7 @@ pub fn vit(config: VitConfig, vb: VarBuilder) -> Result<Vit> {
         pos_embed,
         blocks,
         norm,
+        settings,
     })
 }
 
@@ -538,13 +542,14 @@ impl Vit {
             )
         }
         let d = c.embed_dim;
-        let tokens = self.patch.forward(c, x, train)?;
+        let s = &self.settings;
+        let tokens = self.patch.forward(c, x, train, s)?;
         let cls = self.cls_token.broadcast_as((n, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
-            x = block.forward(&x)?;
+            x = block.forward(&x, s)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x, s)
     }
 
     /// The class token after the final LayerNorm, N x dim.
@@ -689,7 +694,12 @@ mod tests {
             ..tiny()
         };
         let vars = VarMap::new();
-        vit(c, seeded_var_builder(&vars, 1, DType::F32, &Device::Cpu)).unwrap();
+        vit(
+            c,
+            Settings::default(),
+            seeded_var_builder(&vars, 1, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let data = vars.data().lock().unwrap();
         let max_abs = |k: &str| largest_magnitude(&data, k) as f32;
         // Uniform in +-bound: the largest of thousands of draws is within 2% of the bound. The
@@ -721,7 +731,12 @@ mod tests {
             conv_stem: true,
             ..tiny()
         };
-        vit(c, seeded_var_builder(&vars, 2, DType::F32, &Device::Cpu)).unwrap();
+        vit(
+            c,
+            Settings::default(),
+            seeded_var_builder(&vars, 2, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let data = vars.data().lock().unwrap();
         let max_abs = |k: &str| largest_magnitude(&data, k);
         // 2 -> 32 -> 64 (3x3), then 64 -> 64 (1x1): fan-ins 18, 288, 64.
@@ -771,7 +786,12 @@ mod tests {
                 stop_grad_patch_embed: stop,
                 ..tiny()
             };
-            let net = vit(c, seeded_var_builder(&vars, 3, DType::F32, &Device::Cpu)).unwrap();
+            let net = vit(
+                c,
+                Settings::default(),
+                seeded_var_builder(&vars, 3, DType::F32, &Device::Cpu),
+            )
+            .unwrap();
             let x = seeded_randn(0.0, 1., (3, 2, 8, 8), 1, &Device::Cpu).unwrap();
             let y = net.forward_t(&x, true).unwrap();
             assert_eq!(y.dims(), [3, 16]);

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ModuleT;
-use moco_models::checkpoint::{import_official, import_official_as};
-use moco_models::{encoder_from_tensors, Backbone, Depth, HeadKind};
+use moco_models::weights::official::{import_official, import_official_as};
+use moco_models::{encoder_from_tensors, Backbone, Depth, HeadKind, Settings};
 
 fn reference(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -35,8 +35,14 @@ fn check_features(tag: &str, file: &str) {
         .unwrap()
         .tensors;
     let ckpt = import_official(&reference(file)).unwrap();
-    let (enc, _, unused) =
-        encoder_from_tensors(ckpt.spec, &ckpt.encoder_q, &Device::Cpu, &reference(file)).unwrap();
+    let (enc, _, unused) = encoder_from_tensors(
+        ckpt.spec,
+        &ckpt.encoder_q,
+        Settings::default(),
+        &Device::Cpu,
+        &reference(file),
+    )
+    .unwrap();
     assert!(unused.is_empty(), "{unused:?}");
     let x = &gold[&format!("{tag}.x")];
     let feats = enc.features(x, false).unwrap();
@@ -50,7 +56,14 @@ fn check_features(tag: &str, file: &str) {
         "{file}: head output"
     );
     // The key encoder loads into the same architecture; the queue and its pointer come along.
-    encoder_from_tensors(ckpt.spec, &ckpt.encoder_k, &Device::Cpu, &reference(file)).unwrap();
+    encoder_from_tensors(
+        ckpt.spec,
+        &ckpt.encoder_k,
+        Settings::default(),
+        &Device::Cpu,
+        &reference(file),
+    )
+    .unwrap();
     assert_eq!(ckpt.queue_ptr, Some(24));
 }
 
@@ -143,7 +156,7 @@ fn check_v3(
     tag: &str,
     file: &str,
     arch: Option<&str>,
-) -> moco_models::checkpoint::OfficialCheckpoint {
+) -> moco_models::weights::official::OfficialCheckpoint {
     let gold = moco_core::io::load(
         &reference("checkpoint_v3_features.safetensors"),
         &Device::Cpu,
@@ -151,8 +164,14 @@ fn check_v3(
     .unwrap()
     .tensors;
     let ckpt = import_official_as(&reference(file), arch).unwrap();
-    let (enc, _, unused) =
-        encoder_from_tensors(ckpt.spec, &ckpt.encoder_q, &Device::Cpu, &reference(file)).unwrap();
+    let (enc, _, unused) = encoder_from_tensors(
+        ckpt.spec,
+        &ckpt.encoder_q,
+        Settings::default(),
+        &Device::Cpu,
+        &reference(file),
+    )
+    .unwrap();
     assert!(unused.is_empty(), "{unused:?}");
     let x = &gold[&format!("{tag}.x")];
     assert!(
@@ -169,7 +188,14 @@ fn check_v3(
         ) < 1e-5,
         "{file}: projector output"
     );
-    encoder_from_tensors(ckpt.spec, &ckpt.encoder_k, &Device::Cpu, &reference(file)).unwrap();
+    encoder_from_tensors(
+        ckpt.spec,
+        &ckpt.encoder_k,
+        Settings::default(),
+        &Device::Cpu,
+        &reference(file),
+    )
+    .unwrap();
     assert!(ckpt.queue.is_none() && ckpt.predictor.contains_key("0.weight"));
     ckpt
 }

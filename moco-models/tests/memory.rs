@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use moco_models::{encoder, Backbone, BackboneConfig, EncoderSpec, HeadKind};
+use moco_models::{encoder, Backbone, BackboneConfig, EncoderSpec, HeadKind, Settings};
 
 /// The system allocator, counting the bytes in use.
 struct Counting;
@@ -98,14 +98,20 @@ fn pytorch_saved_bytes(key: &str) -> usize {
 
 /// Bytes held after a training-mode forward of the backbone `arch` on `batch` images of
 /// 3 x size x size, while its output (and so its graph) is alive; parameters and input excluded.
-fn kept_by_forward(arch: &str, batch: usize, size: usize, dtype: DType) -> usize {
+fn kept_by_forward(
+    arch: &str,
+    batch: usize,
+    size: usize,
+    dtype: DType,
+    settings: Settings,
+) -> usize {
     let dev = Device::Cpu;
     let vars = VarMap::new();
     let spec = EncoderSpec {
         backbone: BackboneConfig::for_input(arch, 64, 3, size, Some(4)).unwrap(),
         head: HeadKind::None,
     };
-    let net = encoder(spec, VarBuilder::from_varmap(&vars, dtype, &dev)).unwrap();
+    let net = encoder(spec, settings, VarBuilder::from_varmap(&vars, dtype, &dev)).unwrap();
     let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &dev)
         .unwrap()
         .to_dtype(dtype)
@@ -135,7 +141,7 @@ fn a_forward_keeps_no_more_than_pytorch_saves() {
             _ => format!("{arch}_b{batch}_{size}"),
         };
         let theirs = pytorch_saved_bytes(&key);
-        let ours = kept_by_forward(arch, batch, size, DType::F32);
+        let ours = kept_by_forward(arch, batch, size, DType::F32, Settings::default());
         let ratio = ours as f64 / theirs as f64;
         println!("{arch}, batch {batch}, {size}x{size}: moco-rs keeps {ours} bytes, PyTorch saves {theirs} ({ratio:.3}x)");
         assert!(
@@ -143,9 +149,7 @@ fn a_forward_keeps_no_more_than_pytorch_saves() {
             "{arch}: the forward keeps {ours} bytes for the backward, {ratio:.3}x what PyTorch saves ({theirs})"
         );
         // Candle's generic ops (CUDA's and Metal's path), on the CPU in float32.
-        moco_core::kernels::set_generic_cpu(true);
-        let generic = kept_by_forward(arch, batch, size, DType::F32);
-        moco_core::kernels::set_generic_cpu(false);
+        let generic = kept_by_forward(arch, batch, size, DType::F32, Settings::generic());
         let ratio = generic as f64 / theirs as f64;
         println!("{arch}, candle's generic ops: {generic} bytes ({ratio:.3}x)");
         assert!(

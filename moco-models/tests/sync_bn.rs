@@ -71,7 +71,13 @@ fn layer_over_two_ranks(dtype: DType, relu: bool) {
     let run = move |x: &Tensor, mix: &Tensor| {
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-        let bn = batch_norm(3, BatchNormConfig::default(), vb).unwrap();
+        let bn = batch_norm(
+            3,
+            BatchNormConfig::default(),
+            moco_models::Settings::default(),
+            vb,
+        )
+        .unwrap();
         let xv = Var::from_tensor(x).unwrap();
         let y = if relu {
             bn.forward_relu_t(xv.as_tensor(), true).unwrap()
@@ -100,7 +106,7 @@ fn layer_over_two_ranks(dtype: DType, relu: bool) {
             xs.narrow(0, r * N, N).unwrap(),
             ms.narrow(0, r * N, N).unwrap(),
         );
-        let synced = moco_core::sync::scope(comm, || run(&x, &mix));
+        let synced = moco_core::dist::sync_bn::scope(comm, || run(&x, &mix));
         // Outside a scope the same layer keeps its own statistics.
         let alone = run(&x, &mix);
         (synced, alone)
@@ -156,10 +162,14 @@ fn v3_model(config: MocoConfig) -> Moco<moco_models::Encoder> {
         bn_splits: 1,
     };
     let spec = EncoderSpec::resnet(resnet, HeadKind::V3 { hidden: 16, dim: 8 });
-    Moco::new(config, &Device::Cpu, |vb| moco_models::encoder(spec, vb))
-        .unwrap()
-        .with_predictor(|vb| moco_models::head::v3_mlp(2, 8, 16, 8, false, vb))
-        .unwrap()
+    Moco::new(config, &Device::Cpu, |vb| {
+        moco_models::encoder(spec, moco_models::Settings::default(), vb)
+    })
+    .unwrap()
+    .with_predictor(|vb| {
+        moco_models::head::v3_mlp(2, 8, 16, 8, false, moco_models::Settings::default(), vb)
+    })
+    .unwrap()
 }
 
 /// MoCo v3 with a small ViT: SyncBN in its convolutional stem, 3-layer projector and
@@ -196,10 +206,14 @@ fn v3_vit_model(sync_bn: bool) -> Moco<moco_models::Encoder> {
         backbone: BackboneConfig::Vit(vit),
         head: HeadKind::V3 { hidden: 16, dim: 8 },
     };
-    Moco::new(config, &Device::Cpu, |vb| moco_models::encoder(spec, vb))
-        .unwrap()
-        .with_predictor(|vb| moco_models::head::v3_mlp(2, 8, 16, 8, true, vb))
-        .unwrap()
+    Moco::new(config, &Device::Cpu, |vb| {
+        moco_models::encoder(spec, moco_models::Settings::default(), vb)
+    })
+    .unwrap()
+    .with_predictor(|vb| {
+        moco_models::head::v3_mlp(2, 8, 16, 8, true, moco_models::Settings::default(), vb)
+    })
+    .unwrap()
 }
 
 struct Run {

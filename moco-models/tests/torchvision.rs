@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use moco_models::{encoder, BackboneConfig, EncoderSpec, HeadKind, ResNetConfig};
+use moco_models::{encoder, BackboneConfig, EncoderSpec, HeadKind, ResNetConfig, Settings};
 
 fn golden() -> HashMap<String, Tensor> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -100,7 +100,7 @@ fn check(tag: &str, spec: EncoderSpec, train_tol: f64, dtype: DType) {
     let tag = &format!("{tag} {dtype:?}");
     let vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, dtype, &Device::Cpu);
-    let enc = encoder(spec, vb).unwrap();
+    let enc = encoder(spec, Settings::default(), vb).unwrap();
     fill(&vars);
     // Every torchvision running statistic has a variable of that name.
     let prefix = format!("{name}.stats.");

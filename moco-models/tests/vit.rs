@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use moco_models::{
     encoder, encoder_from_tensors, Backbone, BackboneConfig, Encoder, EncoderSpec, HeadKind,
-    VitConfig,
+    Settings, VitConfig,
 };
 
 const TOL: f64 = 1e-4;
@@ -56,8 +56,14 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
 /// variable map of float64 weights (candle's generic ops).
 fn build(spec: EncoderSpec, weights: &HashMap<String, Tensor>, dtype: DType) -> (Encoder, VarMap) {
     if dtype == DType::F32 {
-        let (enc, vars, unused) =
-            encoder_from_tensors(spec, weights, &Device::Cpu, Path::new("golden")).unwrap();
+        let (enc, vars, unused) = encoder_from_tensors(
+            spec,
+            weights,
+            Settings::default(),
+            &Device::Cpu,
+            Path::new("golden"),
+        )
+        .unwrap();
         assert!(unused.is_empty(), "{unused:?}");
         return (enc, vars);
     }
@@ -72,7 +78,12 @@ fn build(spec: EncoderSpec, weights: &HashMap<String, Tensor>, dtype: DType) -> 
         }
     }
     let count = vars.all_vars().len();
-    let enc = encoder(spec, VarBuilder::from_varmap(&vars, dtype, &Device::Cpu)).unwrap();
+    let enc = encoder(
+        spec,
+        Settings::default(),
+        VarBuilder::from_varmap(&vars, dtype, &Device::Cpu),
+    )
+    .unwrap();
     assert_eq!(
         vars.all_vars().len(),
         count,
@@ -110,8 +121,14 @@ fn vit_with_v3_projector_matches_timm() {
         .filter_map(|(k, v)| k.strip_prefix("w.").map(|n| (n.to_string(), v.clone())))
         .collect();
     // Every timm name is a variable of ours; the fixed position embedding is checked, not used.
-    let (enc, _, unused) =
-        encoder_from_tensors(spec(), &weights, &Device::Cpu, Path::new("vit_golden")).unwrap();
+    let (enc, _, unused) = encoder_from_tensors(
+        spec(),
+        &weights,
+        Settings::default(),
+        &Device::Cpu,
+        Path::new("vit_golden"),
+    )
+    .unwrap();
     assert!(unused.is_empty(), "{unused:?}");
     let moco_models::Net::Vit(vit) = enc.backbone() else {
         panic!("not a ViT")
@@ -120,7 +137,13 @@ fn vit_with_v3_projector_matches_timm() {
     // A different (learned) position embedding is refused.
     let mut learned = weights.clone();
     learned.insert("pos_embed".into(), (g("w.pos_embed") * 1.01).unwrap());
-    let err = match encoder_from_tensors(spec(), &learned, &Device::Cpu, Path::new("learned")) {
+    let err = match encoder_from_tensors(
+        spec(),
+        &learned,
+        Settings::default(),
+        &Device::Cpu,
+        Path::new("learned"),
+    ) {
         Ok(_) => panic!("a learned position embedding must be refused"),
         Err(e) => e.to_string(),
     };
@@ -186,8 +209,14 @@ fn wrong_input_size_is_an_error_naming_the_expected_shape() {
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("w.").map(|n| (n.to_string(), v.clone())))
         .collect();
-    let (enc, _, _) =
-        encoder_from_tensors(spec(), &weights, &Device::Cpu, Path::new("vit_golden")).unwrap();
+    let (enc, _, _) = encoder_from_tensors(
+        spec(),
+        &weights,
+        Settings::default(),
+        &Device::Cpu,
+        Path::new("vit_golden"),
+    )
+    .unwrap();
     let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
     let err = enc.forward_t(&x, false).unwrap_err().to_string();
     assert!(err.contains("(N, 3, 16, 16)"), "{err}");
@@ -251,7 +280,7 @@ fn check_conv_stem(gold: &HashMap<String, Tensor>, dtype: DType) {
             }),
             head,
         };
-        let detected = moco_models::checkpoint::detect_vit(&weights, Some(4)).unwrap();
+        let detected = moco_models::weights::official::detect_vit(&weights, Some(4)).unwrap();
         assert_eq!(detected, spec, "{prefix}: spec read off the weights");
         let (enc, vars) = build(spec, &weights, dtype);
         let tag = format!("{prefix} {dtype:?}");

@@ -6,270 +6,47 @@
 //! Candle's own CPU convolution runs its gradient wrt the input through a direct
 //! `conv_transpose2d` loop with no GEMM and its gradient wrt the weight as a convolution over
 //! transposed tensors; these three kernels replace them for float32 tensors on the CPU (NCHW,
-//! any stride, padding and groups, dilation 1). On other devices and dtypes [`conv2d`] runs
-//! candle's forward kernel with a backward pass of convolutions and matrix products
-//! (`generic_conv`) instead of candle's `conv_transpose2d`.
+//! any stride, padding and groups, dilation 1); other devices and dtypes run the generic
+//! convolution (`generic.rs`; the op's `mod.rs` chooses).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::scratch::{self, with_scratch};
+use super::geometry::{Geometry, Pass};
+use super::onednn;
+use crate::ops::scratch::{self, with_scratch};
+use crate::ops::settings::ConvEngine;
 
-/// Geometry of one convolution: input (N, C, H, W), weight (O, C/groups, KH, KW).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-    groups: usize,
-    ho: usize,
-    wo: usize,
-}
-
-impl Geometry {
-    fn new(x: &[usize], w: &[usize], stride: usize, padding: usize, groups: usize) -> Result<Self> {
-        let (&[n, c, h, wd], &[o, cg, kh, kw]) = (x, w) else {
-            candle_core::bail!("conv2d: expected 4-D input and weight, got {x:?} and {w:?}")
-        };
-        if groups == 0 || c % groups != 0 || o % groups != 0 || cg * groups != c {
-            candle_core::bail!("conv2d: input {x:?}, weight {w:?} and groups {groups} disagree")
-        }
-        if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
-            candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded input {h}x{wd}")
-        }
-        Ok(Self {
-            n,
-            c,
-            h,
-            w: wd,
-            o,
-            kh,
-            kw,
-            stride,
-            padding,
-            groups,
-            ho: (h + 2 * padding - kh) / stride + 1,
-            wo: (wd + 2 * padding - kw) / stride + 1,
-        })
-    }
-    /// Input channels per group.
-    fn cg(&self) -> usize {
-        self.c / self.groups
-    }
-    /// Output channels per group.
-    fn og(&self) -> usize {
-        self.o / self.groups
-    }
-    /// Rows of the im2col matrix: C/groups x KH x KW.
-    fn k(&self) -> usize {
-        self.cg() * self.kh * self.kw
-    }
-    fn in_plane(&self) -> usize {
-        self.h * self.w
-    }
-    fn out_plane(&self) -> usize {
-        self.ho * self.wo
-    }
-    /// (N, C, H, W, O, KH, KW, stride, padding, groups), what the oneDNN engine takes.
-    #[cfg(feature = "onednn")]
-    fn as_array(&self) -> [usize; 10] {
-        [
-            self.n,
-            self.c,
-            self.h,
-            self.w,
-            self.o,
-            self.kh,
-            self.kw,
-            self.stride,
-            self.padding,
-            self.groups,
-        ]
-    }
-    /// Whether the `onednn` engine asks for Winograd kernels: 3x3, stride 1, no groups, and 32
-    /// or more input and output channels, multiples of 16 (oneDNN's blocks). Measured on the
-    /// small ResNet's layers (2 threads, batch 64): about 2x faster from 32 channels up, slower
-    /// at 8 and 16.
-    #[cfg(feature = "onednn")]
-    fn winograd_pays(&self) -> bool {
-        (self.kh, self.kw, self.stride, self.groups) == (3, 3, 1, 1)
-            && self.c >= 32
-            && self.o >= 32
-            && self.c % 16 == 0
-            && self.o % 16 == 0
-    }
-    /// An error unless `a` and `b` have the sizes of `pass`'s operands; the result's size.
-    fn check_operands(&self, pass: Pass, a: &[f32], b: &[f32]) -> Result<usize> {
-        let [a_len, b_len, out_len] = self.lens(pass);
-        if a.len() != a_len || b.len() != b_len {
-            candle_core::bail!(
-                "conv2d {pass:?}: operands of {} and {} floats, expected {a_len} and {b_len}",
-                a.len(),
-                b.len()
-            )
-        }
-        Ok(out_len)
-    }
-    /// Element counts of (a, b, result) of `pass` (operand order as in [`Pass`]).
-    fn lens(&self, pass: Pass) -> [usize; 3] {
-        let (x, w, y) = (
-            self.n * self.c * self.in_plane(),
-            self.o * self.k(),
-            self.n * self.o * self.out_plane(),
-        );
-        match pass {
-            Pass::Forward => [x, w, y],
-            Pass::GradInput => [y, w, x],
-            Pass::GradWeight => [x, y, w],
-        }
-    }
-}
-
-/// One of the three passes of a convolution, by its operands `(a, b) -> result`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub(crate) enum Pass {
-    /// `y` from `(x, w)`.
-    Forward = 0,
-    /// `gx` from `(gy, w)`.
-    GradInput = 1,
-    /// `gw` from `(x, gy)`.
-    GradWeight = 2,
-}
-
-/// The kernels behind the CPU convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConvEngine {
-    /// im2col + GEMM on the `gemm` crate (always available).
-    Gemm,
-    /// oneDNN's convolutions (feature `onednn`): its Winograd F(4x4, 3x3) kernels for the 3x3,
-    /// stride-1 layers with at least 32 input and output channels, multiples of 16 (about twice
-    /// as fast there; results within ~3e-6 of the exact values instead of ~4e-7), where oneDNN
-    /// has them (AVX-512), its direct kernels elsewhere; geometries with no kernel use `Gemm`.
-    OneDnn,
-    /// oneDNN's direct kernels only, the ones PyTorch's CPU convolutions run (feature `onednn`).
-    OneDnnDirect,
-}
-
-impl ConvEngine {
-    /// The name `MOCO_CPU_CONV` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Gemm => "gemm",
-            Self::OneDnn => "onednn",
-            Self::OneDnnDirect => "onednn-direct",
-        }
-    }
-
-    /// Whether this build has the engine.
-    pub fn is_available(self) -> bool {
-        match self {
-            Self::Gemm => true,
-            Self::OneDnn | Self::OneDnnDirect => cfg!(feature = "onednn"),
-        }
-    }
-
-    /// Every engine, in declaration order (`engine as usize` indexes it).
-    const ALL: [Self; 3] = [Self::Gemm, Self::OneDnn, Self::OneDnnDirect];
-
-    fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|e| e.name() == s)
-    }
-}
-
-/// 0: not chosen yet; otherwise 1 + the engine's index.
-static ENGINE: AtomicU8 = AtomicU8::new(0);
-
-/// Chooses the engine of every later CPU convolution in this process; an error when this build
-/// does not have it.
-pub fn set_conv_engine(engine: ConvEngine) -> Result<()> {
-    if !engine.is_available() {
-        candle_core::bail!(
-            "the {} convolution engine is not in this build (cargo feature `onednn`)",
-            engine.name()
-        )
-    }
-    ENGINE.store(1 + engine as u8, Ordering::Relaxed);
-    Ok(())
-}
-
-/// The engine CPU convolutions run on: the one [`set_conv_engine`] chose, else the environment
-/// variable `MOCO_CPU_CONV` (`gemm`, `onednn` or `onednn-direct`), else oneDNN when compiled in,
-/// else gemm.
-pub fn conv_engine() -> Result<ConvEngine> {
-    if let Some(&engine) = (ENGINE.load(Ordering::Relaxed) as usize)
-        .checked_sub(1)
-        .and_then(|i| ConvEngine::ALL.get(i))
-    {
-        return Ok(engine);
-    }
-    let engine = match std::env::var("MOCO_CPU_CONV") {
-        Ok(v) => match ConvEngine::parse(v.trim()) {
-            Some(e) if e.is_available() => e,
-            Some(e) => candle_core::bail!(
-                "MOCO_CPU_CONV={}: this build has no {} engine (cargo feature `onednn`)",
-                v,
-                e.name()
-            ),
-            None => {
-                let names: Vec<String> = ConvEngine::ALL
-                    .iter()
-                    .map(|e| format!("`{}`", e.name()))
-                    .collect();
-                candle_core::bail!("MOCO_CPU_CONV={v}: expected one of {}", names.join(", "))
-            }
-        },
-        Err(_) if ConvEngine::OneDnn.is_available() => ConvEngine::OneDnn,
-        Err(_) => ConvEngine::Gemm,
-    };
-    set_conv_engine(engine)?;
-    Ok(engine)
-}
-
-/// One pass on `engine`, or the chosen one ([`conv_engine`]).
+/// One pass on `engine` (oneDNN where it has a kernel for the geometry, else gemm).
 fn run_pass(
     pass: Pass,
     g: &Geometry,
     a: &[f32],
     b: &[f32],
-    engine: Option<ConvEngine>,
+    engine: ConvEngine,
 ) -> Result<Vec<f32>> {
-    let engine = match engine {
-        Some(e) => e,
-        None => conv_engine()?,
-    };
-    #[cfg(feature = "onednn")]
     if matches!(engine, ConvEngine::OneDnn | ConvEngine::OneDnnDirect) {
         let algorithm = if engine == ConvEngine::OneDnn && g.winograd_pays() {
-            crate::onednn::Algorithm::Winograd
+            onednn::Algorithm::Winograd
         } else {
-            crate::onednn::Algorithm::Direct
+            onednn::Algorithm::Direct
         };
         if let Some(v) = run_onednn(pass, g, algorithm, a, b)? {
             return Ok(v);
         }
     }
-    let _ = engine;
     run_gemm(pass, g, a, b)
 }
 
 /// One pass on oneDNN, the batch split into one near-equal run of samples per rayon thread,
 /// each a single-threaded oneDNN call; the weight gradient's per-run partial sums are added in
-/// run order. `None` when oneDNN has no kernel for this geometry.
-#[cfg(feature = "onednn")]
+/// run order. `None` when oneDNN has no kernel for this geometry (or is not in this build).
 fn run_onednn(
     pass: Pass,
     g: &Geometry,
-    algorithm: crate::onednn::Algorithm,
+    algorithm: onednn::Algorithm,
     a: &[f32],
     b: &[f32],
 ) -> Result<Option<Vec<f32>>> {
@@ -316,7 +93,7 @@ fn run_onednn(
             } else {
                 &b[s0 * b_per..(s0 + r.n) * b_per]
             };
-            crate::onednn::run(pass, r.as_array(), algorithm, a, b, piece, r.lens(pass))
+            onednn::run(pass, r.as_array(), algorithm, a, b, piece, r.lens(pass))
         })
         .collect::<Result<Vec<bool>>>()?;
     if !written.iter().all(|&w| w) {
@@ -663,8 +440,7 @@ struct Conv2d {
     stride: usize,
     padding: usize,
     groups: usize,
-    /// None: the chosen engine ([`conv_engine`]) at each call.
-    engine: Option<ConvEngine>,
+    engine: ConvEngine,
 }
 
 /// Which gradient a [`Conv2dGrad`] computes, with the dims of that operand.
@@ -681,7 +457,7 @@ struct Conv2dGrad {
     stride: usize,
     padding: usize,
     groups: usize,
-    engine: Option<ConvEngine>,
+    engine: ConvEngine,
     wrt: Wrt,
 }
 
@@ -798,8 +574,8 @@ impl CustomOp2 for Conv2dGrad {
 }
 
 /// The gradients of `conv2d(x, w, padding, stride, groups)` wrt `x` and `w` given the gradient
-/// `gy` of its output, with this module's CPU kernels (float32, contiguous on the CPU): what the
-/// backward pass of [`conv2d`] runs, callable directly (benchmarks, custom autograd).
+/// `gy` of its output, with this module's kernels on `engine` (float32, contiguous on the CPU):
+/// what the backward pass of [`conv2d`] runs, callable directly (benchmarks, custom autograd).
 pub fn conv2d_backward(
     x: &Tensor,
     w: &Tensor,
@@ -807,6 +583,7 @@ pub fn conv2d_backward(
     padding: usize,
     stride: usize,
     groups: usize,
+    engine: ConvEngine,
 ) -> Result<(Tensor, Tensor)> {
     let (x, w, gy) = (x.contiguous()?, w.contiguous()?, gy.contiguous()?);
     let (a, b, c, d) = x.dims4()?;
@@ -816,7 +593,7 @@ pub fn conv2d_backward(
             stride,
             padding,
             groups,
-            engine: None,
+            engine,
             wrt: Wrt::Input([a, b, c, d]),
         },
     )?;
@@ -827,53 +604,22 @@ pub fn conv2d_backward(
             stride,
             padding,
             groups,
-            engine: None,
+            engine,
             wrt: Wrt::Weight([a, b, c, d]),
         },
     )?;
     Ok((gx, gw))
 }
 
-/// `conv2d(x, w)` with dilation 1: the kernels of this module for float32 on the CPU (on the
-/// engine [`conv_engine`] chooses), candle's own `Tensor::conv2d` anywhere else. Same result
-/// either way, within float32 rounding.
+/// `conv2d(x, w)` with dilation 1 on float32 CPU tensors, on `engine`, forward and backward.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
     padding: usize,
     stride: usize,
     groups: usize,
-) -> Result<Tensor> {
-    conv2d_with(None, x, w, padding, stride, groups)
-}
-
-/// [`conv2d`] on a given CPU engine, forward and backward, whatever [`conv_engine`] says; an
-/// error when this build does not have it.
-pub fn conv2d_on(
     engine: ConvEngine,
-    x: &Tensor,
-    w: &Tensor,
-    padding: usize,
-    stride: usize,
-    groups: usize,
 ) -> Result<Tensor> {
-    if !engine.is_available() {
-        candle_core::bail!("conv2d: the {} engine is not in this build", engine.name())
-    }
-    conv2d_with(Some(engine), x, w, padding, stride, groups)
-}
-
-fn conv2d_with(
-    engine: Option<ConvEngine>,
-    x: &Tensor,
-    w: &Tensor,
-    padding: usize,
-    stride: usize,
-    groups: usize,
-) -> Result<Tensor> {
-    if !moco_core::kernels::fused_cpu(&[x, w]) {
-        return crate::generic_conv::conv2d(x, w, padding, stride, groups);
-    }
     let op = Conv2d {
         stride,
         padding,
@@ -887,6 +633,7 @@ fn conv2d_with(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::ops::settings::ConvEngine;
     use crate::test_util::max_rel;
     use candle_core::DType;
     use candle_core::{Device, Var};
@@ -990,7 +737,7 @@ mod tests {
         let wt =
             Var::from_tensor(&seeded_randn(0.0, 1.0, (o, c / groups, k.0, k.1), 8, &dev).unwrap())
                 .unwrap();
-        let ours = conv2d_on(engine, x.as_tensor(), wt.as_tensor(), p, s, groups).unwrap();
+        let ours = conv2d(x.as_tensor(), wt.as_tensor(), p, s, groups, engine).unwrap();
         let theirs = x
             .as_tensor()
             .conv2d(wt.as_tensor(), p, s, 1, groups)
@@ -1058,31 +805,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_frozen_input_gets_no_gradient_and_other_devices_fall_back() {
-        let dev = Device::Cpu;
-        let x = seeded_randn(0.0, 1.0, (2, 3, 6, 6), 2, &dev).unwrap();
-        let w = Var::from_tensor(&seeded_randn(0.0, 1.0, (4, 3, 3, 3), 9, &dev).unwrap()).unwrap();
-        let g = conv2d(&x, w.as_tensor(), 1, 1, 1)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(g.get(&x).is_none() && g.get(w.as_tensor()).is_some());
-        // float64 takes candle's path and agrees.
-        let (x64, w64) = (
-            x.to_dtype(DType::F64).unwrap(),
-            w.as_tensor().to_dtype(DType::F64).unwrap(),
-        );
-        let a = conv2d(&x64, &w64, 1, 1, 1)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let b = conv2d(&x, w.as_tensor(), 1, 1, 1).unwrap();
-        assert!(max_rel(&a, &b) < 1e-5);
-    }
-
     /// The `onednn` engine on the layers it runs with Winograd kernels: each pass within 1e-5
     /// (of the largest value) of the float64 direct loop, on signed inputs and on the
     /// non-negative ones a ReLU feeds (Winograd's error grows with the inputs' mean), batches
@@ -1092,12 +814,12 @@ mod tests {
     #[cfg(feature = "onednn")]
     #[test]
     fn winograd_layers_match_the_direct_loop() {
-        use crate::onednn::{plan_algorithm, Algorithm};
+        use onednn::{plan_algorithm, Algorithm};
         let expect_winograd = std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512dq")
-            && crate::onednn::major_version() == 2;
+            && onednn::major_version() == 2;
         let dev = Device::Cpu;
         // n, c, h, w, o
         for (n, c, h, w, o) in [
@@ -1120,8 +842,7 @@ mod tests {
                 let x = Var::from_tensor(&if relu { x.relu().unwrap() } else { x }).unwrap();
                 let wt = Var::from_tensor(&seeded_randn(0.0, 0.1, (o, c, 3, 3), 10, &dev).unwrap())
                     .unwrap();
-                let y =
-                    conv2d_on(ConvEngine::OneDnn, x.as_tensor(), wt.as_tensor(), 1, 1, 1).unwrap();
+                let y = conv2d(x.as_tensor(), wt.as_tensor(), 1, 1, 1, ConvEngine::OneDnn).unwrap();
                 let mix = seeded_randn(0.0, 1.0, y.shape(), 4, &dev).unwrap();
                 let (y64, gx, gw) = naive(x.as_tensor(), wt.as_tensor(), &mix, 1, 1, 1);
                 let grads = (&y * &mix).unwrap().sum_all().unwrap().backward().unwrap();
@@ -1133,13 +854,13 @@ mod tests {
                 ];
                 assert!(errs.iter().all(|&e| e < 1e-5), "{what}: {errs:?}");
                 // The engine took the Winograd kernels: its rounding differs from direct's.
-                let direct = conv2d_on(
-                    ConvEngine::OneDnnDirect,
+                let direct = conv2d(
                     x.as_tensor(),
                     wt.as_tensor(),
                     1,
                     1,
                     1,
+                    ConvEngine::OneDnnDirect,
                 )
                 .unwrap();
                 let same = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -1188,7 +909,7 @@ mod tests {
                 .unwrap();
             let w =
                 Var::from_tensor(&seeded_randn(0.0, 0.1, (o, c, 3, 3), 12, &dev).unwrap()).unwrap();
-            let y = conv2d_on(ConvEngine::OneDnn, x.as_tensor(), w.as_tensor(), 1, 1, 1).unwrap();
+            let y = conv2d(x.as_tensor(), w.as_tensor(), 1, 1, 1, ConvEngine::OneDnn).unwrap();
             y.sum_all().unwrap().backward().unwrap();
         }
         // The main thread, libtest's (if any), rayon's 2.
@@ -1244,7 +965,7 @@ mod tests {
                     fell_back.push(what);
                     continue;
                 };
-                let split = run_onednn(pass, &g, crate::onednn::Algorithm::Direct, &a, &b)
+                let split = run_onednn(pass, &g, onednn::Algorithm::Direct, &a, &b)
                     .unwrap()
                     .unwrap();
                 let gemm = run_gemm(pass, &g, &a, &b).unwrap();
@@ -1267,10 +988,10 @@ mod tests {
     fn onednn_alone(pass: Pass, g: &Geometry, a: &[f32], b: &[f32]) -> Result<Option<Vec<f32>>> {
         let len = g.lens(pass)[2];
         let mut out = Vec::with_capacity(len);
-        let done = crate::onednn::run(
+        let done = onednn::run(
             pass,
             g.as_array(),
-            crate::onednn::Algorithm::Direct,
+            onednn::Algorithm::Direct,
             a,
             b,
             &mut out.spare_capacity_mut()[..len],
@@ -1312,26 +1033,5 @@ mod tests {
             });
             assert_eq!(got, expected);
         }
-    }
-
-    /// `ConvEngine::ALL` lists the engines in declaration order: `set_conv_engine` stores
-    /// `1 + engine as u8` and `conv_engine` reads it back as an index into it; every name parses.
-    #[test]
-    fn engine_list_matches_the_declaration_order() {
-        for (i, e) in ConvEngine::ALL.into_iter().enumerate() {
-            assert_eq!(e as usize, i, "{e:?}");
-            assert_eq!(ConvEngine::parse(e.name()), Some(e));
-        }
-    }
-
-    /// An engine this build lacks is an error naming the feature, and chooses nothing.
-    #[cfg(not(feature = "onednn"))]
-    #[test]
-    fn an_engine_not_built_is_an_error() {
-        let e = set_conv_engine(ConvEngine::OneDnn).unwrap_err().to_string();
-        assert!(e.contains("onednn"), "{e}");
-        let x = Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d_on(ConvEngine::OneDnn, &x, &x, 1, 1, 1).is_err());
-        assert_eq!(conv_engine().unwrap(), ConvEngine::Gemm);
     }
 }

@@ -1,19 +1,17 @@
 //! The ViT's LayerNorm and attention on candle's generic ops (CUDA, Metal, float64 input, or the
-//! CPU with its fused kernels switched off), and its linear layers on every device, keeping for
-//! the backward pass only what PyTorch keeps (their input, and the LayerNorm's and attention's
-//! output), as [`crate::generic_norm`] does for BatchNorm: the forward pass runs candle's ops on
-//! detached tensors and its result is attached to the graph as one op ([`crate::attached`])
-//! whose backward computes the gradients with candle's ops.
+//! CPU with the generic kernels chosen), keeping for the backward pass only what PyTorch keeps
+//! (the input and the output), as the generic BatchNorm does: the forward pass runs candle's ops
+//! on detached tensors and its result is attached to the graph as one op
+//! ([`crate::ops::attached`]) whose backward computes the gradients with candle's ops.
 //!
 //! Written as chains of graph-recorded ops, a LayerNorm kept four intermediates of its input's
 //! size, the attention its copies of q, k and v and three tokens x tokens matrices per head
-//! (the scores, the scaled scores and the probabilities), and a linear layer its product
-//! before the bias; here the attention keeps none of them and recomputes the probabilities in
-//! the backward pass, as the CPU kernel does.
+//! (the scores, the scaled scores and the probabilities); here the attention keeps none of them
+//! and recomputes the probabilities in the backward pass, as the CPU kernel does.
 
 use candle_core::{Result, Tensor, D};
 
-use crate::attached::{attach1, attach3, Backward1, Backward3};
+use crate::ops::attached::{attach1, attach3, Backward1, Backward3};
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
@@ -63,7 +61,7 @@ impl Backward3 for LayerNormGrad {
 
 /// `torch.nn.LayerNorm` over the last dimension (biased variance) with candle's ops, keeping
 /// the input and the output for the backward pass.
-pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+pub(super) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let rows = x.elem_count() / d;
     let x2 = x.detach().reshape((rows, d))?;
@@ -139,7 +137,7 @@ impl Backward1 for AttentionGrad {
 /// Multi-head self-attention `softmax(q k^T * scale) v` from the qkv projection's output
 /// (N, T, 3D) to the heads' outputs side by side (N, T, D), with candle's ops, keeping only
 /// the qkv input and the output for the backward pass.
-pub(crate) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+pub(super) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (n, t, c) = qkv.dims3()?;
     let (q, k, v) = split_qkv(&qkv.detach(), heads)?;
     let out = probabilities(&q, &k, scale)?
@@ -149,99 +147,4 @@ pub(crate) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor
         .reshape((n, t, c / 3))?;
     let op = AttentionGrad { heads, scale };
     attach1(&out, qkv, op)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Linear
-
-/// A linear layer's backward pass: `dx = g W`, `dW = g^T x`, `db` = the column sums of `g`.
-struct LinearGrad;
-
-impl Backward3 for LinearGrad {
-    fn name(&self) -> &'static str {
-        "linear-attached"
-    }
-
-    fn backward(
-        &self,
-        [x, w, b]: [&Tensor; 3],
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out, k) = w.dims2()?;
-        let g = grad.reshape((grad.elem_count() / out, out))?;
-        let dx = match x.track_op() {
-            true => Some(g.matmul(&w.detach())?.reshape(x.dims())?),
-            false => None,
-        };
-        let dw = match w.track_op() {
-            true => Some(g.t()?.matmul(&x.detach().reshape(((), k))?)?),
-            false => None,
-        };
-        let db = match b.track_op() {
-            true => Some(crate::cpu_transformer::column_sums(&g)?),
-            false => None,
-        };
-        Ok((dx, dw, db))
-    }
-}
-
-/// `x W^T + b` over the last dimension of `x` (any rank; one matrix product over the rows),
-/// keeping `x` and the parameters for the backward pass but not the product before the bias.
-/// Candle's matrix products on every device; the bias through
-/// [`crate::cpu_transformer::add_bias`] (fused on float32 CPU tensors).
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (out, k) = w.dims2()?;
-    if dims.last() != Some(&k) || b.dims() != [out] {
-        candle_core::bail!(
-            "linear: input {dims:?}, weight {:?}, bias {:?}",
-            w.dims(),
-            b.dims()
-        )
-    }
-    let y = x.detach().reshape(((), k))?.matmul(&w.detach().t()?)?;
-    let y = crate::cpu_transformer::add_bias(&y, &b.detach())?;
-    let mut shape = dims;
-    let last = shape.len() - 1;
-    shape[last] = out;
-    attach3(&y.reshape(shape)?, [x, w, b], LinearGrad)
-}
-
-/// The residual add's backward pass: the gradient reaches both summands unchanged.
-struct SumGrad;
-
-impl Backward3 for SumGrad {
-    fn name(&self) -> &'static str {
-        "residual-add-attached"
-    }
-
-    fn backward(
-        &self,
-        [a, r, _]: [&Tensor; 3],
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let pass = |t: &Tensor| t.track_op().then(|| grad.clone());
-        Ok((pass(a), pass(r), None))
-    }
-}
-
-/// `r + (x W^T + b)`, a ViT block's residual add after a linear layer, keeping no more than
-/// [`linear`] does: the sum is computed once, detached, and recorded twice over the same
-/// storage, as the linear layer's result (whose backward reaches `x`, `W` and `b`) and as the
-/// sum of that result and `r` (whose backward passes the gradient to both). Neither the linear
-/// output before the add nor anything else of the sum's size is kept besides the sum itself.
-pub(crate) fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> Result<Tensor> {
-    let y = linear(&x.detach(), &w.detach(), &b.detach())?;
-    if y.dims() != r.dims() {
-        candle_core::bail!(
-            "residual add: linear output {:?}, residual {:?}",
-            y.dims(),
-            r.dims()
-        )
-    }
-    let sum = (y + r.detach())?;
-    let product = attach3(&sum, [x, w, b], LinearGrad)?;
-    attach3(&sum, [&product, r, r], SumGrad)
 }

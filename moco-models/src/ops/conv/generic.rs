@@ -12,43 +12,33 @@
 //!   formulation, one matrix product over all images and positions).
 //!
 //! Groups other than 1 take candle's `conv2d` with its own backward. With the `cudnn` feature,
-//! float32 CUDA tensors take cuDNN's three convolutions instead (`cudnn_conv`).
+//! float32 CUDA tensors take cuDNN's three convolutions instead (`cudnn.rs`, [`Engine::Cudnn`],
+//! chosen by the op's `mod.rs`), attached to the graph the same way.
 
 use candle_core::{Result, Tensor};
 
-use crate::attached::{attach3, Backward3};
+use super::cudnn;
+use crate::ops::attached::{attach3, Backward3};
 
 /// Who computes the three convolutions.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Engine {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Engine {
     /// Candle's `conv2d` and this module's backward.
     Candle,
-    /// cuDNN (`cudnn_conv`: float32 CUDA tensors).
-    #[cfg(feature = "cudnn")]
+    /// cuDNN (`cudnn.rs`: float32 CUDA tensors, no groups, builds with the `cudnn` feature).
     Cudnn,
 }
 
-impl Engine {
-    fn for_operands(x: &Tensor, w: &Tensor, groups: usize) -> Self {
-        #[cfg(feature = "cudnn")]
-        if crate::cudnn_conv::applies(x, w, groups) {
-            return Self::Cudnn;
-        }
-        let _ = (x, w, groups);
-        Self::Candle
-    }
-}
-
-/// `conv2d(x, w, padding, stride, groups)` (dilation 1) on candle's ops (or cuDNN's), with
-/// this module's backward pass for `groups == 1`.
-pub(crate) fn conv2d(
+/// `conv2d(x, w, padding, stride, groups)` (dilation 1) on candle's ops or cuDNN's (`engine`),
+/// with this module's backward pass for `groups == 1`.
+pub(super) fn conv2d(
     x: &Tensor,
     w: &Tensor,
     padding: usize,
     stride: usize,
     groups: usize,
+    engine: Engine,
 ) -> Result<Tensor> {
-    let engine = Engine::for_operands(x, w, groups);
     let (_, _, kh, kw) = w.dims4()?;
     let tracked = x.track_op() || w.track_op();
     if engine == Engine::Candle && (groups != 1 || padding >= kh || padding >= kw || !tracked) {
@@ -56,8 +46,7 @@ pub(crate) fn conv2d(
     }
     let y = match engine {
         Engine::Candle => x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?,
-        #[cfg(feature = "cudnn")]
-        Engine::Cudnn => crate::cudnn_conv::forward(&x.detach(), &w.detach(), padding, stride)?,
+        Engine::Cudnn => cudnn::forward(&x.detach(), &w.detach(), padding, stride)?,
     };
     if !tracked {
         return Ok(y);
@@ -94,14 +83,12 @@ impl Backward3 for ConvGrad {
         let gx = match (track_x, self.engine) {
             (false, _) => None,
             (true, Engine::Candle) => Some(input_grad(&x, &w, grad, p, s)?),
-            #[cfg(feature = "cudnn")]
-            (true, Engine::Cudnn) => Some(crate::cudnn_conv::input_grad(&x, &w, grad, p, s)?),
+            (true, Engine::Cudnn) => Some(cudnn::input_grad(&x, &w, grad, p, s)?),
         };
         let gw = match (track_w, self.engine) {
             (false, _) => None,
             (true, Engine::Candle) => Some(weight_grad(&x, &w, grad, p, s)?),
-            #[cfg(feature = "cudnn")]
-            (true, Engine::Cudnn) => Some(crate::cudnn_conv::weight_grad(&x, &w, grad, p, s)?),
+            (true, Engine::Cudnn) => Some(cudnn::weight_grad(&x, &w, grad, p, s)?),
         };
         Ok((gx, gw, None))
     }
@@ -162,6 +149,7 @@ fn weight_grad(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::ops::settings::ConvEngine;
     use crate::test_util::max_rel;
     use candle_core::{DType, Device, Var};
     use moco_core::init::seeded_randn;
@@ -199,10 +187,10 @@ mod tests {
                 Var::from_tensor(&seeded_randn(0.0, 1., (n, c, h, wd), 1, &dev).unwrap()).unwrap();
             let w =
                 Var::from_tensor(&seeded_randn(0.0, 1., (o, c, k, k), 2, &dev).unwrap()).unwrap();
-            let y0 = crate::cpu_conv::conv2d(&x, &w, p, s, 1).unwrap();
+            let y0 = crate::ops::conv::cpu::conv2d(&x, &w, p, s, 1, ConvEngine::default()).unwrap();
             let mix = seeded_randn(0.0, 1., y0.dims(), 3, &dev).unwrap();
             let g0 = (&y0 * &mix).unwrap().sum_all().unwrap().backward().unwrap();
-            let y = conv2d(&x, &w, p, s, 1).unwrap();
+            let y = conv2d(&x, &w, p, s, 1, Engine::Candle).unwrap();
             let g = (&y * &mix).unwrap().sum_all().unwrap().backward().unwrap();
             let what = format!("n{n} c{c} {h}x{wd} o{o} k{k} s{s} p{p}");
             assert!(max_rel(&y, &y0) < 1e-5, "{what}: forward");
@@ -219,7 +207,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = seeded_randn(0.0, 1., (2, 3, 8, 8), 4, &dev).unwrap();
         let w = Var::from_tensor(&seeded_randn(0.0, 1., (4, 3, 3, 3), 5, &dev).unwrap()).unwrap();
-        let g = conv2d(&x, &w, 1, 2, 1)
+        let g = conv2d(&x, &w, 1, 2, 1, Engine::Candle)
             .unwrap()
             .sum_all()
             .unwrap()

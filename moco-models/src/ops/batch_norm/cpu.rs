@@ -8,7 +8,7 @@
 //!
 //! So is SyncBN ([`stats_synced`], `normalize(.., synced = true)`): the per-channel sums of the
 //! forward statistics and of the backward's reductions are summed over the ranks of the current
-//! [`moco_core::sync`] group, so that the statistics and the input gradient are those of the
+//! [`moco_core::dist::sync_bn`] group, so that the statistics and the input gradient are those of the
 //! global batch.
 
 use std::sync::Arc;
@@ -19,8 +19,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::cpu_elementwise::relu_grad;
-use crate::scratch::{self, f32_slice, filled};
+use crate::ops::elementwise::relu_grad;
+use crate::ops::scratch::{self, f32_slice, filled};
 
 /// Per (group, channel) batch statistics of an (N, C, L) input: mean and biased variance,
 /// indexed `group * C + channel`.
@@ -252,9 +252,9 @@ impl Norm {
         // gradients stay this rank's (they are averaged over the ranks with the others).
         let reduced: Vec<(Vec<f64>, Vec<f64>)>;
         let global = if self.synced {
-            let Some(comm) = moco_core::sync::group() else {
+            let Some(comm) = moco_core::dist::sync_bn::group() else {
                 candle_core::bail!(
-                    "SyncBatchNorm backward outside the data-parallel scope of its forward pass (moco_core::sync::scope)"
+                    "SyncBatchNorm backward outside the data-parallel scope of its forward pass (moco_core::dist::sync_bn::scope)"
                 )
             };
             let flat = sums
@@ -472,7 +472,7 @@ impl CustomOp3 for NormalizeAddRelu {
 /// (N, C, ...), affine parameters (C each), the batch statistics of that input (from
 /// [`stats`] or [`stats_synced`]), epsilon, splits, and whether the statistics are the global
 /// batch's (SyncBN: one split; the backward pass must then run in the same
-/// [`moco_core::sync::scope`]).
+/// [`moco_core::dist::sync_bn::scope`]).
 #[derive(Debug, Clone)]
 pub struct NormInput<'a> {
     pub x: &'a Tensor,

@@ -1,9 +1,12 @@
 //! A MoCo training step over any encoder: forward, loss, backward, optimizer step, momentum
-//! update, enqueue, in that order and each visible.
+//! update, enqueue, in that order and each visible: the analogue of the official `builder.py`.
+//! Its data-parallel side is in [`ddp`], the checkpoint format in [`checkpoint`].
+
+mod checkpoint;
+mod ddp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::rc::Rc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
@@ -12,16 +15,17 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::config::{LossKind, MocoConfig};
-use crate::dist::{Collective, SingleProcess};
+use crate::dist::Collective;
 use crate::init::seeded_var_builder;
 use crate::loss::{
     in_batch_info_nce_gathered, info_nce, l2_normalize, symmetric_info_nce, ContrastiveOutput,
 };
-use crate::momentum::{set_checked, MomentumEncoder};
+use crate::momentum::MomentumEncoder;
 use crate::optim::Optimizer;
 use crate::queue::Queue;
 use crate::shuffle::BatchShuffle;
-use crate::{io, Error, Result};
+use crate::{Error, Kernels, Result};
+use ddp::DataParallel;
 
 /// What a forward pass of both encoders produced: the loss and the keys to enqueue.
 #[derive(Debug, Clone)]
@@ -55,9 +59,24 @@ pub struct StepOutput {
 /// Both encoders come from the same constructor: the query one over a fresh `VarMap`, the key one
 /// over [`MomentumEncoder::key_var_builder`], so the key starts equal to the query and the two
 /// are paired by variable name.
+///
+/// The encoder's output is L2-normalised here ([`encode_query`](Self::encode_query),
+/// [`encode_key`](Self::encode_key)), as in the official code: the encoder itself should not
+/// normalise. Every tensor of the model (variables, queue) has the dtype given at construction
+/// (float32 by [`new`](Self::new); float64 for checking against a reference, with
+/// [`new_with_dtype`](Self::new_with_dtype)).
+///
+/// One difference from the official code in what a checkpoint holds: `builder.py` updates the
+/// key encoder at the start of a step's forward pass, moco-rs after the optimizer step (step 5
+/// of [`train_step`](Self::train_step)). The forward passes see the same key encoder; a
+/// checkpoint written after step t holds a key encoder one momentum update ahead of the
+/// official checkpoint of step t (the update that the official code makes at the start of
+/// step t + 1).
 pub struct Moco<E: ModuleT> {
     config: MocoConfig,
     device: Device,
+    dtype: DType,
+    kernels: Kernels,
     query: E,
     key: E,
     predictor: Option<Box<dyn ModuleT>>,
@@ -65,7 +84,7 @@ pub struct Moco<E: ModuleT> {
     queue: Option<Queue>,
     optimizer: Optimizer,
     step: u64,
-    comm: Rc<dyn Collective>,
+    ddp: DataParallel,
 }
 
 impl<E: ModuleT> std::fmt::Debug for Moco<E> {
@@ -78,8 +97,10 @@ impl<E: ModuleT> std::fmt::Debug for Moco<E> {
 }
 
 impl<E: ModuleT> Moco<E> {
-    /// Builds both encoders with `build`, the queue and the optimizer, after validating `config`.
-    /// Initial weights are drawn from `config.seed` (see [`crate::init`]): same seed, same run.
+    /// Builds both encoders with `build`, the queue and the optimizer, after validating `config`,
+    /// in float32. Initial weights are drawn from `config.seed` (see [`crate::init`]): same
+    /// seed, same run. [`load_weights`](Self::load_weights) then replaces them with pretrained
+    /// ones.
     pub fn new(
         config: MocoConfig,
         device: &Device,
@@ -96,21 +117,62 @@ impl<E: ModuleT> Moco<E> {
         vars: VarMap,
         build: impl Fn(VarBuilder) -> candle_core::Result<E>,
     ) -> Result<Self> {
+        Self::new_with_dtype(config, device, DType::F32, vars, build)
+    }
+
+    /// The general constructor: as [`from_varmap`](Self::from_varmap), with every variable and
+    /// the queue in `dtype` (a float type; float64 to check an encoder against a reference).
+    /// A variable already in `vars` with another dtype is an error naming it.
+    pub fn new_with_dtype(
+        config: MocoConfig,
+        device: &Device,
+        dtype: DType,
+        vars: VarMap,
+        build: impl Fn(VarBuilder) -> candle_core::Result<E>,
+    ) -> Result<Self> {
         config.validate()?;
-        let query = build(seeded_var_builder(&vars, config.seed, DType::F32, device))?;
+        if !dtype.is_float() {
+            return Err(Error::config(
+                "dtype",
+                format!("{dtype:?} is not a float type: use F32, F64, BF16 or F16"),
+            ));
+        }
+        let query = build(seeded_var_builder(&vars, config.seed, dtype, device))?;
         let encoders = MomentumEncoder::new(&vars);
-        let key = build(encoders.key_var_builder(DType::F32, device))?;
+        if let Some((name, t)) = encoders
+            .query_tensors()
+            .into_iter()
+            .find(|(_, t)| t.dtype() != dtype)
+        {
+            return Err(Error::config(
+                "dtype",
+                format!(
+                    "variable `{name}` is {:?} but the model is built in {dtype:?}: convert the weights first, or build the model in {:?}",
+                    t.dtype(),
+                    t.dtype()
+                ),
+            ));
+        }
+        let key = build(encoders.key_var_builder(dtype, device))?;
         let queue = match config.loss {
             LossKind::InBatch => None,
             _ => {
                 let mut rng = StdRng::seed_from_u64(config.seed ^ 0x0051_7565_7565); // "Queue"
-                Some(Queue::new(config.dim, config.queue_size, &mut rng, device)?)
+                Some(Queue::new_with_dtype(
+                    config.dim,
+                    config.queue_size,
+                    dtype,
+                    &mut rng,
+                    device,
+                )?)
             }
         };
-        let optimizer = Optimizer::from_config(encoders.query_parameters(), &config)?;
+        let optimizer = config.optimizer(encoders.query_parameters())?;
         Ok(Self {
             config,
             device: device.clone(),
+            dtype,
+            kernels: Kernels::Fused,
             query,
             key,
             predictor: None,
@@ -118,8 +180,28 @@ impl<E: ModuleT> Moco<E> {
             queue,
             optimizer,
             step: 0,
-            comm: Rc::new(SingleProcess),
+            ddp: DataParallel::single(),
         })
+    }
+
+    /// The losses on `kernels` ([`Kernels::Fused`] by default: the fused cross-entropy on
+    /// float32 CPU tensors; [`Kernels::Generic`]: candle's ops, as on a GPU).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Copies pretrained or imported weights into the query encoder (by variable name, shapes
+    /// checked), and the key encoder from it, so that both start from them; the optimizer's
+    /// state is left as it is (fresh, before the first step). A tensor that names no variable is
+    /// an error naming it; the variables `tensors` leaves out keep their values and are
+    /// returned by name.
+    pub fn load_weights(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<String>> {
+        let converted = tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_dtype(self.dtype)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        self.encoders.load_query(&converted)
     }
 
     /// Adds a predictor after the query encoder only (MoCo v3, BYOL), its variables under
@@ -131,7 +213,7 @@ impl<E: ModuleT> Moco<E> {
         let vb = seeded_var_builder(
             self.encoders.query_varmap(),
             self.config.seed,
-            DType::F32,
+            self.dtype,
             &self.device,
         );
         self.predictor = Some(Box::new(build(vb.pp("predictor"))?));
@@ -147,7 +229,7 @@ impl<E: ModuleT> Moco<E> {
     /// same queue), and MoCo v3's in-batch loss takes all ranks' keys as negatives.
     /// BatchNorm statistics are per rank, as in the official MoCo v1/v2, unless
     /// [`MocoConfig::sync_bn`] (MoCo v3's SyncBN: the layers of `moco_models` then normalise
-    /// with the global batch's statistics, see [`crate::sync`]; `bn_splits` must then be 1).
+    /// with the global batch's statistics, see [`crate::dist::sync_bn`]; `bn_splits` must then be 1).
     ///
     /// Rank 0's weights, key encoder and queue are broadcast to the others here, so every rank
     /// starts from the same state (a resumed run: load the checkpoint first, on every rank).
@@ -161,81 +243,39 @@ impl<E: ModuleT> Moco<E> {
                 ),
             ));
         }
-        if comm.backend() != "single" {
-            // By name: every rank must broadcast the variables in the same order.
-            let vars: BTreeMap<String, candle_core::Var> = self
-                .encoders
-                .query_varmap()
-                .data()
-                .lock()
-                .map_err(|_| Error::config("vars", "poisoned lock"))?
-                .clone()
-                .into_iter()
-                .collect();
-            for var in vars.values() {
-                var.set(&comm.broadcast(var.as_tensor(), 0)?)?;
-            }
-            let mut key = self.encoders.key_tensors();
-            for t in key.values_mut() {
-                *t = comm.broadcast(t, 0)?;
-            }
-            self.encoders.load_key(&key)?;
-            if let Some(q) = &self.queue {
-                let keys = comm.broadcast(q.keys(), 0)?;
-                let labels = q.labels().cloned();
-                self.queue = Some(Queue::from_parts(keys, q.ptr(), labels)?);
+        let ddp = DataParallel::new(comm, self.config.sync_bn);
+        if ddp.is_distributed() {
+            if let Some(queue) = ddp.broadcast_start(&self.encoders, self.queue.as_ref())? {
+                self.queue = Some(queue);
             }
         }
-        self.comm = Rc::from(comm);
+        self.ddp = ddp;
         Ok(self)
     }
 
     /// The process group (world size 1 unless [`with_collective`](Self::with_collective)).
     pub fn collective(&self) -> &dyn Collective {
-        &*self.comm
-    }
-
-    /// Whether the steps go through a process group's collectives: any group but
-    /// [`SingleProcess`], a group of one process included (whose collectives must then change
-    /// nothing: how the NCCL path is checked on one GPU).
-    fn distributed(&self) -> bool {
-        self.comm.backend() != "single"
+        self.ddp.comm()
     }
 
     /// Checks that every rank holds the same query weights (compares per-parameter sums
     /// across ranks); an error names the first parameter that differs. A no-op on one process.
     pub fn check_in_sync(&self) -> Result<()> {
-        let world = self.comm.world_size();
-        if !self.distributed() {
-            return Ok(());
-        }
-        let params = self.encoders.query_parameters();
-        let sums = params
-            .iter()
-            .map(|(_, v)| v.as_tensor().to_dtype(DType::F64)?.sum_all())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let all = self
-            .comm
-            .all_gather(&Tensor::stack(&sums, 0)?.to_dtype(DType::F32)?)?
-            .reshape((world, params.len()))?
-            .to_vec2::<f32>()?;
-        for (r, row) in all.iter().enumerate().skip(1) {
-            if let Some(i) = (0..params.len()).find(|&i| row[i].to_bits() != all[0][i].to_bits()) {
-                return Err(Error::Dist {
-                    rank: self.comm.rank(),
-                    msg: format!(
-                        "ranks 0 and {r} hold different values of `{}` after step {} (sums {} and {})",
-                        params[i].0, self.step, all[0][i], row[i]
-                    ),
-                });
-            }
-        }
-        Ok(())
+        self.ddp
+            .check_in_sync(&self.encoders.query_parameters(), self.step)
     }
 
     /// The configuration.
     pub fn config(&self) -> &MocoConfig {
         &self.config
+    }
+    /// The dtype of every variable and of the queue.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// What the losses run on ([`with_kernels`](Self::with_kernels)).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
     /// The query encoder (the one kept after pretraining).
     pub fn query(&self) -> &E {
@@ -277,7 +317,7 @@ impl<E: ModuleT> Moco<E> {
     /// q = normalize(predictor(f_q(x))): N x C, tracked for backprop.
     ///
     /// With [`MocoConfig::sync_bn`] in a data-parallel run, a backward pass through `q` must
-    /// run inside [`crate::sync::scope`] with this model's group (as [`train_step`](Self::train_step) does).
+    /// run inside [`crate::dist::sync_bn::scope`] with this model's group (as [`train_step`](Self::train_step) does).
     pub fn encode_query(&self, x: &Tensor) -> Result<Tensor> {
         self.synced(|| {
             let mut q = self.query.forward_t(x, true)?;
@@ -291,11 +331,7 @@ impl<E: ModuleT> Moco<E> {
     /// Runs `f` with this model's process group installed for synchronised BatchNorm when the
     /// configuration asks for it ([`MocoConfig::sync_bn`]).
     fn synced<T>(&self, f: impl FnOnce() -> T) -> T {
-        if self.config.sync_bn && self.distributed() {
-            crate::sync::scope(self.comm.clone(), f)
-        } else {
-            f()
-        }
+        self.ddp.synced(f)
     }
 
     /// k = normalize(f_k(x)): N x C, detached. With shuffle-BN the batch is permuted before the
@@ -307,15 +343,16 @@ impl<E: ModuleT> Moco<E> {
     }
 
     fn encode_key_inner(&self, x: &Tensor, shuffle_seed: u64) -> Result<Tensor> {
-        let (world, rank) = (self.comm.world_size(), self.comm.rank());
-        let k = if self.config.shuffle_bn && self.distributed() {
+        let comm = self.ddp.comm();
+        let (world, rank) = (comm.world_size(), comm.rank());
+        let k = if self.config.shuffle_bn && self.ddp.is_distributed() {
             let n = x.dim(0)?;
-            let all = self.comm.all_gather(x)?; // world*N x ...
+            let all = comm.all_gather(x)?; // world*N x ...
             let mut rng = StdRng::seed_from_u64(shuffle_seed);
             let perm = BatchShuffle::new(world * n, &mut rng, x.device())?;
             let mine = perm.shuffle(&all)?.narrow(0, rank * n, n)?;
             let k = l2_normalize(&self.key.forward_t(&mine, true)?, 1)?.detach();
-            let k_all = self.comm.all_gather(&k)?; // in shuffled order
+            let k_all = comm.all_gather(&k)?; // in shuffled order
             perm.unshuffle(&k_all)?.narrow(0, rank * n, n)?
         } else if self.config.shuffle_bn {
             let mut rng = StdRng::seed_from_u64(shuffle_seed);
@@ -340,20 +377,21 @@ impl<E: ModuleT> Moco<E> {
 
     /// Forward pass of both encoders and the configured loss on views `x1` (query) and `x2` (key).
     /// Changes no state except BatchNorm running statistics. (With [`MocoConfig::sync_bn`] in a
-    /// data-parallel run, the backward pass must run inside [`crate::sync::scope`].)
+    /// data-parallel run, the backward pass must run inside [`crate::dist::sync_bn::scope`].)
     pub fn forward_loss(&self, x1: &Tensor, x2: &Tensor) -> Result<Forward> {
         self.synced(|| self.forward_loss_inner(x1, x2))
     }
 
     fn forward_loss_inner(&self, x1: &Tensor, x2: &Tensor) -> Result<Forward> {
-        let t = self.config.temperature;
+        let (t, kernels) = (self.config.temperature, self.kernels);
+        let comm = self.ddp.comm();
         match self.config.loss {
             LossKind::Queue => {
                 let queue = self.queue_ref()?;
                 let q = self.encode_query(x1)?; // N x C
                 let k = self.encode_key(x2, self.shuffle_seed(2))?; // N x C
-                let output = info_nce(&q, &k, queue.keys(), t)?;
-                let keys = self.comm.all_gather(&k)?;
+                let output = info_nce(&q, &k, queue.keys(), t, kernels)?;
+                let keys = comm.all_gather(&k)?;
                 Ok(Forward { output, keys })
             }
             LossKind::SymmetricQueue => {
@@ -362,10 +400,9 @@ impl<E: ModuleT> Moco<E> {
                 let q2 = self.encode_query(x2)?;
                 let k1 = self.encode_key(x1, self.shuffle_seed(1))?;
                 let k2 = self.encode_key(x2, self.shuffle_seed(2))?;
-                let output = symmetric_info_nce(&q1, &k2, &q2, &k1, queue.keys(), t)?;
+                let output = symmetric_info_nce(&q1, &k2, &q2, &k1, queue.keys(), t, kernels)?;
                 // keys: 2N x C (all ranks' k1, then all ranks' k2), enqueued after both losses.
-                let keys =
-                    Tensor::cat(&[self.comm.all_gather(&k1)?, self.comm.all_gather(&k2)?], 0)?;
+                let keys = Tensor::cat(&[comm.all_gather(&k1)?, comm.all_gather(&k2)?], 0)?;
                 Ok(Forward { output, keys })
             }
             LossKind::InBatch => {
@@ -374,10 +411,10 @@ impl<E: ModuleT> Moco<E> {
                 let k1 = self.encode_key(x1, self.shuffle_seed(1))?;
                 let k2 = self.encode_key(x2, self.shuffle_seed(2))?;
                 // Negatives: the keys of every rank; this rank's positives start at rank * N.
-                let offset = self.comm.rank() * q1.dim(0)?;
-                let (k1, k2) = (self.comm.all_gather(&k1)?, self.comm.all_gather(&k2)?);
-                let a = in_batch_info_nce_gathered(&q1, &k2, offset, t, 2.0 * t)?;
-                let b = in_batch_info_nce_gathered(&q2, &k1, offset, t, 2.0 * t)?;
+                let offset = comm.rank() * q1.dim(0)?;
+                let (k1, k2) = (comm.all_gather(&k1)?, comm.all_gather(&k2)?);
+                let a = in_batch_info_nce_gathered(&q1, &k2, offset, t, 2.0 * t, kernels)?;
+                let b = in_batch_info_nce_gathered(&q2, &k1, offset, t, 2.0 * t, kernels)?;
                 let output = a.plus(b)?;
                 Ok(Forward { output, keys: k2 })
             }
@@ -404,7 +441,11 @@ impl<E: ModuleT> Moco<E> {
         // collectives run in both passes.
         let (fwd, (loss, acc1, acc5), grads) = self.synced(|| -> Result<_> {
             let fwd = self.forward_loss_inner(x1, x2)?;
-            let metrics = self.mean_over_ranks(&fwd.output)?;
+            let o = &fwd.output;
+            let loss = o.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let metrics = self
+                .ddp
+                .mean_over_ranks(loss, o.acc1, o.acc5, &self.device)?;
             if !metrics.0.is_finite() {
                 return Err(Error::NonFiniteLoss {
                     step: self.step,
@@ -427,49 +468,10 @@ impl<E: ModuleT> Moco<E> {
         })
     }
 
-    /// Loss and accuracies averaged over the ranks (the same on every rank, so that a
-    /// non-finite loss stops every rank at the same step).
-    fn mean_over_ranks(&self, o: &ContrastiveOutput) -> Result<(f32, f32, f32)> {
-        let loss = o.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let world = self.comm.world_size();
-        if !self.distributed() {
-            return Ok((loss, o.acc1, o.acc5));
-        }
-        let v = Tensor::new(&[loss, o.acc1, o.acc5], &self.device)?;
-        let v = (self.comm.all_reduce_sum(&v)? / world as f64)?.to_vec1::<f32>()?;
-        Ok((v[0], v[1], v[2]))
-    }
-
     /// Replaces every query gradient by its mean over the ranks: one all-reduce over all
     /// gradients flattened into one buffer (DDP's bucket, here a single one).
     pub fn average_gradients(&self, grads: &mut GradStore) -> Result<()> {
-        let world = self.comm.world_size();
-        if !self.distributed() {
-            return Ok(());
-        }
-        let mut flat = vec![];
-        let mut vars = vec![];
-        for (_, var) in self.optimizer.params() {
-            if let Some(g) = grads.get(var) {
-                flat.push(g.flatten_all()?.to_dtype(DType::F32)?);
-                vars.push(var);
-            }
-        }
-        if flat.is_empty() {
-            return Ok(());
-        }
-        let mean = (self.comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)? / world as f64)?;
-        let mut at = 0;
-        for var in vars {
-            let n = var.elem_count();
-            let g = mean
-                .narrow(0, at, n)?
-                .reshape(var.shape())?
-                .to_dtype(var.dtype())?;
-            grads.insert(var, g);
-            at += n;
-        }
-        Ok(())
+        self.ddp.average_gradients(grads, self.optimizer.params())
     }
 
     /// The second half of a step, after the backward pass: SGD step on the query encoder's
@@ -495,10 +497,21 @@ impl<E: ModuleT> Moco<E> {
         Ok(())
     }
 
-    /// Replaces the queue (e.g. with an imported one); its C must match the configured dim.
+    /// Replaces the queue (e.g. with an imported one); its C must match the configured dim
+    /// and its dtype the model's.
     pub fn set_queue(&mut self, queue: Queue) -> Result<()> {
         if self.queue.is_none() {
             return Err(Error::config("loss", "the in-batch loss uses no queue"));
+        }
+        if queue.dtype() != self.dtype {
+            return Err(Error::config(
+                "queue",
+                format!(
+                    "the queue is {:?} but the model is {:?}: convert it with Queue::to_dtype",
+                    queue.dtype(),
+                    self.dtype
+                ),
+            ));
         }
         if queue.dim() != self.config.dim {
             return Err(Error::BadTensor {
@@ -514,39 +527,16 @@ impl<E: ModuleT> Moco<E> {
     /// Every piece of training state as named tensors: `encoder_q.*` and `encoder_k.*` (the
     /// official checkpoint's names, without `module.`), `queue`, `queue_ptr`, and the
     /// optimizer's state (`optimizer.momentum_buffer.*` for SGD and LARS;
-    /// `optimizer.exp_avg.*`, `optimizer.exp_avg_sq.*`, `optimizer.step.*` for AdamW).
+    /// `optimizer.exp_avg.*`, `optimizer.exp_avg_sq.*`, `optimizer.step.*` for AdamW). Copies:
+    /// they keep their values when the model trains on.
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        let mut out = BTreeMap::new();
-        for (n, t) in self.encoders.query_tensors() {
-            out.insert(format!("encoder_q.{n}"), t.copy()?);
-        }
-        for (n, t) in self.encoders.key_tensors() {
-            out.insert(format!("encoder_k.{n}"), t.copy()?);
-        }
-        if let Some(q) = &self.queue {
-            out.extend(q.tensors("")?);
-        }
-        out.extend(self.optimizer.state_tensors("optimizer.")?);
-        Ok(out)
+        checkpoint::state_tensors(&self.encoders, self.queue.as_ref(), &self.optimizer)
     }
 
     /// An error naming the first query parameter holding a NaN or an infinity (a run that
     /// diverged). Checked before every checkpoint, so a saved checkpoint is always finite.
     pub fn check_finite(&self) -> Result<()> {
-        for (name, var) in self.encoders.query_parameters() {
-            let s = var
-                .as_detached_tensor()
-                .sum_all()?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?;
-            if !s.is_finite() {
-                return Err(Error::NonFiniteWeights {
-                    step: self.step,
-                    name,
-                });
-            }
-        }
-        Ok(())
+        checkpoint::check_finite(&self.encoders, self.step)
     }
 
     /// Writes [`state_tensors`](Self::state_tensors) atomically to `path`, with the step counter
@@ -554,63 +544,20 @@ impl<E: ModuleT> Moco<E> {
     /// Refuses (see [`check_finite`](Self::check_finite)) when the weights are not finite.
     pub fn save_checkpoint(&self, path: &Path, extra: HashMap<String, String>) -> Result<()> {
         self.check_finite()?;
-        let mut meta = extra;
-        meta.insert("step".into(), self.step.to_string());
-        meta.insert(
-            "moco_config".into(),
-            serde_json::to_string(&self.config).map_err(|e| Error::file(path, e.to_string()))?,
-        );
-        io::save_atomic(path, &self.state_tensors()?, Some(meta))
+        checkpoint::save(path, &self.state_tensors()?, self.step, &self.config, extra)
     }
 
     /// Restores the state saved by [`save_checkpoint`](Self::save_checkpoint) into this model
     /// (built with the same architecture). Returns the file's metadata.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<HashMap<String, String>> {
-        let mut file = io::load(path, &self.device)?;
-        let at = |e: Error| Error::file(path, e.to_string());
-        let mut take_prefix = |prefix: &str| -> BTreeMap<String, Tensor> {
-            let keys: Vec<String> = file
-                .tensors
-                .keys()
-                .filter(|k| k.starts_with(prefix))
-                .cloned()
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| {
-                    file.tensors
-                        .remove(&k)
-                        .map(|t| (k[prefix.len()..].to_string(), t))
-                })
-                .collect()
+        let state = checkpoint::State {
+            encoders: &self.encoders,
+            optimizer: &mut self.optimizer,
+            queue: &mut self.queue,
+            dtype: self.dtype,
         };
-        let q = take_prefix("encoder_q.");
-        let k = take_prefix("encoder_k.");
-        let opt = take_prefix("optimizer.");
-        for (name, var) in self
-            .encoders
-            .query_varmap()
-            .data()
-            .lock()
-            .map_err(|_| Error::config("checkpoint", "poisoned lock"))?
-            .iter()
-        {
-            let t = q.get(name).ok_or_else(|| {
-                Error::file(
-                    path,
-                    format!("no tensor named `encoder_q.{name}` in this file"),
-                )
-            })?;
-            set_checked(name, var, t).map_err(at)?;
-        }
-        self.encoders.load_key(&k).map_err(at)?;
-        self.optimizer.load_state(&opt).map_err(at)?;
-        if self.queue.is_some() {
-            self.queue = Some(Queue::from_file(&mut file, "")?);
-        }
-        self.step = file
-            .meta("step")?
-            .parse()
-            .map_err(|_| Error::file(path, "metadata `step` is not a number"))?;
-        Ok(file.metadata)
+        let (step, metadata) = checkpoint::restore(path, &self.device, state)?;
+        self.step = step;
+        Ok(metadata)
     }
 }

@@ -102,3 +102,24 @@ pub(crate) fn attach3(value: &Tensor, operands: [&Tensor; 3], b: impl Backward3)
         Arc::new(Box::new(Attached(b)) as Box<dyn CustomOp3 + Send + Sync>),
     )
 }
+
+/// A layer of one input and no parameters recomputed in the backward pass: `f` runs on the
+/// detached input, so that none of its intermediates stays alive, and its result is attached
+/// to the graph as one op whose backward runs `f` again on a copy of the
+/// input with a graph of its own and returns that graph's gradient: the same gradient as
+/// differentiating `f` in place.
+pub(crate) fn recomputed(x: &Tensor, f: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    struct Recompute(fn(&Tensor) -> Result<Tensor>);
+    impl Backward1 for Recompute {
+        fn name(&self) -> &'static str {
+            "recomputed"
+        }
+        fn backward(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+            let v = candle_core::Var::from_tensor(&x.detach())?;
+            let y = (self.0)(v.as_tensor())?;
+            let grads = (y * grad.detach())?.sum_all()?.backward()?;
+            Ok(grads.get(v.as_tensor()).cloned())
+        }
+    }
+    attach1(&f(&x.detach())?, x, Recompute(f))
+}

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use crate::dist::Collective;
+use super::collective::Collective;
 
 thread_local! {
     static GROUPS: RefCell<Vec<Rc<dyn Collective>>> = const { RefCell::new(Vec::new()) };
@@ -127,7 +127,8 @@ impl CustomOp2 for SummedOverRanks {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::dist::{on_threads, SingleProcess};
+    use crate::dist::collective::SingleProcess;
+    use crate::dist::tcp::on_threads;
     use candle_core::{Device, Var};
 
     #[test]

@@ -1,24 +1,17 @@
 //! Fused transformer kernels for float32 tensors on the CPU, as candle custom ops with their own
-//! backward: LayerNorm over the last dimension, multi-head self-attention, the exact (erf) GELU
-//! and the bias of a linear layer. Each is one parallel pass each way where candle's generic ops
-//! take five to ten passes and a single-threaded reduction; candle-nn's fused layer norm and
-//! softmax have no backward. Other devices and dtypes run the generic ops.
+//! backward: LayerNorm over the last dimension, multi-head self-attention and the exact (erf)
+//! GELU. Each is one parallel pass each way where candle's generic ops take five to ten passes
+//! and a single-threaded reduction; candle-nn's fused layer norm and softmax have no backward.
+//! The op's `mod.rs` checks the shapes and sends other devices and dtypes to `generic.rs`.
 
 use std::mem::MaybeUninit;
 
 use candle_core::Tensor;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape};
 use moco_core::math::{erf, exp};
 use rayon::prelude::*;
 
-use crate::scratch::{f32_slice, filled, with_scratch};
-
-const CHUNK: usize = 4096;
-
-/// Rows of `d` per parallel chunk: about CHUNK elements, whole rows.
-fn row_chunk(d: usize) -> usize {
-    d * (CHUNK / d.max(1)).max(1)
-}
+use crate::ops::scratch::{f32_slice, filled, row_chunk, with_scratch, CHUNK};
 
 const LANES: usize = 16;
 
@@ -64,10 +57,6 @@ fn lane_max(row: &[f32], scale: f32) -> f32 {
         m = m.max(v * scale);
     }
     m
-}
-
-fn use_fused(t: &Tensor) -> bool {
-    moco_core::kernels::fused_cpu(&[t])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,25 +220,14 @@ fn layer_norm_grad_row(
     }
 }
 
-/// `torch.nn.LayerNorm` over the last dimension (`weight`, `bias`: its size), biased variance:
-/// fused on float32 CPU tensors, candle's ops elsewhere.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    if weight.elem_count() != d || bias.elem_count() != d {
-        candle_core::bail!(
-            "layer_norm: input rows of {d}, weight {:?}, bias {:?}",
-            weight.dims(),
-            bias.dims()
-        )
-    }
-    if use_fused(x) && use_fused(weight) && use_fused(bias) {
-        return x.contiguous()?.apply_op3(
-            &weight.contiguous()?,
-            &bias.contiguous()?,
-            LayerNormOp { eps: eps as f32 },
-        );
-    }
-    crate::generic_transformer::layer_norm(x, weight, bias, eps)
+/// `torch.nn.LayerNorm` over the last dimension (`weight`, `bias`: its size, checked by the
+/// caller), biased variance, on float32 CPU tensors.
+pub(super) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp { eps: eps as f32 },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -539,23 +517,15 @@ impl CustomOp2 for AttentionGrad {
 }
 
 /// Multi-head self-attention from the qkv projection's output (N x T x 3D, channels (q|k|v,
-/// head, j) as timm reshapes them) to the heads' outputs side by side (N x T x D):
-/// `softmax(q k^T / sqrt(hd)) v` per head. On float32 CPU tensors one fused op, parallel over
-/// samples and heads, that never copies q, k and v out and recomputes the probabilities in the
-/// backward; candle's ops elsewhere.
-pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
-    let (_, _, c) = qkv.dims3()?;
-    if heads == 0 || c % (3 * heads) != 0 {
-        candle_core::bail!("attention: {c} channels are not 3 x {heads} heads")
-    }
-    let scale = ((c / (3 * heads)) as f64).powf(-0.5);
-    if use_fused(qkv) {
-        return qkv.contiguous()?.apply_op1(AttentionOp {
-            heads,
-            scale: scale as f32,
-        });
-    }
-    crate::generic_transformer::attention(qkv, heads, scale)
+/// head, j) as timm reshapes them; shape checked by the caller) to the heads' outputs side by
+/// side (N x T x D): `softmax(q k^T * scale) v` per head, on a float32 CPU tensor: one fused
+/// op, parallel over samples and heads, that never copies q, k and v out and recomputes the
+/// probabilities in the backward.
+pub(super) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(AttentionOp {
+        heads,
+        scale: scale as f32,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -635,252 +605,23 @@ impl CustomOp2 for GeluGrad {
     }
 }
 
-/// The exact GELU, `x Phi(x)` (`torch.nn.GELU()`): fused on float32 CPU tensors (erf by
-/// [`moco_core::math::erf`], within 6e-7), candle's `gelu_erf` elsewhere.
-pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if use_fused(x) {
-        x.contiguous()?.apply_op1(GeluOp)
-    } else {
-        x.gelu_erf()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Bias
-
-/// `y + b` with `b` broadcast over the rows of `y` (the bias of a linear layer).
-struct AddBias;
-
-impl CustomOp2 for AddBias {
-    fn name(&self) -> &'static str {
-        "moco-add-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_slice(s1, l1, "add_bias (input)")?;
-        let b = f32_slice(s2, l2, "add_bias (bias)")?;
-        let d = b.len();
-        let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
-            let start = i * row_chunk(d);
-            for (r, o) in out.chunks_mut(d).enumerate() {
-                let row = &y[start + r * d..start + (r + 1) * d];
-                for ((o, &v), &b) in o.iter_mut().zip(row).zip(b) {
-                    o.write(v + b);
-                }
-            }
-        };
-        // SAFETY: every chunk holds whole rows, each written in full.
-        let out = unsafe { filled(y.len(), row_chunk(d), fill) };
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        y: &Tensor,
-        b: &Tensor,
-        _out: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let gb = if b.track_op() {
-            Some(
-                g.contiguous()?
-                    .apply_op1_no_bwd(&ColumnSums { d: b.elem_count() })?,
-            )
-        } else {
-            None
-        };
-        Ok((y.track_op().then(|| g.clone()), gb))
-    }
-}
-
-/// The sums of the `d` columns of a row-major matrix, in parallel over row chunks.
-struct ColumnSums {
-    d: usize,
-}
-
-impl CustomOp1 for ColumnSums {
-    fn name(&self) -> &'static str {
-        "moco-column-sums"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = f32_slice(s, l, "bias gradient")?;
-        let d = self.d;
-        let partial: Vec<Vec<f32>> = g
-            .par_chunks(row_chunk(d))
-            .map(|c| {
-                let mut acc = vec![0f32; d];
-                for row in c.chunks_exact(d) {
-                    for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += v;
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut out = vec![0f32; d];
-        for acc in partial {
-            for (o, a) in out.iter_mut().zip(acc) {
-                *o += a;
-            }
-        }
-        Ok((CpuStorage::F32(out), Shape::from(d)))
-    }
-}
-
-/// The column sums of a 2-D tensor (a bias's gradient): in parallel over row chunks on float32
-/// CPU tensors, candle's `sum(0)` elsewhere.
-pub(crate) fn column_sums(g: &Tensor) -> Result<Tensor> {
-    let (_, d) = g.dims2()?;
-    if use_fused(g) {
-        g.contiguous()?.apply_op1_no_bwd(&ColumnSums { d })
-    } else {
-        g.sum(0)
-    }
-}
-
-/// `y + b` for a 2-D `y` and a bias `b` of its row length: fused on float32 CPU tensors (the
-/// bias gradient a parallel column sum), candle's `broadcast_add` elsewhere.
-pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (_, d) = y.dims2()?;
-    if b.dims() != [d] {
-        candle_core::bail!("add_bias: rows of {d}, bias {:?}", b.dims())
-    }
-    if use_fused(y) && use_fused(b) {
-        y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
-    } else {
-        y.broadcast_add(b)
-    }
+/// The exact GELU, `x Phi(x)` (`torch.nn.GELU()`), on a float32 CPU tensor (erf by
+/// [`moco_core::math::erf`], within 6e-7).
+pub(super) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluOp)
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::test_util::max_rel;
-    use candle_core::DType;
-    use candle_core::{Device, Var};
-    use moco_core::init::seeded_randn;
-
-    /// Forward values and the gradients of sum(f(..) * mix) against candle's generic ops.
-    fn check(
-        name: &str,
-        inputs: &[&Var],
-        ours: impl Fn(&[Tensor]) -> Tensor,
-        theirs: impl Fn(&[Tensor]) -> Tensor,
-        tol: f32,
-    ) {
-        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
-        let (a, b) = (ours(&ts), theirs(&ts));
-        assert!(
-            max_rel(&a, &b) <= tol,
-            "{name}: forward {}",
-            max_rel(&a, &b)
-        );
-        let mix = seeded_randn(0.0, 1.0, a.shape(), 1, &Device::Cpu).unwrap();
-        let ga = (&a * &mix).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (&b * &mix).unwrap().sum_all().unwrap().backward().unwrap();
-        for (i, v) in inputs.iter().enumerate() {
-            let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
-            assert!(
-                max_rel(x, y) <= tol,
-                "{name}: gradient {i}: {}",
-                max_rel(x, y)
-            );
-        }
-    }
 
     #[test]
-    fn fused_ops_match_candle_ops_forward_and_backward() {
-        let dev = Device::Cpu;
-        // Odd sizes: rows that do not fill a chunk, lanes left over.
-        for (rows, d) in [(3, 5), (37, 48), (300, 129)] {
-            let x = Var::from_tensor(&seeded_randn(0.5, 2.0, (rows, d), 2, &dev).unwrap()).unwrap();
-            let w = Var::from_tensor(&seeded_randn(1.0, 0.3, d, 3, &dev).unwrap()).unwrap();
-            let b = Var::from_tensor(&seeded_randn(0.0, 0.3, d, 4, &dev).unwrap()).unwrap();
-            check(
-                "layer_norm",
-                &[&x, &w, &b],
-                |t| layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap(),
-                |t| {
-                    let mean = t[0].mean_keepdim(D::Minus1).unwrap();
-                    let xc = t[0].broadcast_sub(&mean).unwrap();
-                    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-                    xc.broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
-                        .unwrap()
-                        .broadcast_mul(&t[1])
-                        .unwrap()
-                        .broadcast_add(&t[2])
-                        .unwrap()
-                },
-                2e-5,
-            );
-            let s =
-                Var::from_tensor(&seeded_randn(0.0, 3.0, (2, rows, d), 5, &dev).unwrap()).unwrap();
-            let y = Var::from_tensor(&seeded_randn(0.0, 1.0, (rows, d), 6, &dev).unwrap()).unwrap();
-            check(
-                "add_bias",
-                &[&y, &b],
-                |t| add_bias(&t[0], &t[1]).unwrap(),
-                |t| t[0].broadcast_add(&t[1]).unwrap(),
-                1e-6,
-            );
-            check(
-                "gelu",
-                &[&s],
-                |t| gelu_erf(&t[0]).unwrap(),
-                |t| t[0].gelu_erf().unwrap(),
-                2e-6,
-            );
-        }
-    }
-
-    #[test]
-    fn fused_attention_matches_candle_ops_forward_and_backward() {
-        let dev = Device::Cpu;
-        // (samples, tokens, heads, head width): odd sizes, one head, tokens beyond a lane block.
-        for (n, t, h, hd) in [(2, 5, 1, 3), (3, 17, 4, 8), (2, 65, 3, 16)] {
-            let qkv =
-                Var::from_tensor(&seeded_randn(0.0, 1.0, (n, t, 3 * h * hd), 7, &dev).unwrap())
-                    .unwrap();
-            check(
-                "attention",
-                &[&qkv],
-                |x| attention(&x[0], h).unwrap(),
-                |x| {
-                    // The generic path (taken for a float64 input), in float64.
-                    attention(&x[0].to_dtype(DType::F64).unwrap(), h)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                },
-                2e-5,
-            );
-        }
-        let qkv = Tensor::zeros((2, 3, 10), DType::F32, &dev).unwrap();
-        assert!(attention(&qkv, 3)
-            .unwrap_err()
-            .to_string()
-            .contains("3 x 3 heads"));
-    }
-
-    #[test]
-    fn softmax_keeps_extreme_rows_finite_and_layer_norm_names_bad_shapes() {
+    fn softmax_keeps_extreme_rows_finite() {
         let mut y = [[1000f32, 0.0, -1000.0], [-1e30, -1e30, -1e30]];
         for row in y.iter_mut() {
             softmax_in_place(row, 1.0);
         }
         assert_eq!(y[0], [1.0, 0.0, 0.0]);
         assert!(y[1].iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-6));
-        let x = Tensor::new(&y, &Device::Cpu).unwrap();
-        let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
-        let err = layer_norm(&x, &w, &w, 1e-6).unwrap_err().to_string();
-        assert!(err.contains("rows of 3"), "{err}");
     }
 }

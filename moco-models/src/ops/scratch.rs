@@ -8,6 +8,14 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+/// Elements per parallel chunk of the element-wise and row-wise kernels.
+pub(crate) const CHUNK: usize = 4096;
+
+/// Rows of `d` per parallel chunk: about [`CHUNK`] elements, whole rows.
+pub(crate) fn row_chunk(d: usize) -> usize {
+    d * (CHUNK / d.max(1)).max(1)
+}
+
 thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }

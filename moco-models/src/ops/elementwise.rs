@@ -1,13 +1,14 @@
-//! Fused element-wise kernels for float32 tensors on the CPU, as candle custom ops with their
-//! own backward: one parallel pass each way where candle's generic ops take several (and
-//! allocate a zero gradient to accumulate into for each input).
+//! Element-wise ops: [`add_relu`] (the residual connection of a ResNet block), a fused kernel
+//! for float32 CPU tensors as a candle custom op with its own backward (one parallel pass each
+//! way where candle's generic ops take several and allocate a zero gradient to accumulate into
+//! for each input), candle's ops elsewhere; and the ReLU mask of a gradient, which the fused
+//! BatchNorm shares.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use std::mem::MaybeUninit;
 
-use crate::scratch::{f32_slice, filled};
-
-const CHUNK: usize = 4096;
+use crate::ops::scratch::{f32_slice, filled, CHUNK};
+use crate::ops::Settings;
 
 /// `relu(a + b)`: the residual connection of a ResNet block.
 struct AddRelu;
@@ -89,10 +90,11 @@ impl CustomOp2 for ReluGrad {
     }
 }
 
-/// `relu(a + b)` for tensors of the same shape: fused on float32 CPU tensors, candle's ops
-/// elsewhere. Its gradient reaches both inputs where the output is positive, as autograd's.
-pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !moco_core::kernels::fused_cpu(&[a, b]) {
+/// `relu(a + b)` for tensors of the same shape: fused on float32 CPU tensors (as `settings`
+/// allow), candle's ops elsewhere. Its gradient reaches both inputs where the output is
+/// positive, as autograd's.
+pub fn add_relu(a: &Tensor, b: &Tensor, settings: &Settings) -> Result<Tensor> {
+    if !settings.fused(&[a, b]) {
         return (a + b)?.relu();
     }
     if a.dims() != b.dims() {
@@ -115,7 +117,7 @@ mod tests {
         let a = Var::from_tensor(&seeded_randn(0.0, 1.0, (3, 4, 5, 7), 3, &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&seeded_randn(0.0, 1.0, (3, 4, 5, 7), 4, &dev).unwrap()).unwrap();
         let mix = seeded_randn(0.0, 1.0, (3, 4, 5, 7), 1, &dev).unwrap();
-        let ours = add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+        let ours = add_relu(a.as_tensor(), b.as_tensor(), &Settings::default()).unwrap();
         let theirs = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
         assert_eq!(max_rel(&ours, &theirs), 0.0);
         let ga = (&ours * &mix)
@@ -135,7 +137,7 @@ mod tests {
         }
         // A frozen input gets no gradient.
         let c = seeded_randn(0.0, 1.0, (3, 4, 5, 7), 2, &dev).unwrap();
-        let g = add_relu(a.as_tensor(), &c)
+        let g = add_relu(a.as_tensor(), &c, &Settings::default())
             .unwrap()
             .sum_all()
             .unwrap()

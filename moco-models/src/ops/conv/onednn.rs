@@ -1,7 +1,8 @@
-//! The oneDNN engine of [`crate::cpu_conv`] (feature `onednn`): the three convolution passes on
-//! oneDNN's JIT kernels (the direct ones PyTorch's CPU convolutions run, or its Winograd ones
-//! where asked for and available), through the C interface of `csrc/onednn_conv.cpp`, one
-//! OpenMP thread per call: [`crate::cpu_conv`] splits the batch over rayon's threads. (OpenMP's
+//! The oneDNN engine of the CPU convolution (feature `onednn`; `onednn_absent.rs` stands in
+//! without it): the three convolution passes on oneDNN's JIT kernels (the direct ones
+//! PyTorch's CPU convolutions run, or its Winograd ones where asked for and available), through
+//! the C interface of `csrc/onednn_conv.cpp`, one OpenMP thread per call: `cpu.rs` splits the
+//! batch over rayon's threads. (OpenMP's
 //! own threads spin for ~300k rounds after each parallel region, taking the cores from the rayon
 //! threads that run every other op: measured 16% slower on the 2-core training step.)
 //! Geometries oneDNN has no kernel for fall back to the gemm kernels.
@@ -11,7 +12,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::Result;
 
-use crate::cpu_conv::Pass;
+use super::geometry::Pass;
 
 extern "C" {
     fn moco_onednn_conv(

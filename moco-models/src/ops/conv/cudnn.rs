@@ -1,4 +1,5 @@
-//! The convolution on cuDNN (feature `cudnn`, float32 CUDA tensors): forward, gradient wrt the
+//! The convolution on cuDNN (feature `cudnn`, float32 CUDA tensors; `cudnn_absent.rs` stands in
+//! without it): forward, gradient wrt the
 //! input and gradient wrt the weight, each one cuDNN call with the algorithm its heuristics
 //! rank first, as PyTorch runs them with `torch.backends.cudnn.benchmark = False`.
 //!
@@ -9,37 +10,15 @@
 //! in full float32 (`CUDNN_FMA_MATH`, as PyTorch with `torch.backends.cudnn.allow_tf32 =
 //! False`); on, it may use TF32 tensor cores (`CUDNN_DEFAULT_MATH`, PyTorch's default).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use candle_core::cuda_backend::cudarc::cudnn::sys::{
     cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
 };
-use candle_core::cuda_backend::cudarc::cudnn::{
-    ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn,
-};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
+use candle_core::cuda_backend::cudarc::cudnn::{ConvBackwardData, ConvBackwardFilter, ConvForward};
+use candle_core::cuda_backend::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-thread_local! {
-    // cuDNN handles are neither Send nor Sync: one per thread and device, as candle keeps them.
-    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-}
-
-fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
-    HANDLES.with(|h| {
-        if let Some(c) = h.borrow().get(&dev.id()) {
-            return Ok(c.clone());
-        }
-        let c = Cudnn::new(dev.cuda_stream())?;
-        h.borrow_mut().insert(dev.id(), c.clone());
-        Ok(c)
-    })
-}
-
 /// Whether `conv2d(x, w)` runs here: float32 CUDA tensors, no groups.
-pub(crate) fn applies(x: &Tensor, w: &Tensor, groups: usize) -> bool {
+pub(super) fn applies(x: &Tensor, w: &Tensor, groups: usize) -> bool {
     groups == 1
         && x.device().is_cuda()
         && x.dtype() == candle_core::DType::F32
@@ -47,14 +26,14 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor, groups: usize) -> bool {
 }
 
 /// `conv2d(x, w, padding, stride)` (dilation 1, no groups) on cuDNN; no gradient is recorded
-/// (`generic_conv` attaches the backward pass, [`input_grad`] and [`weight_grad`]).
-pub(crate) fn forward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+/// (`generic.rs` attaches the backward pass, [`input_grad`] and [`weight_grad`]).
+pub(super) fn forward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let op = Conv::new(padding, stride, Pass::Forward);
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
 /// The gradient of `conv2d(x, w, padding, stride)` wrt `x` given the output's gradient `g`.
-pub(crate) fn input_grad(
+pub(super) fn input_grad(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
@@ -66,7 +45,7 @@ pub(crate) fn input_grad(
 }
 
 /// The gradient of `conv2d(x, w, padding, stride)` wrt `w` given the output's gradient `g`.
-pub(crate) fn weight_grad(
+pub(super) fn weight_grad(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
@@ -145,7 +124,7 @@ impl CustomOp2 for Conv {
         let a = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
         let b = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
         let (d1, d2) = (dims4(l1)?, dims4(l2)?);
-        let cudnn = handle(&dev)?;
+        let cudnn = crate::ops::cudnn_handles::cudnn(&dev)?;
         let (p, s) = (
             self.padding as std::ffi::c_int,
             self.stride as std::ffi::c_int,

@@ -1,13 +1,14 @@
 //! BatchNorm's training mode on cuDNN (feature `cudnn`, float32 CUDA tensors, one normalised
-//! group: no splits, no SyncBN), switched on with `MOCO_CUDNN_BN=1`: the batch statistics and
+//! group: no splits, no SyncBN; `cudnn_absent.rs` stands in without the feature), switched on with
+//! `Settings::cudnn_batch_norm` (`MOCO_CUDNN_BN=1` for the binary): the batch statistics and
 //! the normalised output in one cuDNN call (`cudnnBatchNormalizationForwardTraining`, spatial
 //! mode), the gradients of the input, the weight and the bias in another
-//! (`cudnnBatchNormalizationBackward`), where the generic path ([`crate::generic_norm`]) runs
+//! (`cudnnBatchNormalizationBackward`), where the generic path (`generic.rs`) runs
 //! about seven full passes over the activations forward and nine backward, one CUDA kernel each.
 //! PyTorch's `cudnn_batch_norm` makes the same two calls (whether PyTorch picks it over its own
 //! CUDA kernels depends on its version and the input).
 //!
-//! The running statistics stay with [`crate::batch_norm`] (candle ops on C values): cuDNN is
+//! The running statistics stay with the op's `mod.rs` (candle ops on C values): cuDNN is
 //! asked for the batch mean and inverse standard deviation only (its running-average pointers
 //! are null), and the variance is recovered as `1 / invstd^2 - eps`.
 //!
@@ -16,33 +17,30 @@
 //! it). Anything it does not cover (other dtypes, splits, SyncBN, `eps` below cuDNN's minimum
 //! of 1e-5) takes the generic path.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
+use candle_core::cuda_backend::CudaStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// cuDNN's `CUDNN_BN_MIN_EPSILON`.
 const MIN_EPS: f64 = 1e-5;
 
-/// Whether the training-mode BatchNorm of `x` in `splits` groups with `eps` runs here (outside
-/// a SyncBN scope, which the caller checks).
-pub(crate) fn applies(x: &Tensor, splits: usize, eps: f64) -> Result<bool> {
-    Ok(crate::batch_norm::cudnn_enabled()?
-        && x.device().is_cuda()
+/// Whether the training-mode BatchNorm of `x` in `splits` groups with `eps` can run here
+/// (outside a SyncBN scope, which the caller checks, as it checks the setting).
+pub(super) fn applies(x: &Tensor, splits: usize, eps: f64) -> bool {
+    x.device().is_cuda()
         && x.dtype() == DType::F32
         && x.rank() >= 2
         && splits == 1
-        && eps >= MIN_EPS)
+        && eps >= MIN_EPS
 }
 
 /// The normalised output of `x` (N, C, ...) in `x`'s shape, and the batch mean and inverse
 /// standard deviation `1 / sqrt(var + eps)` (biased variance), each (C); `w` and `b` (C).
-/// No gradient is recorded ([`crate::generic_norm`] attaches the backward pass).
-pub(crate) fn forward(
+/// No gradient is recorded (the op's `mod.rs` attaches the backward pass).
+pub(super) fn forward(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
@@ -57,7 +55,7 @@ pub(crate) fn forward(
 
 /// The gradients of the input, the weight and the bias given the output's gradient `dy` (the
 /// input's shape), from the input `x`, the weight `w` and the statistics of [`forward`].
-pub(crate) fn backward(
+pub(super) fn backward(
     x: &Tensor,
     dy: &Tensor,
     w: &Tensor,
@@ -114,35 +112,6 @@ impl Norm {
             pass,
         })
     }
-}
-
-/// A cuDNN handle bound to the device's stream; handles are not Send: one per thread and device.
-struct Handle(sys::cudnnHandle_t);
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        // SAFETY: created by `create_handle` below and dropped once, with its thread.
-        let _ = unsafe { result::destroy_handle(self.0) };
-    }
-}
-
-thread_local! {
-    static HANDLES: RefCell<HashMap<DeviceId, Handle>> = RefCell::new(HashMap::new());
-}
-
-fn with_handle<R>(dev: &CudaDevice, f: impl FnOnce(sys::cudnnHandle_t) -> Result<R>) -> Result<R> {
-    let raw = HANDLES.with(|h| -> Result<sys::cudnnHandle_t> {
-        if let Some(handle) = h.borrow().get(&dev.id()) {
-            return Ok(handle.0);
-        }
-        let raw = result::create_handle()?;
-        let handle = Handle(raw);
-        // SAFETY: a fresh handle and the device's live stream.
-        unsafe { result::set_stream(raw, dev.cuda_stream().cu_stream() as sys::cudaStream_t)? };
-        h.borrow_mut().insert(dev.id(), handle);
-        Ok(raw)
-    })?;
-    f(raw)
 }
 
 /// A float32 NCHW tensor descriptor, destroyed on drop.
@@ -227,7 +196,7 @@ impl CustomOp3 for Norm {
         let zero = &zero as *const f32 as *const c_void;
         let mode = sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
         let float = std::mem::size_of::<f32>() as u64;
-        with_handle(&dev, |handle| {
+        crate::ops::cudnn_handles::with_raw(&dev, |handle| {
             let (pa, _ga) = a.device_ptr(&stream);
             let (pb, _gb) = b.device_ptr(&stream);
             let (pp, _gp) = p.device_ptr(&stream);
