@@ -11,17 +11,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::image::{resample, transpose, Image};
-
-/// Python 3's `round()` (half to even), used by torchvision's crop parameters.
-pub(crate) fn round_half_even(x: f64) -> i64 {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
-        (r - x.signum()) as i64
-    } else {
-        r as i64
-    }
-}
+use crate::image::{resample, round_half_even, transpose, Image};
 
 /// `PIL.Image.convert("L")` luma of one RGB pixel (ITU-R 601-2 in 16-bit fixed point).
 #[inline]
@@ -578,31 +568,58 @@ pub fn resized_crop(
 pub enum Op {
     /// `RandomResizedCrop(size, scale, ratio)`, bilinear with antialiasing.
     RandomResizedCrop {
+        /// Output side.
         size: usize,
+        /// Range of the crop's area, as a fraction of the image's.
         scale: (f64, f64),
+        /// Range of the crop's aspect ratio.
         ratio: (f64, f64),
     },
     /// `ColorJitter(brightness, contrast, saturation, hue)` in a random order.
     ColorJitter {
+        /// Brightness factor drawn from [1 - b, 1 + b].
         brightness: f64,
+        /// Contrast factor drawn from [1 - c, 1 + c].
         contrast: f64,
+        /// Saturation factor drawn from [1 - s, 1 + s].
         saturation: f64,
+        /// Hue shift drawn from [-h, h].
         hue: f64,
     },
     /// `RandomGrayscale(p)`.
-    RandomGrayscale { p: f64 },
+    RandomGrayscale {
+        /// Probability.
+        p: f64,
+    },
     /// The official MoCo `GaussianBlur`: sigma ~ U[lo, hi], PIL radius = sigma.
-    GaussianBlur { sigma: (f64, f64) },
+    GaussianBlur {
+        /// (lo, hi).
+        sigma: (f64, f64),
+    },
     /// `RandomHorizontalFlip(p)`.
-    HorizontalFlip { p: f64 },
+    HorizontalFlip {
+        /// Probability.
+        p: f64,
+    },
     /// MoCo v3's `Solarize`: `ImageOps.solarize` at 128.
     Solarize,
     /// `RandomApply(ops, p)`.
-    RandomApply { p: f64, ops: Vec<Op> },
+    RandomApply {
+        /// Probability.
+        p: f64,
+        /// The steps applied together.
+        ops: Vec<Op>,
+    },
     /// `Resize(size)`: shorter side to `size` (deterministic, for evaluation).
-    Resize { size: usize },
+    Resize {
+        /// The shorter side's new length.
+        size: usize,
+    },
     /// `CenterCrop(size)` (deterministic, for evaluation).
-    CenterCrop { size: usize },
+    CenterCrop {
+        /// Output side.
+        size: usize,
+    },
 }
 
 impl Op {

@@ -11,11 +11,21 @@ pub enum Error {
 
     /// A file that cannot be read or decoded, with the reason.
     #[error("{}: {msg}", path.display())]
-    File { path: PathBuf, msg: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
 
     /// A setting out of range.
     #[error("invalid setting `{key}`: {msg}")]
-    Config { key: String, msg: String },
+    Config {
+        /// The setting.
+        key: String,
+        /// What is wrong with it.
+        msg: String,
+    },
 }
 
 impl Error {

@@ -64,10 +64,9 @@ impl Image {
     /// Decodes image bytes (see [`open_rgb`](Self::open_rgb)); `name` is used in errors. With
     /// the `libjpeg` feature, JPEGs are decoded by libjpeg(-turbo), as PIL decodes them.
     pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<Self> {
-        #[cfg(feature = "libjpeg")]
         if crate::jpeg::is_jpeg(bytes) {
-            if let Some(img) = crate::jpeg::decode_rgb(bytes, name)? {
-                return Ok(img);
+            if let Some((width, height, rgb)) = crate::jpeg::decode_rgb(bytes, name)? {
+                return Image::new(width, height, 3, rgb);
             }
         }
         let img = image::load_from_memory(bytes)
@@ -431,8 +430,8 @@ pub fn resize_shorter_center_crop(img: &Image, size: usize, crop: usize) -> Imag
     if (ow, oh) == (w, h) || crop > ow || crop > oh {
         return center_crop(&resize_shorter(img, size), crop, crop);
     }
-    let top = crate::augment::round_half_even((oh - crop) as f64 / 2.0) as usize;
-    let left = crate::augment::round_half_even((ow - crop) as f64 / 2.0) as usize;
+    let top = round_half_even((oh - crop) as f64 / 2.0) as usize;
+    let left = round_half_even((ow - crop) as f64 / 2.0) as usize;
     let bbox = (0.0, 0.0, w as f64, h as f64);
     resample_window(img, bbox, ow, oh, (left, top, crop, crop))
 }
@@ -447,9 +446,19 @@ pub fn center_crop(img: &Image, height: usize, width: usize) -> Image {
     let pad_t = if th > h { (th - h) / 2 } else { 0 };
     let pw = w + if tw > w { tw - w } else { 0 };
     let ph = h + if th > h { th - h } else { 0 };
-    let top = crate::augment::round_half_even((ph - th) as f64 / 2.0);
-    let left = crate::augment::round_half_even((pw - tw) as f64 / 2.0);
+    let top = round_half_even((ph - th) as f64 / 2.0);
+    let left = round_half_even((pw - tw) as f64 / 2.0);
     img.crop(left - pad_l, top - pad_t, width, height)
+}
+
+/// Python 3's `round()` (half to even), used by torchvision's crop parameters.
+pub(crate) fn round_half_even(x: f64) -> i64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
+        (r - x.signum()) as i64
+    } else {
+        r as i64
+    }
 }
 
 #[cfg(test)]
@@ -541,7 +550,6 @@ mod tests {
 
     #[test]
     fn python_round_is_half_to_even() {
-        use crate::augment::round_half_even;
         assert_eq!(round_half_even(0.5), 0);
         assert_eq!(round_half_even(1.5), 2);
         assert_eq!(round_half_even(2.5), 2);
@@ -679,5 +687,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("x.jpg"), "{err}");
+    }
+
+    /// Through `Image::decode_rgb`, libjpeg's error for a truncated file names it.
+    #[cfg(feature = "libjpeg")]
+    #[test]
+    fn a_truncated_jpeg_is_an_error_naming_the_file() {
+        let pixels: Vec<u8> = (0..64 * 48 * 3).map(|i| (i * 31 % 256) as u8).collect();
+        let mut bytes = vec![];
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+            .encode(&pixels, 64, 48, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let err = Image::decode_rgb(&bytes[..bytes.len() / 2], Path::new("via_image.jpg"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("via_image.jpg"), "{err}");
     }
 }

@@ -10,15 +10,19 @@
 //!   torchvision + PIL down to Pillow's integer arithmetic;
 //! - [`datasets`]: idx (MNIST, Fashion-MNIST), CIFAR-10/100, STL-10, ImageFolder, subsets, and a
 //!   Fashion-MNIST subset embedded in the library;
+//! - [`named`]: the datasets by name, with their native size and normalisation;
 //! - [`loader`]: multi-threaded batches with prefetching, deterministic for a seed.
+
+#![warn(missing_docs)]
 
 pub mod augment;
 pub mod datasets;
 mod error;
 pub mod image;
-#[cfg(feature = "libjpeg")]
+#[cfg_attr(not(feature = "libjpeg"), path = "jpeg_absent.rs")]
 mod jpeg;
 pub mod loader;
+pub mod named;
 pub mod transforms;
 
 pub use error::{Error, Result};

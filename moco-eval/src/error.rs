@@ -17,10 +17,20 @@ pub enum Error {
     Data(#[from] moco_data::Error),
     /// A setting out of range or inputs that do not fit together.
     #[error("invalid setting `{key}`: {msg}")]
-    Config { key: String, msg: String },
+    Config {
+        /// The setting.
+        key: String,
+        /// What is wrong with it.
+        msg: String,
+    },
     /// The linear protocol's sanity check: a backbone weight changed during training.
     #[error("sanity check failed: backbone tensor `{name}` changed during linear evaluation (max difference {diff:e}); the backbone must stay frozen")]
-    BackboneChanged { name: String, diff: f32 },
+    BackboneChanged {
+        /// The tensor.
+        name: String,
+        /// Its largest change.
+        diff: f32,
+    },
 }
 
 impl Error {

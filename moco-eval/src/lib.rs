@@ -13,6 +13,8 @@
 //!   features;
 //! - [`metrics`]: top-1/top-5, per-class accuracy and the confusion matrix.
 
+#![warn(missing_docs)]
+
 pub mod features;
 pub mod knn;
 pub mod linear;

@@ -87,8 +87,6 @@ impl DistConfig {
     }
 }
 
-/// Joins the group described by `config`; `device` is where this rank's tensors live (NCCL
-
 /// Rank 0's side of the rendezvous: `backend payload` written atomically to the file.
 pub(crate) fn publish(config: &DistConfig, payload: &str) -> Result<()> {
     if let Some(dir) = config.init_file.parent() {

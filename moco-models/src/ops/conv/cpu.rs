@@ -886,10 +886,12 @@ mod tests {
     #[test]
     fn onednn_calls_run_on_one_openmp_thread() {
         const CHILD: &str = "MOCO_TEST_OPENMP_CHILD";
-        let name = "cpu_conv::tests::onednn_calls_run_on_one_openmp_thread";
+        // libtest's name of this test: its module path without the crate.
+        let path = module_path!().split_once("::").map_or("", |p| p.1);
+        let name = format!("{path}::onednn_calls_run_on_one_openmp_thread");
         if std::env::var_os(CHILD).is_none() {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([name, "--exact", "--test-threads=1", "--nocapture"])
+                .args([name.as_str(), "--exact", "--test-threads=1", "--nocapture"])
                 .env(CHILD, "1")
                 .env("OMP_NUM_THREADS", "16")
                 .env("RAYON_NUM_THREADS", "2")

@@ -107,6 +107,30 @@ pub fn push(dir: &Path, repo: &str, private: bool, revision: Option<String>) -> 
     Ok(())
 }
 
+/// Upload a folder written by `moco export` to the Hugging Face Hub (token: HF_TOKEN or the
+/// standard token file).
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// The exported folder.
+    pub dir: PathBuf,
+    /// OWNER/NAME.
+    #[arg(long)]
+    pub repo: String,
+    /// Create the repository private.
+    #[arg(long)]
+    pub private: bool,
+    /// Branch to commit to.
+    #[arg(long)]
+    pub revision: Option<String>,
+}
+
+impl PushArgs {
+    /// Uploads the folder.
+    pub fn run(&self) -> Result<()> {
+        push(&self.dir, &self.repo, self.private, self.revision.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

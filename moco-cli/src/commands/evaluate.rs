@@ -7,29 +7,93 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use moco_data::augment;
-use moco_data::datasets::{Dataset, Split};
+use moco_data::datasets::{BadFiles, Dataset, Split};
+use moco_data::named::{self, NamedDataset};
 use moco_eval::features::{self, FeatureSet};
 use moco_eval::knn::{self, KnnConfig};
 use moco_eval::linear::{self, LinearConfig, LinearState};
-use moco_models::Encoder;
+use moco_models::{Encoder, Settings};
 
-use crate::data::{self, Data};
-use crate::progress::bar;
+use super::device::DeviceArgs;
+use super::progress::bar;
+use super::weights::Weights;
 
-/// What `knn` and `linear-eval` share.
-pub struct Common<'a> {
-    pub weights: &'a str,
-    pub dataset: &'a str,
-    pub data_dir: Option<&'a Path>,
+/// Arguments of the evaluation commands.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Encoder weights: safetensors (moco convert / export / a run's checkpoint), a run folder,
+    /// an official .pth.tar, or hf://OWNER/NAME[@REV].
+    #[arg(long)]
+    pub weights: String,
+    /// fashion-mnist, mnist, cifar10, cifar100, stl10, folder or default (the embedded set).
+    #[arg(long, default_value = "default")]
+    pub dataset: String,
+    /// The dataset's folder (`folder`: DIR/train and DIR/val).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Evaluation size: shorter side to S*256/224, center crop S (default: native size).
+    #[arg(long)]
     pub image_size: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Data worker threads.
+    #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    pub device: Device,
-    pub settings: moco_models::Settings,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Print a last line with the results as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 
-fn check_channels(enc: &Encoder, d: &Data, dataset: &str) -> Result<()> {
+/// `moco knn`: the flags.
+#[derive(Debug, clap::Args)]
+pub struct KnnArgs {
+    #[command(flatten)]
+    common: EvalArgs,
+    /// Neighbours.
+    #[arg(long, default_value_t = 200)]
+    k: usize,
+    /// Temperature of the vote weights.
+    #[arg(long, default_value_t = 0.1)]
+    t: f64,
+}
+
+/// `moco linear-eval`: the flags.
+#[derive(Debug, clap::Args)]
+pub struct LinearEvalArgs {
+    #[command(flatten)]
+    common: EvalArgs,
+    /// The protocol: v1 (MoCo v1/v2's main_lincls.py: lr 30, 100 epochs, lr x0.1 at 60% and
+    /// 80% of them) or v3 (MoCo v3's: lr 0.1 x batch/256, 90 epochs, per-epoch cosine).
+    #[arg(long, default_value = "v1")]
+    protocol: String,
+    /// Epochs (default: the protocol's).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Learning rate (default: the protocol's; v3 scales 0.1 by batch/256, a given value is
+    /// used as it is).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Train on features extracted once (no augmentation; fast on CPU, reported as such).
+    #[arg(long)]
+    cached_features: bool,
+    /// Folder for results.json and checkpoint-last.safetensors (the classifier and its SGD
+    /// state after the last epoch; default: linear-eval/ in the run directory when --weights
+    /// is one, else in the current directory).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue the evaluation in --out from its last checkpoint (written after every
+    /// epoch; the same settings are required).
+    #[arg(long)]
+    resume: bool,
+}
+
+fn check_channels(enc: &Encoder, d: &NamedDataset, dataset: &str) -> Result<()> {
     let (m, c) = (enc.spec().backbone.in_channels(), d.channels());
     if m != c {
         bail!("--dataset {dataset} has {c}-channel images but the model takes {m} channel(s)");
@@ -38,18 +102,22 @@ fn check_channels(enc: &Encoder, d: &Data, dataset: &str) -> Result<()> {
 }
 
 /// The training and test splits of `--dataset`, checked against the model's input channels.
-fn open_splits(enc: &Encoder, c: &Common) -> Result<(Arc<Data>, Arc<Data>)> {
-    let train = Arc::new(data::open(c.dataset, c.data_dir, Split::Train, false)?);
-    let test = Arc::new(data::open(c.dataset, c.data_dir, Split::Test, false)?);
-    check_channels(enc, &train, c.dataset)?;
+fn open_splits(enc: &Encoder, c: &EvalArgs) -> Result<(Arc<NamedDataset>, Arc<NamedDataset>)> {
+    let open = |split| -> Result<Arc<NamedDataset>> {
+        let d = named::open(&c.dataset, c.data_dir.as_deref(), split, BadFiles::Fail)?;
+        Ok(Arc::new(d))
+    };
+    let (train, test) = (open(Split::Train)?, open(Split::Test)?);
+    check_channels(enc, &train, &c.dataset)?;
     Ok((train, test))
 }
 
 /// Features of one split (`name`: train or test) with the evaluation transform.
 fn split_features(
     enc: &Encoder,
-    c: &Common,
-    d: &Arc<Data>,
+    c: &EvalArgs,
+    device: &Device,
+    d: &Arc<NamedDataset>,
     name: &str,
     native: Option<usize>,
 ) -> Result<FeatureSet> {
@@ -67,39 +135,43 @@ fn split_features(
             workers: c.workers,
             l2: false,
         },
-        &c.device,
+        device,
         |done, _| pb.set_position(done as u64),
     )?;
     pb.finish_and_clear();
     Ok(f)
 }
 
-/// `moco knn`.
-pub fn knn(c: Common, k: usize, t: f64) -> Result<()> {
-    let w = crate::weights::Weights::read(c.weights)?;
-    let enc = w.frozen(&c.device, c.settings)?;
-    let (train_data, test_data) = open_splits(&enc, &c)?;
-    let native = train_data.native_size;
-    let train = split_features(&enc, &c, &train_data, "train", native)?;
-    let test = split_features(&enc, &c, &test_data, "test", native)?;
-    let classes = train_data.classes().len();
-    let cfg = KnnConfig {
-        k,
-        t,
-        ..Default::default()
-    };
-    let r = knn::evaluate(&train, &test, classes, &cfg)?;
-    println!(
+impl KnnArgs {
+    /// `moco knn`.
+    pub fn run(&self, settings: Settings) -> Result<()> {
+        let (c, k, t) = (&self.common, self.k, self.t);
+        let device = c.device.open()?;
+        let w = Weights::read(&c.weights)?;
+        let enc = w.frozen(&device, settings)?;
+        let (train_data, test_data) = open_splits(&enc, c)?;
+        let native = train_data.native_size;
+        let train = split_features(&enc, c, &device, &train_data, "train", native)?;
+        let test = split_features(&enc, c, &device, &test_data, "test", native)?;
+        let classes = train_data.classes().len();
+        let cfg = KnnConfig {
+            k,
+            t,
+            ..Default::default()
+        };
+        let r = knn::evaluate(&train, &test, classes, &cfg)?;
+        println!(
         "kNN (k={k}, t={t}) on {} with {}: top-1 {:.2}%  top-5 {:.2}%  ({} test images, bank of {})",
         c.dataset, w.source.display(), r.top1, r.top5, r.samples, train.len()
     );
-    if c.json {
-        println!(
-            "{}",
-            serde_json::json!({"protocol": "knn", "top1": r.top1, "top5": r.top5, "k": k, "t": t, "samples": r.samples, "per_class": r.per_class})
-        );
+        if c.json {
+            println!(
+                "{}",
+                serde_json::json!({"protocol": "knn", "top1": r.top1, "top5": r.top5, "k": k, "t": t, "samples": r.samples, "per_class": r.per_class})
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The first setting in which `saved` and `asked` differ, as `key: saved vs asked`.
@@ -124,10 +196,54 @@ fn first_difference<T: serde::Serialize>(saved: &T, asked: &T) -> Result<Option<
     }))
 }
 
+impl LinearEvalArgs {
+    /// The protocol's settings, as `--protocol` and the flags give them.
+    fn config(&self) -> Result<LinearConfig> {
+        let base = match self.protocol.as_str() {
+            "v1" => LinearConfig {
+                batch_size: self.common.batch_size,
+                ..LinearConfig::default()
+            },
+            "v3" => LinearConfig::v3(self.common.batch_size),
+            other => bail!("--protocol {other}: expected v1 or v3"),
+        };
+        let epochs = self.epochs.unwrap_or(base.epochs);
+        let schedule = match self.protocol.as_str() {
+            // The milestones at 60% and 80% of the run, as 60 and 80 of 100.
+            "v1" => moco_core::LrSchedule::step(vec![epochs * 60 / 100, epochs * 80 / 100]),
+            _ => base.schedule.clone(),
+        };
+        Ok(LinearConfig {
+            epochs,
+            lr: self.lr.unwrap_or(base.lr),
+            schedule,
+            seed: self.seed,
+            ..base
+        })
+    }
+
+    /// `moco linear-eval`.
+    pub fn run(&self, settings: Settings) -> Result<()> {
+        let device = self.common.device.open()?;
+        let cfg = self.config()?;
+        linear_eval(
+            &self.common,
+            &device,
+            settings,
+            cfg,
+            self.cached_features,
+            self.out.clone(),
+            self.resume,
+        )
+    }
+}
+
 /// `moco linear-eval`: checkpointed after every epoch into `OUT/checkpoint-last.safetensors`;
 /// `resume` continues a killed run from it.
-pub fn linear_eval(
-    c: Common,
+fn linear_eval(
+    c: &EvalArgs,
+    device: &Device,
+    settings: Settings,
     cfg: LinearConfig,
     cached: bool,
     out: Option<PathBuf>,
@@ -138,7 +254,7 @@ pub fn linear_eval(
     }
     // By default beside the weights when they are a run directory, else in the current one.
     let out_dir = out.unwrap_or_else(|| {
-        let run = Path::new(c.weights);
+        let run = Path::new(&c.weights);
         if run.is_dir() {
             run.join("linear-eval")
         } else {
@@ -146,12 +262,12 @@ pub fn linear_eval(
         }
     });
     let ckpt = out_dir.join("checkpoint-last.safetensors");
-    let w = crate::weights::Weights::read(c.weights)?;
+    let w = Weights::read(&c.weights)?;
     // The weights by content: a resumed evaluation must train on the backbone it started with,
     // wherever its file is now (and not on a run's later checkpoint-last).
     let context = BTreeMap::from([
         ("weights_sha256".to_string(), w.fingerprint()?),
-        ("dataset".to_string(), c.dataset.to_string()),
+        ("dataset".to_string(), c.dataset.clone()),
         (
             "mode".to_string(),
             if cached {
@@ -212,11 +328,11 @@ pub fn linear_eval(
     };
     std::fs::create_dir_all(&out_dir).with_context(|| format!("--out {}", out_dir.display()))?;
 
-    let enc = w.frozen(&c.device, c.settings)?;
-    let (train_data, test_data) = open_splits(&enc, &c)?;
+    let enc = w.frozen(device, settings)?;
+    let (train_data, test_data) = open_splits(&enc, c)?;
     let native = train_data.native_size;
     let classes = train_data.classes().to_vec();
-    let test = split_features(&enc, &c, &test_data, "test", native)?;
+    let test = split_features(&enc, c, device, &test_data, "test", native)?;
     let pb = bar(cfg.epochs as u64, "linear", c.json);
     let on_epoch = |s: &LinearState| -> moco_eval::Result<()> {
         s.save(&ckpt, &cfg, &context)?;
@@ -235,16 +351,8 @@ pub fn linear_eval(
     };
     let state = resumed.as_ref();
     let result = if cached {
-        let train = split_features(&enc, &c, &train_data, "train", native)?;
-        linear::train_cached(
-            &train,
-            &test,
-            classes.len(),
-            &cfg,
-            &c.device,
-            state,
-            on_epoch,
-        )?
+        let train = split_features(&enc, c, device, &train_data, "train", native)?;
+        linear::train_cached(&train, &test, classes.len(), &cfg, device, state, on_epoch)?
     } else {
         let size = c.image_size.or(native).unwrap_or(224);
         let pipeline = augment::linear_train(size, train_data.normalize.clone());
@@ -256,14 +364,14 @@ pub fn linear_eval(
             classes.len(),
             &cfg,
             c.workers,
-            &c.device,
+            device,
             state,
             on_epoch,
         )?
     };
     pb.finish_and_clear();
     // The protocol's sanity check: the frozen backbone is bit-identical to the weights file.
-    let reread = crate::weights::Weights::read(c.weights)?;
+    let reread = Weights::read(&c.weights)?;
     linear::sanity_check(&w.tensors, &reread.tensors)?;
     let results = serde_json::json!({
         "protocol": result.protocol, "weights": w.source.display().to_string(), "dataset": c.dataset,

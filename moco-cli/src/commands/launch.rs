@@ -7,18 +7,27 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-/// What `moco launch` was given.
-#[derive(Debug, Clone)]
+/// Data-parallel pretraining: starts one `moco pretrain` process per GPU (or CPU process)
+/// on this machine with its rank, and stops them all if one fails.
+/// Example: `moco launch --nproc-per-node 8 -- --preset v2 --device cuda --out runs/v2`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Launch {
-    /// Processes on this machine.
+    /// Processes on this machine (one per GPU).
+    #[arg(long, default_value_t = 1)]
     pub nproc_per_node: usize,
-    /// Machines in the run.
+    /// Machines taking part (run `moco launch` on each).
+    #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
-    /// This machine's index, 0..nnodes.
+    /// This machine's index, 0..nnodes (its processes get ranks node_rank * nproc_per_node + i).
+    #[arg(long, default_value_t = 0)]
     pub node_rank: usize,
-    /// The rendezvous file (default: a fresh file in the run folder; one machine only).
+    /// Rendezvous file (default: a fresh one in --out; several machines: a path on a shared
+    /// file system, new for each run).
+    #[arg(long)]
     pub dist_init: Option<PathBuf>,
-    /// The `moco pretrain` flags shared by every process.
+    /// The `moco pretrain` flags, after `--` (--out required; --dist-backend and
+    /// --dist-addr pass through).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub args: Vec<String>,
 }
 

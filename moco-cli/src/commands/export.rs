@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use moco_models::BackboneConfig;
 
-use crate::weights::Weights;
+use super::weights::Weights;
 
 /// The last kNN result and the run configuration, when exporting a run.
 fn run_info(run: &Path) -> (Option<serde_json::Value>, Option<serde_json::Value>) {
@@ -244,3 +244,26 @@ pub fn source(run: Option<PathBuf>, weights: Option<String>) -> Result<(String, 
 /// (timm has none): log2(patch) stride-2 3x3 convolutions without bias, each with BatchNorm and
 /// ReLU, then a 1x1 convolution; `nn.Sequential` indices as the official `vits.ConvStem`.
 const CONV_STEM_PY: &str = "from torch import nn\n\n\nclass ConvStem(nn.Module):  # MoCo v3's convolutional patch embedding\n    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, **kwargs):\n        super().__init__()\n        n, grid, cin, layers = patch_size.bit_length() - 1, img_size // patch_size, in_chans, []\n        self.grid_size, self.num_patches = (grid, grid), grid * grid\n        for i in range(n):\n            cout = embed_dim >> (n - 1 - i)\n            layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]\n            cin = cout\n        self.proj = nn.Sequential(*layers, nn.Conv2d(cin, embed_dim, 1))\n\n    def forward(self, x):\n        return self.proj(x).flatten(2).transpose(1, 2)\n\n\n";
+
+/// A Hugging Face model folder: model.safetensors (backbone, torchvision or timm names), config.json,
+/// README.md model card.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// A pretraining run directory.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// Or a weights file (safetensors, .pth.tar, hf://...).
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// The folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl ExportArgs {
+    /// Writes the model folder.
+    pub fn run(&self) -> Result<()> {
+        let (src, is_run) = source(self.run.clone(), self.weights.clone())?;
+        run(&src, is_run, &self.out)
+    }
+}

@@ -209,6 +209,26 @@ pub fn run(run: &Path, out: Option<&Path>) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// Draw a run's training curves (loss, acc1, lr per step; kNN top-1 per epoch) into PNG files.
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// The run directory (holding metrics.jsonl).
+    pub run: PathBuf,
+    /// Where to write the PNG files (default: the run directory).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+impl PlotArgs {
+    /// Writes the PNG files and prints their paths.
+    pub fn run(&self) -> Result<()> {
+        for f in run(&self.run, self.out.as_deref())? {
+            println!("{}", f.display());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use moco_models::Settings;
-use moco_models::{Encoder, EncoderSpec};
+use moco_models::{Encoder, EncoderSpec, Settings};
 
 /// Encoder weights by torchvision name, with the architecture.
 pub struct Weights {
@@ -21,7 +20,7 @@ impl Weights {
     /// run (`checkpoint-last.safetensors`: the query encoder is taken), an official
     /// `checkpoint_*.pth.tar`, a run directory, or `hf://OWNER/NAME[@REV]`.
     pub fn read(arg: &str) -> Result<Self> {
-        let path = crate::hub::resolve_weights(arg)?;
+        let path = super::hub::resolve_weights(arg)?;
         let path = if path.is_dir() {
             let last = path.join("checkpoint-last.safetensors");
             let export = path.join("model.safetensors");

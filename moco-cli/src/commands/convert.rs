@@ -2,7 +2,7 @@
 //! torchvision (ResNet) or timm (ViT) names.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -50,4 +50,28 @@ pub fn run(input: &Path, out: &Path, arch: Option<&str>) -> Result<()> {
         tensors.len()
     );
     Ok(())
+}
+
+/// Convert an official MoCo checkpoint (checkpoint_*.pth.tar of v1, v2 or v3, zip or legacy
+/// torch.save) into a safetensors encoder with torchvision (ResNet) or timm (ViT) names.
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// The checkpoint written by main_moco.py of facebookresearch/moco (v1, v2) or
+    /// facebookresearch/moco-v3 (ResNets and ViTs).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The safetensors file to write (query encoder: backbone and head).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The architecture, checked against the weights; needed for a ViT of a non-standard
+    /// width (vit-DxNhH: the weights do not record the number of heads).
+    #[arg(long)]
+    pub arch: Option<String>,
+}
+
+impl ConvertArgs {
+    /// Converts the checkpoint.
+    pub fn run(&self) -> Result<()> {
+        run(&self.input, &self.out, self.arch.as_deref())
+    }
 }

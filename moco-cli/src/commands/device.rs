@@ -47,6 +47,30 @@ pub fn parse_with_tf32(spec: &str, tf32: bool) -> Result<Device> {
     Ok(device)
 }
 
+/// `--device` and `--tf32`, for the commands that run a model.
+#[derive(Debug, clap::Args)]
+pub struct DeviceArgs {
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// On CUDA, TF32 tensor cores for float32 matrix products and (cudnn builds) convolutions,
+    /// as PyTorch runs its cuDNN convolutions by default (without it: full float32).
+    #[arg(long)]
+    pub tf32: bool,
+}
+
+impl DeviceArgs {
+    /// The device, `spec` standing for `--device` (see [`device::parse_with_tf32`]).
+    pub fn open_as(&self, spec: &str) -> Result<candle_core::Device> {
+        parse_with_tf32(spec, self.tf32)
+    }
+
+    /// The device of `--device`, `--tf32` applied.
+    pub fn open(&self) -> Result<candle_core::Device> {
+        self.open_as(&self.device)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,23 @@
+//! # moco-cli (library)
+//!
+//! The pretraining run of the `moco` binary, for any program to call: a [`RunConfig`] says
+//! what to train, a [`RunDir`] holds the run's files (configuration, metrics, checkpoints), a
+//! [`Pretrainer`] runs or resumes the epoch loop with [`Hook`]s after steps and epochs, and
+//! [`KnnMonitor`] is the hook that measures the kNN accuracy as the run goes.
+//!
+//! The binary adds its command line on top (flags, devices, progress bar): `moco pretrain`
+//! resolves its flags into a [`RunConfig`] and runs a [`Pretrainer`] with these hooks.
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod knn_monitor;
+pub mod pretrainer;
+pub mod run_config;
+pub mod run_dir;
+
+pub use error::{Error, Result};
+pub use knn_monitor::KnnMonitor;
+pub use pretrainer::{Hook, Pretrainer, Progress, Summary};
+pub use run_config::RunConfig;
+pub use run_dir::{MetricsLog, RunDir};
