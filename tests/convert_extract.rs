@@ -3,22 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use moco_testing::max_abs_diff;
 use moco_tests::{moco, reference};
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn run(args: &[&str]) -> std::process::Output {
     let out = moco().args(args).output().unwrap();
@@ -69,11 +56,11 @@ fn both_serializations_convert_to_the_same_encoder_with_torchvision_features() {
                 .unwrap();
         let x = &gold["small.x"];
         let f = moco_models::Backbone::features(&enc, x, false).unwrap();
-        assert!(max_abs(&f, &gold["small.features"]) < 1e-5);
+        assert!(max_abs_diff(&f, &gold["small.features"]) < 1e-5);
         outputs.push(f);
     }
     assert_eq!(
-        max_abs(&outputs[0], &outputs[1]),
+        max_abs_diff(&outputs[0], &outputs[1]),
         0.0,
         "zip and legacy give the same encoder"
     );
@@ -121,7 +108,7 @@ fn moco_v3_vit_checkpoint_converts_with_timm_features() {
         moco_models::load_encoder(&out, None, moco_models::Settings::default(), &Device::Cpu)
             .unwrap();
     let f = moco_models::Backbone::features(&enc, &gold["vit.x"], false).unwrap();
-    assert!(max_abs(&f, &gold["vit.features"]) < 1e-5);
+    assert!(max_abs_diff(&f, &gold["vit.features"]) < 1e-5);
 }
 
 #[test]
@@ -174,7 +161,7 @@ fn extract_matches_torchvision_on_real_photos() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    let err = max_abs(&got, want);
+    let err = max_abs_diff(&got, want);
     assert!(
         err <= 1e-4 * scale,
         "features: max error {err} (scale {scale})"

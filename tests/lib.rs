@@ -50,12 +50,7 @@ pub const SMALL_V3_HEADS: &[&str] = &[
     "0.5",
 ];
 
-/// `tests/reference/<name>`.
-pub fn reference(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("reference")
-        .join(name)
-}
+pub use moco_testing::reference;
 
 /// Runs `cmd`, panicking with its standard error when it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {

@@ -160,7 +160,7 @@ fn keep_every_keeps_epoch_checkpoints_that_evaluate() {
 fn the_knn_monitor_runs_every_epoch_except_on_folders_unless_asked() {
     let dir = tempfile::tempdir().unwrap();
     // A tiny ImageFolder: the reference photos, two classes, the same files in train and val.
-    let photos = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference/images");
+    let photos = moco_tests::reference("images");
     let data = dir.path().join("data");
     for (class, files) in [
         ("a", ["coffee.png", "rocket.jpg"]),

@@ -7,28 +7,13 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use moco_core::optim::{AdamW, AdamWConfig};
+use moco_testing::{golden, to_f64};
 
 const TOL: f64 = 1e-6;
 const NAMES: [&str; 3] = ["w", "b", "late"];
-
-fn golden() -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/reference/adamw_golden.safetensors");
-    moco_core::io::load(&path, &Device::Cpu).unwrap().tensors
-}
-
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
@@ -48,7 +33,7 @@ struct Run {
 
 impl Run {
     fn new() -> Self {
-        let gold = golden();
+        let gold = golden("adamw_golden.safetensors");
         let params = NAMES
             .iter()
             .map(|n| {

@@ -9,10 +9,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::{batch_norm, linear, BatchNormConfig, ModuleT};
 use moco_core::dist::on_threads;
 use moco_core::{l2_normalize, BatchShuffle, LossKind, Moco, MocoConfig};
+use moco_testing::max_abs_diff;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -56,24 +57,6 @@ fn global_batch(s: usize) -> (Tensor, Tensor) {
         Tensor::from_vec(data, (N * WORLD, 1, 4, 4), &dev).unwrap()
     };
     (v(1), v(2))
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let (a, b) = (
-        a.to_dtype(DType::F32).unwrap(),
-        b.to_dtype(DType::F32).unwrap(),
-    );
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 struct Run {
@@ -125,7 +108,7 @@ fn two_ranks_equal_one_process_with_the_global_batch() {
             }
             assert_eq!(got.state.len(), want.state.len());
             for (name, t) in &want.state {
-                let d = max_diff(&got.state[name], t);
+                let d = max_abs_diff(&got.state[name], t);
                 assert!(d <= 1e-5, "{loss:?} rank {rank}: `{name}` differs by {d}");
             }
         }
@@ -159,7 +142,7 @@ fn a_group_of_one_changes_nothing() {
         .unwrap();
         assert_eq!(got.losses, want.losses, "{loss:?}");
         for (name, t) in &want.state {
-            assert_eq!(max_diff(&got.state[name], t), 0.0, "{loss:?}: `{name}`");
+            assert_eq!(max_abs_diff(&got.state[name], t), 0.0, "{loss:?}: `{name}`");
         }
     }
 }
@@ -202,10 +185,10 @@ fn shuffle_bn_spans_the_ranks() {
     })
     .unwrap();
     for (rank, (k, local)) in got.iter().enumerate() {
-        let d = max_diff(k, &want.narrow(0, rank * N, N).unwrap());
+        let d = max_abs_diff(k, &want.narrow(0, rank * N, N).unwrap());
         assert!(d <= 1e-6, "rank {rank}: keys differ by {d}");
         assert!(
-            max_diff(k, local) > 1e-3,
+            max_abs_diff(k, local) > 1e-3,
             "rank {rank}: BatchNorm saw only this rank's images"
         );
     }
@@ -235,7 +218,7 @@ fn ranks_start_from_rank_zero_and_divergence_is_caught() {
     .unwrap();
     for (name, t) in &out[0].0 {
         assert_eq!(
-            max_diff(t, &out[1].0[name]),
+            max_abs_diff(t, &out[1].0[name]),
             0.0,
             "`{name}` differs after the broadcast"
         );

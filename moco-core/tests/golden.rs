@@ -10,9 +10,8 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{
     batch_norm, linear, BatchNorm, BatchNormConfig, Linear, ModuleT, VarBuilder, VarMap,
 };
@@ -20,31 +19,15 @@ use moco_core::optim::{Sgd, SgdConfig};
 use moco_core::{
     in_batch_info_nce, Kernels, LossKind, LrDecay, LrSchedule, Moco, MocoConfig, Queue, StepOutput,
 };
+use moco_testing::{golden, to_f64};
 
 const TOL: f64 = 1e-5;
 /// For the logits of steps 1 and 2 (see the top of the file).
 const TOL_LOGITS_AFTER_UPDATE: f64 = 2e-5;
 
-fn golden() -> HashMap<String, Tensor> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/moco_step.safetensors");
-    moco_core::io::load(&path, &Device::Cpu)
-        .expect("golden file")
-        .tensors
-}
-
 fn g<'a>(gold: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
     gold.get(key)
         .unwrap_or_else(|| panic!("golden tensor `{key}` missing"))
-}
-
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
 }
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
@@ -129,7 +112,7 @@ fn view(gold: &HashMap<String, Tensor>, name: &str, step: usize) -> Tensor {
 
 #[test]
 fn three_moco_steps_match_pytorch() {
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let mut moco = model(&gold, LossKind::Queue);
     for step in 0..3 {
         let at = |what: &str| format!("step{step}.{what}");
@@ -178,7 +161,7 @@ fn three_moco_steps_match_pytorch() {
 #[test]
 fn train_step_equals_the_pieces() {
     // `train_step` runs the same sequence as the test above: compare its final state with torch.
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let mut moco = model(&gold, LossKind::Queue);
     let mut outs: Vec<StepOutput> = vec![];
     for step in 0..3 {
@@ -209,7 +192,7 @@ fn train_step_equals_the_pieces() {
 
 #[test]
 fn symmetric_loss_matches_pytorch() {
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let mut moco = model(&gold, LossKind::SymmetricQueue);
     let (x1, x2) = (view(&gold, "views.x1", 0), view(&gold, "views.x2", 0));
     let fwd = moco.forward_loss(&x1, &x2).unwrap();
@@ -230,7 +213,7 @@ fn symmetric_loss_matches_pytorch() {
 
 #[test]
 fn in_batch_loss_and_gradient_match_pytorch() {
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let q = Var::from_tensor(g(&gold, "inbatch.q")).unwrap();
     let out = in_batch_info_nce(
         q.as_tensor(),
@@ -269,7 +252,7 @@ fn sgd_trajectory(gold: &HashMap<String, Tensor>, cfg: SgdConfig) -> Tensor {
 
 #[test]
 fn sgd_matches_torch_optim_sgd() {
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let base = SgdConfig {
         lr: 0.05,
         momentum: 0.9,
@@ -300,7 +283,7 @@ fn sgd_matches_torch_optim_sgd() {
 
 #[test]
 fn lars_matches_moco_v3_definition() {
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let names = ["w", "b", "z"];
     let vars: Vec<(String, Var)> = names
         .iter()
@@ -352,7 +335,7 @@ fn lars_matches_moco_v3_definition() {
 
 #[test]
 fn schedules_match_torch_schedulers() {
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let check = |name: &str, s: LrSchedule, ipe: usize| {
         let want = g(&gold, name).to_vec1::<f64>().unwrap();
         assert_eq!(want.len(), 10 * ipe);
@@ -374,7 +357,7 @@ fn schedules_match_torch_schedulers() {
 
 #[test]
 fn checkpoint_resume_equals_uninterrupted_training() {
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let views: Vec<(Tensor, Tensor)> = (0..3)
         .map(|s| (view(&gold, "views.x1", s), view(&gold, "views.x2", s)))
         .collect();
@@ -406,7 +389,7 @@ fn checkpoint_resume_equals_uninterrupted_training() {
 
 #[test]
 fn non_finite_weights_are_refused_before_a_checkpoint() {
-    let gold = golden();
+    let gold = golden("moco_step.safetensors");
     let moco = model(&gold, LossKind::Queue);
     moco.check_finite().unwrap();
     let (name, var) = moco

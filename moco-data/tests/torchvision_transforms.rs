@@ -7,26 +7,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
 use candle_core::{Device, Tensor};
 use moco_data::image::{center_crop, resize_shorter};
 use moco_data::{image_files, EvalTransform, Image};
-
-fn reference() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference")
-}
-
-fn golden() -> HashMap<String, Tensor> {
-    moco_core_free_load(&reference().join("transforms_golden.safetensors"))
-}
+use moco_testing::{golden, reference};
 
 // moco-data does not depend on moco-core: read the safetensors file with candle directly.
-fn moco_core_free_load(path: &std::path::Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
 fn pixels(t: &Tensor) -> (usize, usize, Vec<u8>) {
     let (h, w, _) = t.dims3().unwrap();
     (w, h, t.flatten_all().unwrap().to_vec1::<u8>().unwrap())
@@ -41,8 +27,8 @@ fn assert_same_image(what: &str, img: &Image, want: &Tensor) {
 
 #[test]
 fn decode_resize_and_crop_match_pil_bit_for_bit() {
-    let gold = golden();
-    let files = image_files(&reference().join("images")).unwrap();
+    let gold = golden("transforms_golden.safetensors");
+    let files = image_files(&reference("images")).unwrap();
     assert_eq!(files.len(), 4);
     for path in files.iter().filter(|p| p.extension().unwrap() == "png") {
         let tag = path.file_stem().unwrap().to_str().unwrap();
@@ -61,8 +47,8 @@ fn decode_resize_and_crop_match_pil_bit_for_bit() {
 
 #[test]
 fn eval_transform_matches_torchvision() {
-    let gold = golden();
-    for path in image_files(&reference().join("images")).unwrap() {
+    let gold = golden("transforms_golden.safetensors");
+    for path in image_files(&reference("images")).unwrap() {
         let tag = path.file_stem().unwrap().to_str().unwrap().to_string();
         let is_png = path.extension().unwrap() == "png";
         // For the JPEG, start from PIL's decoded pixels so that only the transform is compared.
@@ -94,8 +80,8 @@ fn eval_transform_matches_torchvision() {
 
 #[test]
 fn jpeg_decoding_matches_pil() {
-    let gold = golden();
-    let img = Image::open_rgb(&reference().join("images/rocket.jpg")).unwrap();
+    let gold = golden("transforms_golden.safetensors");
+    let img = Image::open_rgb(&reference("images/rocket.jpg")).unwrap();
     let (w, h, want) = pixels(&gold["rocket.rgb"]);
     assert_eq!((img.width, img.height), (w, h));
     let max = img
@@ -139,7 +125,7 @@ fn image_of(t: &Tensor) -> Image {
 #[test]
 fn augmentations_with_fixed_parameters_match_pil_bit_for_bit() {
     use moco_data::augment::*;
-    let gold = golden();
+    let gold = golden("transforms_golden.safetensors");
     let mut checked = 0;
     for tag in ["astronaut_rgba", "chelsea_gray", "coffee", "fmnist"] {
         let img = image_of(&gold[&format!("{tag}.aug.input")]);
@@ -195,7 +181,7 @@ fn augmentations_with_fixed_parameters_match_pil_bit_for_bit() {
 fn random_resized_crop_parameters_follow_torchvision_statistics() {
     use moco_data::augment::resized_crop_params;
     use rand::SeedableRng;
-    let gold = golden();
+    let gold = golden("transforms_golden.safetensors");
     for (w, h, s0, key) in [
         (100, 80, 0.2, "rrc.100_80_0.2"),
         (32, 32, 0.08, "rrc.32_32_0.08"),

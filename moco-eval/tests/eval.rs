@@ -5,19 +5,13 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use moco_core::init::seeded_randn;
 use moco_eval::features::FeatureSet;
 use moco_eval::knn::{self, KnnConfig};
 use moco_eval::linear::{sanity_check, train_cached, LinearConfig, LinearState};
-
-fn golden() -> HashMap<String, Tensor> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/knn_golden.safetensors");
-    moco_core::io::load(&p, &Device::Cpu).unwrap().tensors
-}
+use moco_testing::golden;
 
 fn labels(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::I64)
@@ -91,7 +85,7 @@ fn knn_equals_brute_force_with_any_chunking() {
 
 #[test]
 fn knn_matches_the_official_knn_predict() {
-    let g = golden();
+    let g = golden("knn_golden.safetensors");
     let bank = FeatureSet {
         features: g["bank"].clone(),
         labels: labels(&g["bank_labels"]),
@@ -168,9 +162,7 @@ fn linear_probe_separates_separable_features_perfectly() {
 #[test]
 fn linear_protocol_matches_torch() {
     let dev = Device::Cpu;
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/reference/linear_golden.safetensors");
-    let g = moco_core::io::load(&p, &dev).unwrap().tensors;
+    let g = golden("linear_golden.safetensors");
     let set = |split: &str| FeatureSet {
         features: g[&format!("{split}.x")].clone(),
         labels: labels(&g[&format!("{split}.y")]),

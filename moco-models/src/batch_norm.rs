@@ -152,10 +152,10 @@ impl ModuleT for BatchNorm {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::test_util::max_rel;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
     use moco_core::init::seeded_randn;
+    use moco_testing::max_rel;
 
     /// The fused CPU kernel (float32 input) against the generic candle-op path (the same
     /// values as float64, which takes the generic path): output, running statistics and the

@@ -25,8 +25,6 @@ mod error;
 pub mod head;
 pub mod ops;
 pub mod resnet;
-#[cfg(test)]
-mod test_util;
 pub mod vit;
 pub mod weights;
 pub mod zoo;

@@ -3,32 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::path::PathBuf;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::ModuleT;
 use moco_models::weights::official::{import_official, import_official_as};
 use moco_models::{encoder_from_tensors, Backbone, Depth, HeadKind, Settings};
-
-fn reference(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/reference")
-        .join(name)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use moco_testing::{max_abs_diff, reference};
 
 fn check_features(tag: &str, file: &str) {
     let gold = moco_core::io::load(&reference("checkpoint_features.safetensors"), &Device::Cpu)
@@ -48,11 +27,11 @@ fn check_features(tag: &str, file: &str) {
     let feats = enc.features(x, false).unwrap();
     let embed = enc.forward_t(x, false).unwrap();
     assert!(
-        max_abs(&feats, &gold[&format!("{tag}.features")]) < 1e-5,
+        max_abs_diff(&feats, &gold[&format!("{tag}.features")]) < 1e-5,
         "{file}: features"
     );
     assert!(
-        max_abs(&embed, &gold[&format!("{tag}.embed")]) < 1e-5,
+        max_abs_diff(&embed, &gold[&format!("{tag}.embed")]) < 1e-5,
         "{file}: head output"
     );
     // The key encoder loads into the same architecture; the queue and its pointer come along.
@@ -106,7 +85,7 @@ fn legacy_checkpoint_reads_the_same_tensors_as_zip() {
         );
     }
     assert_eq!(
-        max_abs(a.queue.as_ref().unwrap(), b.queue.as_ref().unwrap()),
+        max_abs_diff(a.queue.as_ref().unwrap(), b.queue.as_ref().unwrap()),
         0.0
     );
 }
@@ -175,14 +154,14 @@ fn check_v3(
     assert!(unused.is_empty(), "{unused:?}");
     let x = &gold[&format!("{tag}.x")];
     assert!(
-        max_abs(
+        max_abs_diff(
             &enc.features(x, false).unwrap(),
             &gold[&format!("{tag}.features")]
         ) < 1e-5,
         "{file}: features"
     );
     assert!(
-        max_abs(
+        max_abs_diff(
             &enc.forward_t(x, false).unwrap(),
             &gold[&format!("{tag}.embed")]
         ) < 1e-5,

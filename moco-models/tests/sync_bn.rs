@@ -15,23 +15,10 @@ use moco_core::{Collective, Moco, MocoConfig};
 use moco_models::batch_norm::{batch_norm, BatchNormConfig};
 use moco_models::resnet::{Depth, ResNetConfig};
 use moco_models::{BackboneConfig, EncoderSpec, HeadKind, VitConfig};
+use moco_testing::max_abs_diff;
 
 const N: usize = 8; // samples per rank
 const WORLD: usize = 2;
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// Deterministic pseudo-random values in [-0.7, 1.3) (an offset mean, so centring matters).
 fn data(shape: &[usize], salt: u64) -> Tensor {
@@ -114,14 +101,14 @@ fn layer_over_two_ranks(dtype: DType, relu: bool) {
     .unwrap();
     for (r, (got, alone)) in got.iter().enumerate() {
         for key in ["y", "dx"] {
-            let d = max_diff(&got[key], &want[key].narrow(0, r * N, N).unwrap());
+            let d = max_abs_diff(&got[key], &want[key].narrow(0, r * N, N).unwrap());
             assert!(d < 1e-5, "{what} rank {r}: {key} differs by {d}");
         }
         for key in ["running_mean", "running_var"] {
-            let d = max_diff(&got[key], &want[key]);
+            let d = max_abs_diff(&got[key], &want[key]);
             assert!(d < 1e-6, "{what} rank {r}: {key} differs by {d}");
         }
-        let d = max_diff(&alone["y"], &want["y"].narrow(0, r * N, N).unwrap());
+        let d = max_abs_diff(&alone["y"], &want["y"].narrow(0, r * N, N).unwrap());
         assert!(
             d > 1e-2,
             "{what} rank {r}: the local statistics are not the global ones"
@@ -129,7 +116,7 @@ fn layer_over_two_ranks(dtype: DType, relu: bool) {
     }
     for key in ["dweight", "dbias"] {
         let sum = (&got[0].0[key] + &got[1].0[key]).unwrap();
-        let d = max_diff(&sum, &want[key]);
+        let d = max_abs_diff(&sum, &want[key]);
         assert!(
             d < 1e-4,
             "{what} {key}: the ranks' gradients add up to {d} off"
@@ -258,7 +245,7 @@ fn distance(got: &Run, want: &Run) -> (f32, f32, String) {
     assert_eq!(got.state.len(), want.state.len());
     for (name, t) in &want.state {
         let zero = t.zeros_like().unwrap();
-        let d = max_diff(&got.state[name], t) / max_diff(t, &zero).max(1e-2);
+        let d = max_abs_diff(&got.state[name], t) / max_abs_diff(t, &zero).max(1e-2);
         if d > worst.0 {
             worst = (d, name.clone());
         }

@@ -8,18 +8,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use moco_models::{encoder, BackboneConfig, EncoderSpec, HeadKind, ResNetConfig, Settings};
-
-fn golden() -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/reference/resnet_golden.safetensors");
-    moco_core::io::load(&path, &Device::Cpu).unwrap().tensors
-}
+use moco_testing::{golden, to_f64};
 
 /// `resnet_golden.py::uniform`: n values in [-1, 1) from splitmix64 of (index + seed).
 fn uniform(n: usize, seed: u64) -> impl Iterator<Item = f64> {
@@ -58,15 +50,6 @@ pub fn fill(vars: &VarMap) {
     }
 }
 
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
 fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
     let (a, b) = (to_f64(a), to_f64(b));
@@ -89,7 +72,7 @@ fn is_stat(name: &str) -> bool {
 /// running statistics and gradients. In float32 on the CPU the network runs on moco-rs's CPU
 /// kernels; in float64 on candle's generic ops, the path of CUDA and Metal.
 fn check(tag: &str, spec: EncoderSpec, train_tol: f64, dtype: DType) {
-    let gold = golden();
+    let gold = golden("resnet_golden.safetensors");
     let g = |k: &str| {
         gold.get(&format!("{tag}.{k}"))
             .unwrap_or_else(|| panic!("missing {tag}.{k}"))

@@ -11,7 +11,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -19,23 +19,9 @@ use moco_models::{
     encoder, encoder_from_tensors, Backbone, BackboneConfig, Encoder, EncoderSpec, HeadKind,
     Settings, VitConfig,
 };
+use moco_testing::{golden, to_f64};
 
 const TOL: f64 = 1e-4;
-
-fn golden() -> HashMap<String, Tensor> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/vit_golden.safetensors");
-    moco_core::io::load(&path, &Device::Cpu).unwrap().tensors
-}
-
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
@@ -114,7 +100,7 @@ fn spec() -> EncoderSpec {
 
 #[test]
 fn vit_with_v3_projector_matches_timm() {
-    let gold = golden();
+    let gold = golden("vit_golden.safetensors");
     let g = |k: &str| gold.get(k).unwrap_or_else(|| panic!("missing {k}")).clone();
     let weights: HashMap<String, Tensor> = gold
         .iter()
@@ -204,7 +190,7 @@ fn check_vit(gold: &HashMap<String, Tensor>, weights: &HashMap<String, Tensor>, 
 
 #[test]
 fn wrong_input_size_is_an_error_naming_the_expected_shape() {
-    let gold = golden();
+    let gold = golden("vit_golden.safetensors");
     let weights: HashMap<String, Tensor> = gold
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("w.").map(|n| (n.to_string(), v.clone())))
@@ -230,9 +216,7 @@ fn wrong_input_size_is_an_error_naming_the_expected_shape() {
 /// pass, within the same tolerance.
 #[test]
 fn vit_with_the_convolutional_stem_matches_timm() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/reference/vit_conv_golden.safetensors");
-    let gold = moco_core::io::load(&path, &Device::Cpu).unwrap().tensors;
+    let gold = golden("vit_conv_golden.safetensors");
     for dtype in [DType::F32, DType::F64] {
         check_conv_stem(&gold, dtype);
     }

@@ -107,9 +107,9 @@ pub fn add_relu(a: &Tensor, b: &Tensor, settings: &Settings) -> Result<Tensor> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::test_util::max_rel;
     use candle_core::{Device, Var};
     use moco_core::init::seeded_randn;
+    use moco_testing::max_rel;
 
     #[test]
     fn add_relu_matches_candle_ops_forward_and_backward() {

@@ -634,10 +634,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::ops::settings::ConvEngine;
-    use crate::test_util::max_rel;
     use candle_core::DType;
     use candle_core::{Device, Var};
     use moco_core::init::seeded_randn;
+    use moco_testing::max_rel;
 
     /// Direct-loop reference in f64: y, and the gradients of sum(y * mix) wrt x and w.
     #[allow(clippy::type_complexity)]

@@ -150,9 +150,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::ops::settings::ConvEngine;
-    use crate::test_util::max_rel;
     use candle_core::{DType, Device, Var};
     use moco_core::init::seeded_randn;
+    use moco_testing::max_rel;
 
     /// Against the fused CPU kernels (`cpu_conv`, checked against a direct loop in float64),
     /// over the strides, paddings and kernels of the ResNets and odd sizes, non-square ones too

@@ -68,9 +68,9 @@ pub fn conv2d_on(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::test_util::max_rel;
     use candle_core::{DType, Device, Var};
     use moco_core::init::seeded_randn;
+    use moco_testing::max_rel;
 
     #[test]
     fn a_frozen_input_gets_no_gradient_and_other_devices_fall_back() {

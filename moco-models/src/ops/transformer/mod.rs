@@ -67,10 +67,10 @@ pub fn gelu_erf(x: &Tensor, settings: &Settings) -> Result<Tensor> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::test_util::max_rel;
     use candle_core::DType;
     use candle_core::{Device, Var};
     use moco_core::init::seeded_randn;
+    use moco_testing::max_rel;
 
     const S: Settings = Settings {
         kernels: moco_core::Kernels::Fused,
