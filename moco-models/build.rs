@@ -1,5 +1,5 @@
 //! With the `onednn` feature, compiles `csrc/onednn_conv.cpp` (the oneDNN convolution behind
-//! `cpu_conv`) and links oneDNN: the system's (Debian/Ubuntu `libdnnl-dev`), or the one under
+//! `ops/conv/onednn.rs`) and links oneDNN: the system's (Debian/Ubuntu `libdnnl-dev`), or the one under
 //! `ONEDNN_ROOT` (`include/`, `lib/`).
 
 fn main() {

@@ -148,19 +148,9 @@ fn extract_matches_torchvision_on_real_photos() {
         "astronaut_rgba.png,chelsea_gray.png,coffee.png"
     );
     let got = file.take("features").unwrap();
-    let gold = moco_core::io::load(&reference("transforms_golden.safetensors"), &Device::Cpu)
-        .unwrap()
-        .tensors;
+    let gold = moco_testing::golden("transforms_golden.safetensors");
     let want = &gold["extract.features"];
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs_diff(want, &want.zeros_like().unwrap());
     let err = max_abs_diff(&got, want);
     assert!(
         err <= 1e-4 * scale,

@@ -10,7 +10,7 @@
 use candle_core::{Device, Tensor};
 use moco_data::image::{center_crop, resize_shorter};
 use moco_data::{image_files, EvalTransform, Image};
-use moco_testing::{golden, reference};
+use moco_testing::{golden, max_abs_diff, reference};
 
 // moco-data does not depend on moco-core: read the safetensors file with candle directly.
 fn pixels(t: &Tensor) -> (usize, usize, Vec<u8>) {
@@ -63,16 +63,7 @@ fn eval_transform_matches_torchvision() {
                 .batch(std::slice::from_ref(&img), &Device::Cpu)
                 .unwrap();
             let want = gold[&format!("{tag}.eval_{s}")].unsqueeze(0).unwrap();
-            let err = (t - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(&t, &want);
             assert!(err <= 1e-6, "{tag}.eval_{s}: max error {err}");
         }
     }

@@ -14,7 +14,7 @@
 //! On other devices (and other dtypes) the network runs on candle's generic ops, measured here
 //! in float32 with the CPU kernels switched off (`moco_core::kernels`, the path of CUDA and
 //! Metal). The BatchNorms, with their ReLU or residual add, run their ops on detached tensors
-//! and keep only their input and output (`generic_norm.rs`), and the max pool is recomputed in
+//! and keep only their input and output (`ops/batch_norm`), and the max pool is recomputed in
 //! the backward pass: 0.936x and 0.995x PyTorch's bytes, bound 1.02x. With the max pool's
 //! padded copy and intermediate maxima kept: 1.37x and 1.10x; with the BatchNorm as a chain of
 //! candle's ops keeping its centred input, its square and the scaled output, and a residual add
@@ -23,7 +23,7 @@
 //!
 //! The ViT (`vit-64x4h4`, against timm's): its linear layers keep no product before the bias
 //! and its residual adds no summand, and on candle's generic ops its LayerNorm and attention are
-//! attached ops keeping their input and output (`generic_transformer.rs`): 0.846x on the CPU
+//! attached ops keeping their input and output (`ops/transformer/generic.rs`, `ops/linear.rs`): 0.846x on the CPU
 //! kernels (1.380x before; 0.943x with the residual adds keeping the linear output), 0.850x on
 //! the generic ops (3.016x before), bound 1.02x.
 //!

@@ -113,7 +113,7 @@ impl CustomOp2 for SummedOverRanks {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let Some(comm) = group() else {
             candle_core::bail!(
-                "SyncBatchNorm backward outside the data-parallel scope of its forward pass (moco_core::sync::scope)"
+                "SyncBatchNorm backward outside the data-parallel scope of its forward pass (moco_core::dist::sync_bn::scope)"
             )
         };
         let g = comm

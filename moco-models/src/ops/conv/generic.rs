@@ -154,7 +154,7 @@ mod tests {
     use moco_core::init::seeded_randn;
     use moco_testing::max_rel;
 
-    /// Against the fused CPU kernels (`cpu_conv`, checked against a direct loop in float64),
+    /// Against the fused CPU kernels (`cpu.rs`, checked against a direct loop in float64),
     /// over the strides, paddings and kernels of the ResNets and odd sizes, non-square ones too
     /// (which candle's own backward gets wrong: it takes the output padding of the height for
     /// the width).
