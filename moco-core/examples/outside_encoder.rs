@@ -49,7 +49,7 @@ fn main() -> moco_core::Result<()> {
     for step in 0..20 {
         let x = Tensor::randn(0f64, 1., (32, 1, 8, 8), &device)?;
         // Two views: the images with independent noise.
-        let view = || (&x + Tensor::randn(0f64, 0.1, x.shape(), &device)?);
+        let view = || &x + Tensor::randn(0f64, 0.1, x.shape(), &device)?;
         let (lr, m) = moco.schedule(0, step, 20);
         let out = moco.train_step(&view()?, &view()?, lr, m)?;
         println!("step {step:2}: loss {:.4} acc1 {:5.1}%", out.loss, out.acc1);
