@@ -163,7 +163,7 @@ fn check_device(o: Check) -> Result<()> {
         one_step(&mut moco, device, (&x1, &x2), 0.03)
     };
     let device_settings = o.device_settings()?;
-    println!("device side: {device_settings}; CPU side: {}", o.settings);
+    print_settings(device_settings, o.settings);
     let (loss_dev, dev_state) = run(&o.device, true, device_settings)?;
     let (loss_cpu, cpu_state) = run(&Device::Cpu, false, o.settings)?;
     compare(
@@ -315,7 +315,7 @@ fn check_sync_bn(o: &Check) -> Result<()> {
     let (a, b) = (x1.clone(), x2.clone());
     let on_rank = step.clone();
     let device_settings = o.device_settings()?;
-    println!("device side: {device_settings}; CPU side: {}", o.settings);
+    print_settings(device_settings, o.settings);
     let mut ranks = moco_core::dist::on_threads(RANKS, move |comm| {
         let r = comm.rank();
         let mine = |x: &Tensor| x.narrow(0, r * per_rank, per_rank);
@@ -338,6 +338,15 @@ fn check_sync_bn(o: &Check) -> Result<()> {
         (loss_dev, &dev_state),
         (loss_cpu, &cpu_state),
     )
+}
+
+/// The kernels of both sides, once when they are the same.
+fn print_settings(device: Settings, cpu: Settings) {
+    if device == cpu {
+        println!("kernels: {cpu}");
+    } else {
+        println!("kernels: device side {device}; CPU side {cpu}");
+    }
 }
 
 fn rel(a: f64, b: f64) -> f64 {
