@@ -10,7 +10,6 @@ use indicatif::ProgressBar;
 use moco_cli::{Hook, KnnMonitor, Pretrainer, Progress, RunConfig, RunDir};
 use moco_core::dist::{Backend, Collective, DistConfig};
 use moco_core::{LossKind, MocoConfig, StepOutput};
-use moco_data::datasets::Dataset;
 use moco_models::{BackboneConfig, Settings};
 
 use super::device::DeviceArgs;
@@ -383,16 +382,6 @@ impl PretrainArgs {
         let mut run = Pretrainer::new(config, dir, self.resume, &device, settings, comm)?;
         let lead = run.is_lead();
         let quiet = self.quiet || !lead;
-        for set in [run.train_set(), run.test_set()] {
-            if let Some(first) = set.skipped.first() {
-                eprintln!(
-                    "warning: skipped {} undecodable image(s) in {}, e.g. {}",
-                    set.skipped.len(),
-                    set.describe(),
-                    first.display()
-                );
-            }
-        }
         if !quiet {
             if run.other_flags_ignored() {
                 eprintln!(
