@@ -50,6 +50,7 @@ pub mod loss;
 pub mod math;
 pub mod momentum;
 pub mod optim;
+pub mod profile;
 pub mod queue;
 pub mod schedule;
 pub mod shuffle;

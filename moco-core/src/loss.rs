@@ -12,11 +12,28 @@ use crate::{Error, Kernels, Result};
 pub struct ContrastiveOutput {
     /// Scalar loss (mean over the batch).
     pub loss: Tensor,
-    /// Top-1 accuracy (percent) of picking the positive among the logits.
-    pub acc1: f32,
-    /// Top-5 accuracy (percent).
-    pub acc5: f32,
+    /// Each direction's ranks of the positives (one direction, or two for the symmetric loss).
+    ranks: Vec<Ranks>,
     logits: Logits,
+}
+
+/// Each row's number of logits strictly above its positive: computed by the fused kernels on
+/// the host, or by candle's ops on the loss's device, where it stays until
+/// [`ContrastiveOutput::accuracy`] reads it (so that building the loss never waits for the
+/// device).
+#[derive(Debug, Clone)]
+enum Ranks {
+    Host(Vec<u32>),
+    Device(Tensor),
+}
+
+impl Ranks {
+    fn read(&self) -> Result<(f32, f32)> {
+        Ok(match self {
+            Ranks::Host(r) => accuracy_from_ranks(r),
+            Ranks::Device(t) => accuracy_from_ranks(&t.to_vec1::<u32>()?),
+        })
+    }
 }
 
 /// The logits, or what they are computed from on demand: on the CPU the loss never forms the
@@ -38,6 +55,20 @@ enum Logits {
 }
 
 impl ContrastiveOutput {
+    /// Top-1 and top-5 accuracy (percent) of picking the positive among the logits (the mean of
+    /// the two directions for the symmetric loss). Off the CPU this reads the ranks back from
+    /// the device, which waits for the work queued before: a training step reads it after its
+    /// backward pass is queued.
+    pub fn accuracy(&self) -> Result<(f32, f32)> {
+        let mut sum = (0f32, 0f32);
+        for r in &self.ranks {
+            let (a1, a5) = r.read()?;
+            sum = (sum.0 + a1, sum.1 + a5);
+        }
+        let n = self.ranks.len().max(1) as f32;
+        Ok((sum.0 / n, sum.1 / n))
+    }
+
     /// The logits the cross-entropy was taken over, divided by the temperature: N x (1+K) with
     /// the positive in column 0 for the queue losses (the first direction's for the symmetric
     /// loss), N x M with row i's positive in column `offset + i` for the in-batch loss. Formed
@@ -50,24 +81,22 @@ impl ContrastiveOutput {
         })
     }
 
-    /// The two directions of a symmetric loss: losses added, accuracies averaged, the first
-    /// direction's logits.
-    pub(crate) fn plus(self, b: ContrastiveOutput) -> Result<ContrastiveOutput> {
+    /// The two directions of a symmetric loss: losses added, accuracies averaged (both
+    /// directions' ranks kept), the first direction's logits.
+    pub(crate) fn plus(mut self, b: ContrastiveOutput) -> Result<ContrastiveOutput> {
+        self.ranks.extend(b.ranks);
         Ok(ContrastiveOutput {
             loss: (&self.loss + &b.loss)?,
-            acc1: 0.5 * (self.acc1 + b.acc1),
-            acc5: 0.5 * (self.acc5 + b.acc5),
+            ranks: self.ranks,
             logits: self.logits,
         })
     }
 
-    /// The fused loss, with its accuracies from each row's count of logits above its positive.
+    /// The fused loss, with the ranks of its positives.
     fn from_fused(fused: cross_entropy::Fused, logits: Logits) -> ContrastiveOutput {
-        let (acc1, acc5) = accuracy_from_ranks(&fused.above);
         ContrastiveOutput {
             loss: fused.loss,
-            acc1,
-            acc5,
+            ranks: vec![Ranks::Host(fused.above)],
             logits,
         }
     }
@@ -140,11 +169,9 @@ pub fn info_nce(
     let logits = (Tensor::cat(&[&l_pos, &l_neg], 1)? / temperature)?;
     let labels = Tensor::zeros(n, DType::U32, q.device())?;
     let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-    let (acc1, acc5) = positive_accuracy(&logits, None)?;
     Ok(ContrastiveOutput {
         loss,
-        acc1,
-        acc5,
+        ranks: vec![Ranks::Device(positive_ranks(&logits, None)?)],
         logits: Logits::Ready(logits),
     })
 }
@@ -220,11 +247,9 @@ pub fn in_batch_info_nce_gathered(
     let logits = (raw / temperature)?;
     let labels = Tensor::arange(offset as u32, (offset + n) as u32, q.device())?;
     let loss = (candle_nn::loss::cross_entropy(&logits, &labels)? * scale)?;
-    let (acc1, acc5) = positive_accuracy(&logits, Some(&labels))?;
     Ok(ContrastiveOutput {
         loss,
-        acc1,
-        acc5,
+        ranks: vec![Ranks::Device(positive_ranks(&logits, Some(&labels))?)],
         logits: Logits::Ready(logits),
     })
 }
@@ -233,18 +258,20 @@ pub fn in_batch_info_nce_gathered(
 /// else column `labels[i]` for row i. A row counts as correct at k when fewer than k logits are
 /// strictly greater than its positive (ties favour the positive).
 pub fn positive_accuracy(logits: &Tensor, labels: Option<&Tensor>) -> Result<(f32, f32)> {
+    Ranks::Device(positive_ranks(logits, labels)?).read()
+}
+
+/// Each row's number of logits strictly above its positive (N, u32), on the logits' device.
+fn positive_ranks(logits: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
     let logits = logits.detach();
     let pos = match labels {
         None => logits.narrow(1, 0, 1)?,
         Some(l) => logits.gather(&l.unsqueeze(1)?, 1)?,
     };
-    // rank: N, the number of logits above the positive.
-    let rank = logits
+    Ok(logits
         .broadcast_gt(&pos)?
         .to_dtype(DType::U32)?
-        .sum(D::Minus1)?
-        .to_vec1::<u32>()?;
-    Ok(accuracy_from_ranks(&rank))
+        .sum(D::Minus1)?)
 }
 
 #[cfg(test)]
@@ -266,7 +293,7 @@ mod tests {
             assert!((loss - (64f32).ln()).abs() < 1e-5, "T={t}: {loss}");
             assert_eq!(out.logits().unwrap().dims(), [n, 1 + k]);
             // Ties favour the positive.
-            assert_eq!((out.acc1, out.acc5), (100.0, 100.0));
+            assert_eq!(out.accuracy().unwrap(), (100.0, 100.0));
         }
         let out = in_batch_info_nce(&v, &v, 0.5, 1.0, Kernels::Fused).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap();

@@ -157,14 +157,16 @@ impl Sgd {
                 g = (g + (&pt * c.weight_decay)?)?;
             }
             if let Some(eta) = lars {
-                let norm = |t: &Tensor| -> Result<f32> {
-                    Ok(t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)
-                };
+                // MoCo v3's trust ratio, on the device (nothing read back):
+                // where(|p| > 0, where(|g| > 0, eta * |p| / |g|, 1), 1), in the parameters'
+                // dtype (eta rounded to float32 as torch's python float times a float32 tensor).
+                let norm = |t: &Tensor| t.sqr()?.sum_all()?.sqrt();
                 let (pn, gn) = (norm(&pt)?, norm(&g)?);
-                if pn > 0.0 && gn > 0.0 {
-                    // float32 like torch: eta * |p| / |g|.
-                    g = (g * f64::from(eta as f32 * pn / gn))?;
-                }
+                let one = Tensor::ones((), pn.dtype(), pn.device())?;
+                let ratio = ((&pn * f64::from(eta as f32))? / &gn)?;
+                let ratio = gn.gt(0.0)?.where_cond(&ratio, &one)?;
+                let ratio = pn.gt(0.0)?.where_cond(&ratio, &one)?;
+                g = g.broadcast_mul(&ratio)?;
             }
             if c.momentum != 0.0 {
                 let b = match buf.take() {

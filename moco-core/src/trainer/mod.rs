@@ -22,6 +22,7 @@ use crate::loss::{
 };
 use crate::momentum::MomentumEncoder;
 use crate::optim::Optimizer;
+use crate::profile;
 use crate::queue::Queue;
 use crate::shuffle::BatchShuffle;
 use crate::{Error, Kernels, Result};
@@ -319,12 +320,14 @@ impl<E: ModuleT> Moco<E> {
     /// With [`MocoConfig::sync_bn`] in a data-parallel run, a backward pass through `q` must
     /// run inside [`crate::dist::sync_bn::scope`] with this model's group (as [`train_step`](Self::train_step) does).
     pub fn encode_query(&self, x: &Tensor) -> Result<Tensor> {
-        self.synced(|| {
-            let mut q = self.query.forward_t(x, true)?;
-            if let Some(p) = &self.predictor {
-                q = p.forward_t(&q, true)?;
-            }
-            l2_normalize(&q, 1)
+        profile::timed("query encoder forward (rest)", &self.device, || {
+            self.synced(|| {
+                let mut q = self.query.forward_t(x, true)?;
+                if let Some(p) = &self.predictor {
+                    q = p.forward_t(&q, true)?;
+                }
+                l2_normalize(&q, 1)
+            })
         })
     }
 
@@ -339,7 +342,9 @@ impl<E: ModuleT> Moco<E> {
     /// data-parallel run the permutation runs over the images of all ranks (the same one on
     /// every rank): each rank encodes its slice of the shuffled global batch.
     pub fn encode_key(&self, x: &Tensor, shuffle_seed: u64) -> Result<Tensor> {
-        self.synced(|| self.encode_key_inner(x, shuffle_seed))
+        profile::timed("key encoder forward (rest)", &self.device, || {
+            self.synced(|| self.encode_key_inner(x, shuffle_seed))
+        })
     }
 
     fn encode_key_inner(&self, x: &Tensor, shuffle_seed: u64) -> Result<Tensor> {
@@ -438,24 +443,31 @@ impl<E: ModuleT> Moco<E> {
         momentum: f64,
     ) -> Result<StepOutput> {
         // 1-3. forward, loss, backward (gradients averaged over the ranks); SyncBN's
-        // collectives run in both passes.
-        let (fwd, (loss, acc1, acc5), grads) = self.synced(|| -> Result<_> {
-            let fwd = self.forward_loss_inner(x1, x2)?;
-            let o = &fwd.output;
-            let loss = o.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            let metrics = self
-                .ddp
-                .mean_over_ranks(loss, o.acc1, o.acc5, &self.device)?;
-            if !metrics.0.is_finite() {
-                return Err(Error::NonFiniteLoss {
-                    step: self.step,
-                    value: metrics.0,
-                });
-            }
-            let mut grads = fwd.output.loss.backward()?;
-            self.average_gradients(&mut grads)?;
-            Ok((fwd, metrics, grads))
+        // collectives run in both passes. Nothing is read back from the device before the
+        // backward pass is queued: the loss and the accuracies are read after it (waiting for
+        // the backward to finish, while it runs), and before the update, so that a non-finite
+        // loss leaves the model as it was.
+        let dev = &self.device;
+        let (fwd, grads) = self.synced(|| -> Result<_> {
+            let fwd = profile::timed("loss", dev, || self.forward_loss_inner(x1, x2))?;
+            let mut grads = profile::timed("backward (rest)", dev, || fwd.output.loss.backward())?;
+            profile::timed("gradient all-reduce", dev, || {
+                self.average_gradients(&mut grads)
+            })?;
+            Ok((fwd, grads))
         })?;
+        let o = &fwd.output;
+        let (loss, acc1, acc5) = profile::timed("loss and accuracy read-back", dev, || {
+            let loss = o.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let (acc1, acc5) = o.accuracy()?;
+            self.ddp.mean_over_ranks(loss, acc1, acc5, dev)
+        })?;
+        if !loss.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: self.step,
+                value: loss,
+            });
+        }
         // 4-6. SGD step, momentum update, enqueue
         self.update(&grads, &fwd.keys, lr, momentum)?;
         self.step += 1;
@@ -487,12 +499,15 @@ impl<E: ModuleT> Moco<E> {
     ) -> Result<()> {
         // 4. optimizer step (query parameters only)
         self.optimizer.set_lr(lr);
-        self.optimizer.step_grads(grads)?;
+        let dev = &self.device;
+        let optimizer = &mut self.optimizer;
+        profile::timed("optimizer", dev, || optimizer.step_grads(grads))?;
         // 5. momentum update of the key encoder
-        self.encoders.update(momentum)?;
+        let encoders = &self.encoders;
+        profile::timed("momentum update", dev, || encoders.update(momentum))?;
         // 6. enqueue the keys of this step
         if let Some(queue) = &mut self.queue {
-            queue.enqueue(keys)?;
+            profile::timed("enqueue", dev, || queue.enqueue(keys))?;
         }
         Ok(())
     }
