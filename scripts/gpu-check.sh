@@ -18,19 +18,25 @@
 #      data-parallel pretraining over all of them;
 #   2. the main job on CUDA with the first binary: `moco pretrain` (the default run), `moco knn`,
 #      `moco linear-eval`, and the pretraining killed after its first checkpoint and resumed;
-#   3. `moco bench step --device cuda` (full float32 and --tf32; --phases for resnet50) next to
+#   3. `moco bench step --device cuda` (full float32 and --tf32; --phases and --profile, the
+#      time per op class, for resnet50) next to
 #      bench/reference/bench_step.py --device cuda (PyTorch's default, TF32 convolutions, and
-#      --fp32): resnet50 at 224x224 (batch 256, K 65536, v2 head) and the small ResNet-18
+#      --fp32, with --profile: torch.profiler's split in the same classes, for resnet50):
+#      resnet50 at 224x224 (batch 256, K 65536, v2 head) and the small ResNet-18
 #      (width 64, 32x32, batch 256), each side's peak GPU memory sampled by nvidia-smi;
 #   4. the same pairs for resnet50's eval-mode forward at 224x224, batch 256 (--extract);
 #   5. (the cuDNN binary) MOCO_CUDNN_BN=1, BatchNorm's training mode on cuDNN (off by default,
 #      not yet run on a GPU): the small ResNet and resnet50 checks of 1, then resnet50's step
 #      of 3 (float32 with --phases, and --tf32), to read next to the step of 3;
+#   0. (with the first binary) MOCO_CUDA_KERNELS=1, moco-rs's fused CUDA kernels
+#      (BatchNorm training and evaluation with ReLU/add/downsampling pair, the stem's max pool;
+#      off by default, not yet run on a GPU): the small ResNet and resnet50 checks of 1, then the
+#      step and extraction benchmarks of 3 and 4 for moco-rs with the kernels on;
 #   6. (only when asked for) the main job of 2 twice, uninterrupted, and how many tensors of the
 #      two last checkpoints are equal: whether a GPU run repeats itself at all (2 compares the
 #      killed-and-resumed run with the uninterrupted one the same way).
-# GPU_CHECK_STEPS (default "checks bn bench e2e"; add "repeat" for 6) picks the sections; they
-# run in the order 1, 5, 2, 6, 3-4.
+# GPU_CHECK_STEPS (default "kernels checks bn bench e2e"; add "repeat" for 6) picks the
+# sections; they run in the order 1, 0, 5, 2, 6, 3-4.
 # Everything is logged to target/gpu/gpu-check.log (and $OUT, when set, receives a copy).
 # Budget: GPU_CHECK_BUDGET seconds in all (default 540, under the 10 minutes one device call may
 # run); each step has its own timeout, cut to what is left, and a step that would start with
@@ -114,7 +120,7 @@ done
 "$bin" --version
 python3 -c 'import torch; print("PyTorch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
 
-steps=" ${GPU_CHECK_STEPS:-checks bn bench e2e} "
+steps=" ${GPU_CHECK_STEPS:-kernels checks bn bench e2e} "
 small=(--arch resnet18-small --width 16 --image-size 32 --batch-size 32)
 [[ $steps == *" checks "* ]] && for b in "${bins[@]}"; do
   echo "== 1. $b: one MoCo step, CUDA vs CPU"
@@ -165,11 +171,11 @@ bench() {
   echo "-- $*"
   local b
   for b in "${bins[@]}"; do
-    gpu_peak "moco-rs ($b)" within 150 "$b" bench step --device cuda "$@" ${PHASES:+--phases} --json
+    gpu_peak "moco-rs ($b)" within 150 "$b" bench step --device cuda "$@" ${PHASES:+--phases --profile} --json
     gpu_peak "moco-rs ($b) --tf32" within 150 "$b" bench step --device cuda "$@" --tf32 --json
   done
   gpu_peak PyTorch within 120 python3 bench/reference/bench_step.py --device cuda "$@" --json
-  gpu_peak "PyTorch --fp32" within 120 python3 bench/reference/bench_step.py --device cuda "$@" --fp32 --json
+  gpu_peak "PyTorch --fp32" within 120 python3 bench/reference/bench_step.py --device cuda "$@" --fp32 ${PHASES:+--profile} --json
 }
 r50=(--arch resnet50 --width 64 --image-size 224 --channels 3 --batch-size 256)
 # RUN_A RUN_B: how many tensors of the two runs' last checkpoints are equal to the bit.
@@ -187,6 +193,23 @@ same = sum(a[k] == b.get(k) for k in a)
 print(f"last checkpoints: {same} of {len(a)} tensors equal to the bit ({sys.argv[1]} vs {sys.argv[2]})")
 PY
 }
+if [[ $steps == *" kernels "* ]]; then
+  (
+    export MOCO_CUDA_KERNELS=1
+    echo "== 0. $bin, MOCO_CUDA_KERNELS=1: moco-rs's fused CUDA kernels"
+    within 90 "$bin" check-device --device cuda "${small[@]}" || echo "CUDA kernels check failed"
+    within 90 "$bin" check-device --device cuda --arch resnet50 --width 16 --image-size 64 \
+      --batch-size 16 || echo "CUDA kernels resnet50 check failed"
+    for extra in "" --tf32; do
+      gpu_peak "moco-rs ($bin) CUDA kernels $extra" within 150 "$bin" bench step --device cuda \
+        "${r50[@]}" --queue-size 65536 --mlp --steps 3 $extra --profile --json
+    done
+    gpu_peak "moco-rs ($bin) CUDA kernels, small ResNet-18" within 90 "$bin" bench step --device cuda \
+      --arch resnet18-small --width 64 --image-size 32 --channels 3 --batch-size 256 --steps 10 --json
+    gpu_peak "moco-rs ($bin) CUDA kernels, extraction" within 90 "$bin" bench step --device cuda \
+      "${r50[@]}" --extract --steps 5 --json
+  )
+fi
 [[ $steps == *" bn "* ]] && for b in "${bins[@]}"; do
   [[ $b == *cudnn* ]] || continue
   (

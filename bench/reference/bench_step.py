@@ -40,6 +40,8 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--json", action="store_true")
 p.add_argument("--extract", action="store_true",
                help="time the frozen backbone's eval-mode forward (pooled features, no_grad) instead")
+p.add_argument("--profile", action="store_true",
+               help="also run --steps steps under torch.profiler and print each op class's self time per step")
 p.add_argument("--fp32", action="store_true",
                help="on CUDA, full float32: TF32 off for cuDNN's convolutions (on by PyTorch's default) and matmuls")
 a = p.parse_args()
@@ -162,7 +164,48 @@ ips = a.batch_size / med
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if dev.type == "cuda":
     rss = torch.cuda.max_memory_allocated() / 2**20  # peak GPU memory instead
+profile = None
+if a.profile:
+    # The same classes as `moco bench step --profile`, from each ATen op's self time (device
+    # time on CUDA, CPU time on the CPU), so that nothing is counted twice.
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(a.steps):
+            extract() if a.extract else step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def op_class(name):
+        n = name.lower()
+        back = "backward" in n
+        for key, cls in [("conv", "convolution"), ("batch_norm", "batch norm"), ("max_pool", "max pool"),
+                         ("threshold", "add + relu"), ("relu", "add + relu"), ("foreach", "optimizer"),
+                         ("sgd", "optimizer"), ("mm", "matrix products"), ("einsum", "matrix products"),
+                         ("cross_entropy", "loss"), ("softmax", "loss"), ("nll", "loss")]:
+            if key in n:
+                if cls in ("optimizer", "loss"):
+                    return cls
+                return cls + (" backward" if back else " forward")
+        return "other"
+
+    totals = {}
+    for e in prof.key_averages():
+        if dev.type == "cuda":
+            t = getattr(e, "self_device_time_total", None)
+            if t is None:
+                t = e.self_cuda_time_total
+        else:
+            t = e.self_cpu_time_total
+        c = op_class(e.key)
+        totals[c] = totals.get(c, 0.0) + t / 1e3 / a.steps  # us -> ms per step
+    profile = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    print(f"profile ({a.steps} steps, torch.profiler, self {'device' if dev.type == 'cuda' else 'CPU'} time):")
+    print(f"  {'class':<32} {'ms/step':>10}")
+    for c, ms in profile.items():
+        print(f"  {c:<32} {ms:>10.2f}")
 what = ("feature extraction (eval mode)" if a.extract else "MoCo step") + (" (full FP32)" if a.fp32 else "")
 print(f"PyTorch {torch.__version__} {what} {a.arch} width {a.width} patch {a.patch_size} {a.image_size}x{a.image_size}x{a.channels} batch {a.batch_size}: {ips:.1f} images/s ({med:.3f} s/step), peak RSS {rss:.0f} MB")
 if a.json:
-    print(json.dumps({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": med}))
+    print(json.dumps({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": med, "profile_ms_per_step": profile}))

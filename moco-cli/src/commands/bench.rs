@@ -73,6 +73,13 @@ pub struct StepArgs {
     /// (of the sum of its outputs), on their own: where a step's time goes.
     #[arg(long)]
     pub phases: bool,
+    /// Also run `--steps` steps under a profile (`moco_core::profile`) and print each op
+    /// class's exclusive time per step: convolutions, BatchNorm, pool, add + ReLU and linear
+    /// layers forward and backward, the encoders' other work, the loss, the backward pass's
+    /// other work, the optimizer, the momentum update, the enqueue. Each timed region
+    /// synchronises the device, so the profiled steps are slower than the timed ones.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Images/s of the data pipeline: decode, two augmented crops, batching.
@@ -263,6 +270,27 @@ fn step(o: &StepArgs, settings: Settings) -> Result<()> {
         }
         Ok(())
     })?;
+    let profile = match o.profile {
+        false => None,
+        true => {
+            let ((), p) = moco_core::profile::scope(&device, || -> Result<()> {
+                for _ in 0..o.steps {
+                    match &frozen {
+                        Some(enc) => {
+                            use moco_models::Backbone;
+                            enc.features(&x1, false)?;
+                        }
+                        None => {
+                            moco.train_step(&x1, &x2, 0.03, 0.999)?;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            print_profile(&p, o.steps);
+            Some(p)
+        }
+    };
     let ips = o.batch_size as f64 / median;
     let rss = peak_rss_mb();
     // The CPU convolution engine (gemm or onednn); "device" on other devices.
@@ -284,8 +312,53 @@ fn step(o: &StepArgs, settings: Settings) -> Result<()> {
     if o.json {
         println!(
             "{}",
-            serde_json::json!({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": median, "steps": o.steps, "conv_engine": conv})
+            serde_json::json!({"images_per_s": ips, "peak_rss_mb": rss, "seconds_per_step": median, "steps": o.steps, "conv_engine": conv,
+                "profile_ms_per_step": profile.as_ref().map(|p| profile_json(p, o.steps))})
         );
     }
     Ok(())
+}
+
+/// The profile as a table: each class's exclusive milliseconds per step, share of the profiled
+/// step and timed regions per step, largest first.
+fn print_profile(p: &moco_core::profile::Profile, steps: usize) {
+    let per = |s: f64| 1e3 * s / steps as f64;
+    let mut classes = p.classes.clone();
+    classes.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    println!(
+        "profile ({steps} steps, {:.1} ms per profiled step; each region synchronised):",
+        per(p.total)
+    );
+    println!(
+        "  {:<32} {:>10} {:>7} {:>10}",
+        "class", "ms/step", "share", "calls/step"
+    );
+    let share = |s: f64| 100.0 * s / p.total.max(f64::MIN_POSITIVE);
+    for c in &classes {
+        println!(
+            "  {:<32} {:>10.2} {:>6.1}% {:>10.1}",
+            c.class,
+            per(c.seconds),
+            share(c.seconds),
+            c.calls as f64 / steps as f64
+        );
+    }
+    println!(
+        "  {:<32} {:>10.2} {:>6.1}%",
+        "untimed",
+        per(p.untimed()),
+        share(p.untimed())
+    );
+}
+
+/// The profile as `{class: ms per step}`, with `untimed` and `total`.
+fn profile_json(p: &moco_core::profile::Profile, steps: usize) -> serde_json::Value {
+    let per = |s: f64| 1e3 * s / steps as f64;
+    let mut m = serde_json::Map::new();
+    for c in &p.classes {
+        m.insert(c.class.to_string(), per(c.seconds).into());
+    }
+    m.insert("untimed".into(), per(p.untimed()).into());
+    m.insert("total".into(), per(p.total).into());
+    serde_json::Value::Object(m)
 }

@@ -19,7 +19,11 @@ pub fn parse(spec: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {spec}: this `moco` was built without CUDA; rebuild with `cargo build --release --features cuda` (or `cudnn`)")
             }
-            Device::new_cuda(index).with_context(|| format!("--device {spec}"))
+            let device = Device::new_cuda(index).with_context(|| format!("--device {spec}"))?;
+            // Freed memory stays in the pool between steps, as PyTorch's caching allocator.
+            moco_models::ops::retain_freed_memory(&device)
+                .with_context(|| format!("--device {spec}: setting the memory pool"))?;
+            Ok(device)
         }
         "metal" => {
             if !candle_core::utils::metal_is_available() {

@@ -12,6 +12,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 pub(crate) trait Backward1: Send + Sync + 'static {
     /// The op's name in errors.
     fn name(&self) -> &'static str;
+    /// The class its backward pass is timed under in a [`moco_core::profile`] scope.
+    fn class(&self) -> &'static str;
     /// The operand's gradient from the operand, the result and the result's gradient.
     fn backward(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>>;
 }
@@ -20,6 +22,8 @@ pub(crate) trait Backward1: Send + Sync + 'static {
 pub(crate) trait Backward3: Send + Sync + 'static {
     /// The op's name in errors.
     fn name(&self) -> &'static str;
+    /// The class its backward pass is timed under in a [`moco_core::profile`] scope.
+    fn class(&self) -> &'static str;
     /// The operands' gradients from the operands, the result and the result's gradient.
     #[allow(clippy::type_complexity)]
     fn backward(
@@ -50,7 +54,9 @@ impl<B: Backward1> CustomOp1 for Attached<B> {
     }
 
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        self.0.backward(x, res, grad)
+        moco_core::profile::timed(self.0.class(), grad.device(), || {
+            self.0.backward(x, res, grad)
+        })
     }
 }
 
@@ -79,7 +85,9 @@ impl<B: Backward3> CustomOp3 for Attached<B> {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.0.backward([a1, a2, a3], res, grad)
+        moco_core::profile::timed(self.0.class(), grad.device(), || {
+            self.0.backward([a1, a2, a3], res, grad)
+        })
     }
 }
 
@@ -108,11 +116,19 @@ pub(crate) fn attach3(value: &Tensor, operands: [&Tensor; 3], b: impl Backward3)
 /// to the graph as one op whose backward runs `f` again on a copy of the
 /// input with a graph of its own and returns that graph's gradient: the same gradient as
 /// differentiating `f` in place.
-pub(crate) fn recomputed(x: &Tensor, f: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    struct Recompute(fn(&Tensor) -> Result<Tensor>);
+/// `class` names its backward pass in a profile.
+pub(crate) fn recomputed(
+    x: &Tensor,
+    f: fn(&Tensor) -> Result<Tensor>,
+    class: &'static str,
+) -> Result<Tensor> {
+    struct Recompute(fn(&Tensor) -> Result<Tensor>, &'static str);
     impl Backward1 for Recompute {
         fn name(&self) -> &'static str {
             "recomputed"
+        }
+        fn class(&self) -> &'static str {
+            self.1
         }
         fn backward(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
             let v = candle_core::Var::from_tensor(&x.detach())?;
@@ -121,5 +137,5 @@ pub(crate) fn recomputed(x: &Tensor, f: fn(&Tensor) -> Result<Tensor>) -> Result
             Ok(grads.get(v.as_tensor()).cloned())
         }
     }
-    attach1(&f(&x.detach())?, x, Recompute(f))
+    attach1(&f(&x.detach())?, x, Recompute(f, class))
 }

@@ -63,10 +63,12 @@ impl CustomOp2 for AddRelu {
         y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = gy.contiguous()?.apply_op2_no_bwd(y, &ReluGrad)?;
-        let ga = a.track_op().then(|| g.clone());
-        let gb = b.track_op().then_some(g);
-        Ok((ga, gb))
+        moco_core::profile::timed("add + relu backward", gy.device(), || {
+            let g = gy.contiguous()?.apply_op2_no_bwd(y, &ReluGrad)?;
+            let ga = a.track_op().then(|| g.clone());
+            let gb = b.track_op().then_some(g);
+            Ok((ga, gb))
+        })
     }
 }
 
@@ -94,13 +96,15 @@ impl CustomOp2 for ReluGrad {
 /// allow), candle's ops elsewhere. Its gradient reaches both inputs where the output is
 /// positive, as autograd's.
 pub fn add_relu(a: &Tensor, b: &Tensor, settings: &Settings) -> Result<Tensor> {
-    if !settings.fused(&[a, b]) {
-        return (a + b)?.relu();
-    }
-    if a.dims() != b.dims() {
-        candle_core::bail!("add_relu: shapes {:?} and {:?} differ", a.dims(), b.dims())
-    }
-    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+    moco_core::profile::timed("add + relu forward", a.device(), || {
+        if !settings.fused(&[a, b]) {
+            return (a + b)?.relu();
+        }
+        if a.dims() != b.dims() {
+            candle_core::bail!("add_relu: shapes {:?} and {:?} differ", a.dims(), b.dims())
+        }
+        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+    })
 }
 
 #[cfg(test)]

@@ -23,6 +23,10 @@ impl Backward3 for LinearGrad {
         "linear-attached"
     }
 
+    fn class(&self) -> &'static str {
+        "linear backward"
+    }
+
     fn backward(
         &self,
         [x, w, b]: [&Tensor; 3],
@@ -52,24 +56,26 @@ impl Backward3 for LinearGrad {
 /// Candle's matrix products on every device; the bias through [`add_bias`] (fused on float32 CPU
 /// tensors, as `settings` allow).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, settings: &Settings) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (out, k) = w.dims2()?;
-    if dims.last() != Some(&k) || b.dims() != [out] {
-        candle_core::bail!(
-            "linear: input {dims:?}, weight {:?}, bias {:?}",
-            w.dims(),
-            b.dims()
-        )
-    }
-    let y = x.detach().reshape(((), k))?.matmul(&w.detach().t()?)?;
-    let y = add_bias(&y, &b.detach(), settings)?;
-    let mut shape = dims;
-    let last = shape.len() - 1;
-    shape[last] = out;
-    let op = LinearGrad {
-        settings: *settings,
-    };
-    attach3(&y.reshape(shape)?, [x, w, b], op)
+    moco_core::profile::timed("linear forward", x.device(), || {
+        let dims = x.dims().to_vec();
+        let (out, k) = w.dims2()?;
+        if dims.last() != Some(&k) || b.dims() != [out] {
+            candle_core::bail!(
+                "linear: input {dims:?}, weight {:?}, bias {:?}",
+                w.dims(),
+                b.dims()
+            )
+        }
+        let y = x.detach().reshape(((), k))?.matmul(&w.detach().t()?)?;
+        let y = add_bias(&y, &b.detach(), settings)?;
+        let mut shape = dims;
+        let last = shape.len() - 1;
+        shape[last] = out;
+        let op = LinearGrad {
+            settings: *settings,
+        };
+        attach3(&y.reshape(shape)?, [x, w, b], op)
+    })
 }
 
 /// The residual add's backward pass: the gradient reaches both summands unchanged.
@@ -78,6 +84,10 @@ struct SumGrad;
 impl Backward3 for SumGrad {
     fn name(&self) -> &'static str {
         "residual-add-attached"
+    }
+
+    fn class(&self) -> &'static str {
+        "linear backward"
     }
 
     fn backward(
@@ -103,20 +113,22 @@ pub fn linear_add(
     r: &Tensor,
     settings: &Settings,
 ) -> Result<Tensor> {
-    let y = linear(&x.detach(), &w.detach(), &b.detach(), settings)?;
-    if y.dims() != r.dims() {
-        candle_core::bail!(
-            "residual add: linear output {:?}, residual {:?}",
-            y.dims(),
-            r.dims()
-        )
-    }
-    let sum = (y + r.detach())?;
-    let op = LinearGrad {
-        settings: *settings,
-    };
-    let product = attach3(&sum, [x, w, b], op)?;
-    attach3(&sum, [&product, r, r], SumGrad)
+    moco_core::profile::timed("linear forward", x.device(), || {
+        let y = linear(&x.detach(), &w.detach(), &b.detach(), settings)?;
+        if y.dims() != r.dims() {
+            candle_core::bail!(
+                "residual add: linear output {:?}, residual {:?}",
+                y.dims(),
+                r.dims()
+            )
+        }
+        let sum = (y + r.detach())?;
+        let op = LinearGrad {
+            settings: *settings,
+        };
+        let product = attach3(&sum, [x, w, b], op)?;
+        attach3(&sum, [&product, r, r], SumGrad)
+    })
 }
 
 /// `y + b` with `b` broadcast over the rows of `y` (the bias of a linear layer).
@@ -158,15 +170,17 @@ impl CustomOp2 for AddBias {
         _out: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let gb = if b.track_op() {
-            Some(
-                g.contiguous()?
-                    .apply_op1_no_bwd(&ColumnSums { d: b.elem_count() })?,
-            )
-        } else {
-            None
-        };
-        Ok((y.track_op().then(|| g.clone()), gb))
+        moco_core::profile::timed("linear backward", g.device(), || {
+            let gb = if b.track_op() {
+                Some(
+                    g.contiguous()?
+                        .apply_op1_no_bwd(&ColumnSums { d: b.elem_count() })?,
+                )
+            } else {
+                None
+            };
+            Ok((y.track_op().then(|| g.clone()), gb))
+        })
     }
 }
 

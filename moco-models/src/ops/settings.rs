@@ -79,6 +79,12 @@ pub struct Settings {
     /// BatchNorm's training mode on cuDNN where it applies (float32 CUDA tensors in one group,
     /// no SyncBN, builds with the `cudnn` feature). Off by default: not yet run on a GPU.
     pub cudnn_batch_norm: bool,
+    /// moco-rs's fused CUDA kernels (feature `cuda`) for float32 CUDA tensors: BatchNorm's
+    /// training and evaluation passes with their ReLU, residual add and downsampling pair, and
+    /// the stem's max pool (`kernels/*.cu`). Off by default: their arithmetic is tested on the
+    /// CPU (`ops/cuda_host.rs`) and they compile for sm_90, but they have not yet run on a GPU
+    /// (`moco check-device --device cuda` with `MOCO_CUDA_KERNELS=1` is the check).
+    pub cuda_kernels: bool,
 }
 
 impl Settings {
@@ -110,9 +116,9 @@ impl Settings {
 
     /// The settings the environment asks for, for a binary to read once at start:
     /// `MOCO_CPU_KERNELS` (`fused`, the default, or `generic`), `MOCO_CPU_CONV` (`gemm`,
-    /// `onednn` or `onednn-direct`; default [`ConvEngine::default`]) and `MOCO_CUDNN_BN` (`0`,
-    /// the default, or `1`). A value that is not one of these, or an engine or cuDNN this build
-    /// lacks, is an error naming the variable.
+    /// `onednn` or `onednn-direct`; default [`ConvEngine::default`]), `MOCO_CUDNN_BN` and
+    /// `MOCO_CUDA_KERNELS` (`0`, the default, or `1`). A value that is not one of these, or an
+    /// engine, cuDNN or CUDA this build lacks, is an error naming the variable.
     pub fn from_env() -> Result<Self> {
         let var = |name: &str| std::env::var(name).ok();
         let kernels = Kernels::parse_env(var("MOCO_CPU_KERNELS").as_deref())?;
@@ -138,20 +144,25 @@ impl Settings {
                 }
             },
         };
-        let cudnn_batch_norm = match var("MOCO_CUDNN_BN").as_deref() {
-            None | Some("0") => false,
-            Some("1") if cfg!(feature = "cudnn") => true,
-            Some("1") => {
-                return Err(Error::Env(
-                    "MOCO_CUDNN_BN=1: this build has no cuDNN (cargo feature `cudnn`)".into(),
-                ))
-            }
-            Some(v) => return Err(Error::Env(format!("MOCO_CUDNN_BN={v}: expected 0 or 1"))),
+        let switch = |name: &str, built: bool, what: &str| match var(name).as_deref() {
+            None | Some("0") => Ok(false),
+            Some("1") if built => Ok(true),
+            Some("1") => Err(Error::Env(format!("{name}=1: this build has no {what}"))),
+            Some(v) => Err(Error::Env(format!("{name}={v}: expected 0 or 1"))),
         };
         Ok(Self {
             kernels,
             conv_engine,
-            cudnn_batch_norm,
+            cudnn_batch_norm: switch(
+                "MOCO_CUDNN_BN",
+                cfg!(feature = "cudnn"),
+                "cuDNN (cargo feature `cudnn`)",
+            )?,
+            cuda_kernels: switch(
+                "MOCO_CUDA_KERNELS",
+                cfg!(feature = "cuda"),
+                "CUDA (cargo feature `cuda`)",
+            )?,
         })
     }
 
@@ -159,6 +170,15 @@ impl Settings {
     /// [`Kernels::Fused`].
     pub fn fused(&self, ts: &[&Tensor]) -> bool {
         self.kernels.fused(ts)
+    }
+
+    /// Whether moco-rs's CUDA kernels take these tensors: all contiguous-able float32 CUDA
+    /// tensors, and [`cuda_kernels`](Self::cuda_kernels) on.
+    pub fn cuda(&self, ts: &[&Tensor]) -> bool {
+        self.cuda_kernels
+            && ts
+                .iter()
+                .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
     }
 
     /// Whether the fused CPU kernels take a tensor of this dtype on the CPU.
@@ -172,11 +192,20 @@ impl fmt::Display for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "CPU kernels {} (MOCO_CPU_KERNELS), CPU convolutions {} (MOCO_CPU_CONV), cuDNN BatchNorm {} (MOCO_CUDNN_BN)",
+            "CPU kernels {} (MOCO_CPU_KERNELS), CPU convolutions {} (MOCO_CPU_CONV), cuDNN BatchNorm {} (MOCO_CUDNN_BN), CUDA kernels {} (MOCO_CUDA_KERNELS)",
             self.kernels.name(),
             self.conv_engine.name(),
-            if self.cudnn_batch_norm { "on" } else { "off" }
+            on_off(self.cudnn_batch_norm),
+            on_off(self.cuda_kernels)
         )
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -214,6 +243,7 @@ mod tests {
             "MOCO_CPU_KERNELS",
             "MOCO_CPU_CONV",
             "cuDNN BatchNorm off",
+            "CUDA kernels off",
         ] {
             assert!(s.contains(want), "{s}");
         }

@@ -352,25 +352,27 @@ impl CustomOp3 for Normalize {
         y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Through the fused ReLU first: the gradient passes where the output is positive.
-        let gy = if self.relu {
-            masked_by_relu(gy, y)?
-        } else {
-            gy.contiguous()?
-        };
-        let wv = with_f32(w, <[f32]>::to_vec)?;
-        let want_wb = w.track_op() || b.track_op();
-        let (gx, gw, gb) = self.norm.backward(x, &wv, &gy, x.track_op(), want_wb)?;
-        let c = wv.len();
-        let gw = match gw {
-            Some(v) if w.track_op() => Some(Tensor::from_vec(v, c, w.device())?),
-            _ => None,
-        };
-        let gb = match gb {
-            Some(v) if b.track_op() => Some(Tensor::from_vec(v, c, b.device())?),
-            _ => None,
-        };
-        Ok((gx, gw, gb))
+        moco_core::profile::timed("batch norm backward", gy.device(), || {
+            // Through the fused ReLU first: the gradient passes where the output is positive.
+            let gy = if self.relu {
+                masked_by_relu(gy, y)?
+            } else {
+                gy.contiguous()?
+            };
+            let wv = with_f32(w, <[f32]>::to_vec)?;
+            let want_wb = w.track_op() || b.track_op();
+            let (gx, gw, gb) = self.norm.backward(x, &wv, &gy, x.track_op(), want_wb)?;
+            let c = wv.len();
+            let gw = match gw {
+                Some(v) if w.track_op() => Some(Tensor::from_vec(v, c, w.device())?),
+                _ => None,
+            };
+            let gb = match gb {
+                Some(v) if b.track_op() => Some(Tensor::from_vec(v, c, b.device())?),
+                _ => None,
+            };
+            Ok((gx, gw, gb))
+        })
     }
 }
 
@@ -445,26 +447,29 @@ impl CustomOp3 for NormalizeAddRelu {
         y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = masked_by_relu(gy, y)?;
-        let c = x.dim(1)?;
-        let pv = with_f32(p, <[f32]>::to_vec)?;
-        let want_p = p.track_op();
-        let (gx, gw, gb) = self.norm.backward(x, &pv[..c], &g, x.track_op(), want_p)?;
-        // The parameters' gradient: [gw; gb] (; gw2; gb2), all present when asked for.
-        let mut parts = vec![gw, gb];
-        let gr = match &self.residual_norm {
-            None => r.track_op().then_some(g),
-            Some(n) => {
-                let (gr, gw2, gb2) = n.backward(r, &pv[2 * c..3 * c], &g, r.track_op(), want_p)?;
-                parts.extend([gw2, gb2]);
-                gr
-            }
-        };
-        let gp = match parts.into_iter().collect::<Option<Vec<_>>>() {
-            Some(parts) => Some(Tensor::from_vec(parts.concat(), pv.len(), p.device())?),
-            None => None,
-        };
-        Ok((gx, gp, gr))
+        moco_core::profile::timed("batch norm backward", gy.device(), || {
+            let g = masked_by_relu(gy, y)?;
+            let c = x.dim(1)?;
+            let pv = with_f32(p, <[f32]>::to_vec)?;
+            let want_p = p.track_op();
+            let (gx, gw, gb) = self.norm.backward(x, &pv[..c], &g, x.track_op(), want_p)?;
+            // The parameters' gradient: [gw; gb] (; gw2; gb2), all present when asked for.
+            let mut parts = vec![gw, gb];
+            let gr = match &self.residual_norm {
+                None => r.track_op().then_some(g),
+                Some(n) => {
+                    let (gr, gw2, gb2) =
+                        n.backward(r, &pv[2 * c..3 * c], &g, r.track_op(), want_p)?;
+                    parts.extend([gw2, gb2]);
+                    gr
+                }
+            };
+            let gp = match parts.into_iter().collect::<Option<Vec<_>>>() {
+                Some(parts) => Some(Tensor::from_vec(parts.concat(), pv.len(), p.device())?),
+                None => None,
+            };
+            Ok((gx, gp, gr))
+        })
     }
 }
 

@@ -5,6 +5,8 @@
 //!
 //! - [`cpu`]: the fused kernels, for float32 CPU tensors (one pass each way, statistics in
 //!   f64 blocks; the inference pass for frozen weights);
+//! - [`cuda`]: moco-rs's fused CUDA kernels for float32 CUDA tensors, training and evaluation
+//!   modes (`Settings::cuda_kernels`, off by default until run on a GPU);
 //! - [`cudnn`]: training mode on cuDNN (float32 CUDA tensors in one group, no SyncBN,
 //!   `Settings::cudnn_batch_norm`);
 //! - [`generic`]: candle's ops on any device and dtype, attached to the graph by one op that
@@ -16,6 +18,8 @@
 //! `SplitBatchNorm`: sample i belongs to group i % s).
 
 mod cpu;
+#[cfg_attr(not(feature = "cuda"), path = "cuda_absent.rs")]
+mod cuda;
 #[cfg_attr(not(feature = "cudnn"), path = "cudnn_absent.rs")]
 mod cudnn;
 mod generic;
@@ -70,70 +74,84 @@ pub fn forward(
     train: bool,
     settings: &Settings,
 ) -> Result<Tensor> {
-    match end {
-        End::None => {
-            p.check(x)?;
-            if train {
-                if p.fusable(x, true, settings)? {
-                    return fused(p, x, Epilogue::None);
+    moco_core::profile::timed("batch norm forward", x.device(), || {
+        if settings.cuda_kernels && cuda::applies(p, x, &end, train)? {
+            return cuda::forward(p, x, end, train);
+        }
+        match end {
+            End::None => {
+                p.check(x)?;
+                if train {
+                    if p.fusable(x, true, settings)? {
+                        return fused(p, x, Epilogue::None);
+                    }
+                    return generic_train(p, x, Kind::None, None, settings);
                 }
-                return generic_train(p, x, Kind::None, None, settings);
+                eval(p, x, settings)
             }
-            eval(p, x, settings)
+            End::Relu => {
+                if p.fusable(x, train, settings)? {
+                    return fused(p, x, Epilogue::Relu);
+                }
+                if train {
+                    p.check(x)?;
+                    return generic_train(p, x, Kind::Relu, None, settings);
+                }
+                if p.inference_fusable(x, &[], settings)? {
+                    return inference(p, x, InferenceEnd::Relu);
+                }
+                forward(p, x, End::None, train, settings)?.relu()
+            }
+            End::AddRelu(residual) => {
+                let same = residual.dims() == x.dims() && residual.dtype() == x.dtype();
+                if p.fusable(x, train, settings)? && same {
+                    return fused(p, x, Epilogue::AddRelu(residual));
+                }
+                if train && same {
+                    return generic_train(p, x, Kind::AddRelu, Some((residual, None)), settings);
+                }
+                if !train && same && p.inference_fusable(x, &[residual], settings)? {
+                    return inference(p, x, InferenceEnd::AddRelu(residual));
+                }
+                add_relu(
+                    &forward(p, x, End::None, train, settings)?,
+                    residual,
+                    settings,
+                )
+            }
+            End::PairAddRelu(other, z) => {
+                let same = x.dims() == z.dims() && x.dtype() == z.dtype();
+                if p.fusable(x, train, settings)? && other.fusable(z, train, settings)? && same {
+                    let (x, z) = (x.contiguous()?, z.contiguous()?);
+                    return cpu::normalize_pair_add_relu(
+                        prepare_cpu(p, &x)?,
+                        prepare_cpu(other, &z)?,
+                    );
+                }
+                if train && same {
+                    p.check(x)?;
+                    other.check(z)?;
+                    return generic_train(
+                        p,
+                        x,
+                        Kind::PairAddRelu,
+                        Some((z, Some(other))),
+                        settings,
+                    );
+                }
+                if !train
+                    && x.dims() == z.dims()
+                    && p.inference_fusable(x, &[z], settings)?
+                    && other.inference_fusable(z, &[x], settings)?
+                {
+                    let (a2, d2) = other.eval_scale_shift_f32()?;
+                    return inference(p, x, InferenceEnd::PairAddRelu(z, &a2, &d2));
+                }
+                let zn = forward(other, z, End::None, train, settings)?;
+                forward(p, x, End::AddRelu(&zn), train, settings)
+            }
         }
-        End::Relu => {
-            if p.fusable(x, train, settings)? {
-                return fused(p, x, Epilogue::Relu);
-            }
-            if train {
-                p.check(x)?;
-                return generic_train(p, x, Kind::Relu, None, settings);
-            }
-            if p.inference_fusable(x, &[], settings)? {
-                return inference(p, x, InferenceEnd::Relu);
-            }
-            forward(p, x, End::None, train, settings)?.relu()
-        }
-        End::AddRelu(residual) => {
-            let same = residual.dims() == x.dims() && residual.dtype() == x.dtype();
-            if p.fusable(x, train, settings)? && same {
-                return fused(p, x, Epilogue::AddRelu(residual));
-            }
-            if train && same {
-                return generic_train(p, x, Kind::AddRelu, Some((residual, None)), settings);
-            }
-            if !train && same && p.inference_fusable(x, &[residual], settings)? {
-                return inference(p, x, InferenceEnd::AddRelu(residual));
-            }
-            add_relu(
-                &forward(p, x, End::None, train, settings)?,
-                residual,
-                settings,
-            )
-        }
-        End::PairAddRelu(other, z) => {
-            let same = x.dims() == z.dims() && x.dtype() == z.dtype();
-            if p.fusable(x, train, settings)? && other.fusable(z, train, settings)? && same {
-                let (x, z) = (x.contiguous()?, z.contiguous()?);
-                return cpu::normalize_pair_add_relu(prepare_cpu(p, &x)?, prepare_cpu(other, &z)?);
-            }
-            if train && same {
-                p.check(x)?;
-                other.check(z)?;
-                return generic_train(p, x, Kind::PairAddRelu, Some((z, Some(other))), settings);
-            }
-            if !train
-                && x.dims() == z.dims()
-                && p.inference_fusable(x, &[z], settings)?
-                && other.inference_fusable(z, &[x], settings)?
-            {
-                let (a2, d2) = other.eval_scale_shift_f32()?;
-                return inference(p, x, InferenceEnd::PairAddRelu(z, &a2, &d2));
-            }
-            let zn = forward(other, z, End::None, train, settings)?;
-            forward(p, x, End::AddRelu(&zn), train, settings)
-        }
-    }
+    })
 }
 
 impl Params<'_> {
@@ -246,7 +264,7 @@ impl Params<'_> {
     }
 
     /// [`eval_scale_shift`](Self::eval_scale_shift) as float32 values (the same rounding).
-    fn eval_scale_shift_f32(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub(crate) fn eval_scale_shift_f32(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         let (a, d) = self.eval_scale_shift()?;
         let f32s = |t: Tensor| t.detach().to_dtype(DType::F32)?.to_vec1::<f32>();
         Ok((f32s(a)?, f32s(d)?))
@@ -464,6 +482,10 @@ impl NormGrad {
 impl Backward3 for NormGrad {
     fn name(&self) -> &'static str {
         "batch-norm-generic"
+    }
+
+    fn class(&self) -> &'static str {
+        "batch norm backward"
     }
 
     /// Operands: `(x, (2, C) or (4, C) stacked weights and biases, r)` for [`Kind::None`],

@@ -491,37 +491,39 @@ impl CustomOp2 for Conv2d {
         _y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let gy = gy.contiguous()?;
-        let dims4 = |t: &Tensor| -> Result<[usize; 4]> {
-            let (a, b, c, d) = t.dims4()?;
-            Ok([a, b, c, d])
-        };
-        // No gradient for an input that nothing upstream needs (the images).
-        let gx = if x.track_op() {
-            let op = Conv2dGrad {
-                stride: self.stride,
-                padding: self.padding,
-                groups: self.groups,
-                engine: self.engine,
-                wrt: Wrt::Input(dims4(x)?),
+        moco_core::profile::timed("convolution backward", gy.device(), || {
+            let gy = gy.contiguous()?;
+            let dims4 = |t: &Tensor| -> Result<[usize; 4]> {
+                let (a, b, c, d) = t.dims4()?;
+                Ok([a, b, c, d])
             };
-            Some(gy.apply_op2_no_bwd(w, &op)?)
-        } else {
-            None
-        };
-        let gw = if w.track_op() {
-            let op = Conv2dGrad {
-                stride: self.stride,
-                padding: self.padding,
-                groups: self.groups,
-                engine: self.engine,
-                wrt: Wrt::Weight(dims4(w)?),
+            // No gradient for an input that nothing upstream needs (the images).
+            let gx = if x.track_op() {
+                let op = Conv2dGrad {
+                    stride: self.stride,
+                    padding: self.padding,
+                    groups: self.groups,
+                    engine: self.engine,
+                    wrt: Wrt::Input(dims4(x)?),
+                };
+                Some(gy.apply_op2_no_bwd(w, &op)?)
+            } else {
+                None
             };
-            Some(x.apply_op2_no_bwd(&gy, &op)?)
-        } else {
-            None
-        };
-        Ok((gx, gw))
+            let gw = if w.track_op() {
+                let op = Conv2dGrad {
+                    stride: self.stride,
+                    padding: self.padding,
+                    groups: self.groups,
+                    engine: self.engine,
+                    wrt: Wrt::Weight(dims4(w)?),
+                };
+                Some(x.apply_op2_no_bwd(&gy, &op)?)
+            } else {
+                None
+            };
+            Ok((gx, gw))
+        })
     }
 }
 

@@ -1,7 +1,10 @@
 //! The convolution on cuDNN (feature `cudnn`, float32 CUDA tensors; `cudnn_absent.rs` stands in
 //! without it): forward, gradient wrt the
 //! input and gradient wrt the weight, each one cuDNN call with the algorithm its heuristics
-//! rank first, as PyTorch runs them with `torch.backends.cudnn.benchmark = False`.
+//! rank first, as PyTorch runs them with `torch.backends.cudnn.benchmark = False`. The
+//! algorithm is asked for once per shape (pass, operand dims, padding, stride, precision,
+//! device) and cached for the thread; the timed search of `cudnn.benchmark = True`
+//! (`cudnnFind*`) is not done.
 //!
 //! Candle's `cudnn` feature gives its forward convolution only; its backward stays on
 //! `conv_transpose2d` and a convolution with the output's size as its kernel. Precision follows
@@ -10,11 +13,15 @@
 //! in full float32 (`CUDNN_FMA_MATH`, as PyTorch with `torch.backends.cudnn.allow_tf32 =
 //! False`); on, it may use TF32 tensor cores (`CUDNN_DEFAULT_MATH`, PyTorch's default).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use candle_core::cuda_backend::cudarc::cudnn::sys::{
+    cudnnConvolutionBwdDataAlgo_t, cudnnConvolutionBwdFilterAlgo_t, cudnnConvolutionFwdAlgo_t,
     cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
 };
 use candle_core::cuda_backend::cudarc::cudnn::{ConvBackwardData, ConvBackwardFilter, ConvForward};
-use candle_core::cuda_backend::CudaStorage;
+use candle_core::cuda_backend::{CudaStorage, DeviceId};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Whether `conv2d(x, w)` runs here: float32 CUDA tensors, no groups.
@@ -84,6 +91,49 @@ impl Conv {
     }
 }
 
+/// One convolution call's shape: what its algorithm depends on.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    device: DeviceId,
+    /// 0 forward, 1 input gradient, 2 weight gradient.
+    pass: u8,
+    operands: [[usize; 4]; 2],
+    padding: usize,
+    stride: usize,
+    tf32: bool,
+}
+
+/// The algorithm chosen for one shape.
+#[derive(Clone, Copy)]
+enum Algo {
+    Forward(cudnnConvolutionFwdAlgo_t),
+    Data(cudnnConvolutionBwdDataAlgo_t),
+    Filter(cudnnConvolutionBwdFilterAlgo_t),
+}
+
+thread_local! {
+    /// The algorithms chosen so far on this thread, per shape.
+    static PLANS: RefCell<HashMap<PlanKey, Algo>> = RefCell::new(HashMap::new());
+}
+
+/// The algorithm of `key`: the cached one, or `pick`'s (then cached).
+fn planned<A: Copy>(
+    key: PlanKey,
+    pick: impl FnOnce() -> Result<A>,
+    wrap: fn(A) -> Algo,
+    unwrap: fn(Algo) -> Option<A>,
+) -> Result<A> {
+    if let Some(a) = PLANS
+        .with(|p| p.borrow().get(&key).copied())
+        .and_then(unwrap)
+    {
+        return Ok(a);
+    }
+    let a = pick()?;
+    PLANS.with(|p| p.borrow_mut().insert(key, wrap(a)));
+    Ok(a)
+}
+
 fn dims4(l: &Layout) -> Result<[usize; 4]> {
     match l.dims() {
         &[a, b, c, d] => Ok([a, b, c, d]),
@@ -135,10 +185,19 @@ impl CustomOp2 for Conv {
             [1, 1],
             cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
         )?;
-        conv.set_math_type(match candle_core::cuda::gemm_reduced_precision_f32() {
+        let tf32 = candle_core::cuda::gemm_reduced_precision_f32();
+        conv.set_math_type(match tf32 {
             true => cudnnMathType_t::CUDNN_DEFAULT_MATH,
             false => cudnnMathType_t::CUDNN_FMA_MATH,
         })?;
+        let key = |pass: u8| PlanKey {
+            device: dev.id(),
+            pass,
+            operands: [d1, d2],
+            padding: self.padding,
+            stride: self.stride,
+            tf32,
+        };
         let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let tensor = |d: [usize; 4]| cudnn.create_4d_tensor::<f32>(nchw, c_int(d));
         let filter = |d: [usize; 4]| cudnn.create_4d_filter::<f32>(nchw, c_int(d));
@@ -172,7 +231,15 @@ impl CustomOp2 for Conv {
                     w: &w,
                     y: &y,
                 };
-                let algo = op.pick_algorithm()?;
+                let algo = planned(
+                    key(0),
+                    || Ok(op.pick_algorithm()?),
+                    Algo::Forward,
+                    |a| match a {
+                        Algo::Forward(a) => Some(a),
+                        _ => None,
+                    },
+                )?;
                 let mut ws = workspace(op.get_workspace_size(algo)?)?;
                 unsafe { op.launch(algo, ws.as_mut(), (1f32, 0f32), &a, &b, &mut out)? };
             }
@@ -184,7 +251,15 @@ impl CustomOp2 for Conv {
                     w: &w,
                     dy: &dy,
                 };
-                let algo = op.pick_algorithm()?;
+                let algo = planned(
+                    key(1),
+                    || Ok(op.pick_algorithm()?),
+                    Algo::Data,
+                    |a| match a {
+                        Algo::Data(a) => Some(a),
+                        _ => None,
+                    },
+                )?;
                 let mut ws = workspace(op.get_workspace_size(algo)?)?;
                 unsafe { op.launch(algo, ws.as_mut(), (1f32, 0f32), &mut out, &b, &a)? };
             }
@@ -196,7 +271,15 @@ impl CustomOp2 for Conv {
                     dw: &dw,
                     dy: &dy,
                 };
-                let algo = op.pick_algorithm()?;
+                let algo = planned(
+                    key(2),
+                    || Ok(op.pick_algorithm()?),
+                    Algo::Filter,
+                    |a| match a {
+                        Algo::Filter(a) => Some(a),
+                        _ => None,
+                    },
+                )?;
                 let mut ws = workspace(op.get_workspace_size(algo)?)?;
                 unsafe { op.launch(algo, ws.as_mut(), (1f32, 0f32), &a, &mut out, &b)? };
             }

@@ -71,6 +71,10 @@ impl Backward3 for ConvGrad {
         "conv2d-attached"
     }
 
+    fn class(&self) -> &'static str {
+        "convolution backward"
+    }
+
     fn backward(
         &self,
         [x, w, _]: [&Tensor; 3],

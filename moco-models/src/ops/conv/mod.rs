@@ -37,15 +37,17 @@ pub fn conv2d(
     groups: usize,
     settings: &Settings,
 ) -> Result<Tensor> {
-    if settings.fused(&[x, w]) {
-        return cpu::conv2d(x, w, padding, stride, groups, settings.conv_engine);
-    }
-    let engine = if cudnn::applies(x, w, groups) {
-        Engine::Cudnn
-    } else {
-        Engine::Candle
-    };
-    generic::conv2d(x, w, padding, stride, groups, engine)
+    moco_core::profile::timed("convolution forward", x.device(), || {
+        if settings.fused(&[x, w]) {
+            return cpu::conv2d(x, w, padding, stride, groups, settings.conv_engine);
+        }
+        let engine = if cudnn::applies(x, w, groups) {
+            Engine::Cudnn
+        } else {
+            Engine::Candle
+        };
+        generic::conv2d(x, w, padding, stride, groups, engine)
+    })
 }
 
 /// The CPU kernels on `engine` whatever the settings (float32 CPU tensors): for benchmarks

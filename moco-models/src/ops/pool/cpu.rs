@@ -1,20 +1,15 @@
-//! Max pooling: [`stem_max_pool`], the ResNet stem's `MaxPool2d(3, 2, 1)` on any device, and
-//! [`max_pool2d`], the kernel behind it for float32 tensors on the CPU, a candle custom op with
-//! its own backward with `torch.nn.MaxPool2d`'s semantics (padding that never wins, the first
-//! maximum of a window in row-major order, NaN propagated).
+//! [`max_pool2d`]: max pooling for float32 tensors on the CPU, a candle custom op with its own
+//! backward with `torch.nn.MaxPool2d`'s semantics (padding that never wins, the first maximum
+//! of a window in row-major order, NaN propagated).
 //!
 //! The op keeps nothing but its input for the backward pass, which finds each window's maximum
-//! again. A max pool built from candle's generic ops (pad, strided slices, `maximum`) keeps
-//! every padded copy and intermediate maximum in the autograd graph: on the ImageNet ResNet
-//! stem (64 x 112 x 112 per image) about 22 MB per image, 0.7 GB for a batch of 32.
+//! again.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use crate::ops::attached::recomputed;
 use crate::ops::scratch::{f32_slice, filled, with_f32};
-use crate::ops::Settings;
 
 /// `MaxPool2d(kernel, stride, padding)` (square, no dilation, floor mode).
 #[derive(Debug, Clone, Copy)]
@@ -71,25 +66,27 @@ impl CustomOp1 for MaxPool2d {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, h, w) = x.dims4()?;
-        let (ho, wo) = (self.out(h), self.out(w));
-        let gy = gy.contiguous()?;
-        // Each output's gradient goes to its window's maximum; windows overlap within a plane
-        // only, so planes run in parallel.
-        let gx = with_f32(x, "max_pool2d (input)", |xv| {
-            with_f32(&gy, "max_pool2d (output gradient)", |gv| {
-                let mut gx = vec![0f32; xv.len()];
-                gx.par_chunks_mut(h * w).enumerate().for_each(|(plane, g)| {
-                    let xp = &xv[plane * h * w..][..h * w];
-                    let gp = &gv[plane * ho * wo..][..ho * wo];
-                    for (o, &d) in gp.iter().enumerate() {
-                        g[self.argmax(xp, w, h, o / wo, o % wo)] += d;
-                    }
-                });
-                gx
-            })
-        })??;
-        Ok(Some(Tensor::from_vec(gx, x.shape(), x.device())?))
+        moco_core::profile::timed("max pool backward", gy.device(), || {
+            let (_, _, h, w) = x.dims4()?;
+            let (ho, wo) = (self.out(h), self.out(w));
+            let gy = gy.contiguous()?;
+            // Each output's gradient goes to its window's maximum; windows overlap within a plane
+            // only, so planes run in parallel.
+            let gx = with_f32(x, "max_pool2d (input)", |xv| {
+                with_f32(&gy, "max_pool2d (output gradient)", |gv| {
+                    let mut gx = vec![0f32; xv.len()];
+                    gx.par_chunks_mut(h * w).enumerate().for_each(|(plane, g)| {
+                        let xp = &xv[plane * h * w..][..h * w];
+                        let gp = &gv[plane * ho * wo..][..ho * wo];
+                        for (o, &d) in gp.iter().enumerate() {
+                            g[self.argmax(xp, w, h, o / wo, o % wo)] += d;
+                        }
+                    });
+                    gx
+                })
+            })??;
+            Ok(Some(Tensor::from_vec(gx, x.shape(), x.device())?))
+        })
     }
 }
 
@@ -99,65 +96,12 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         candle_core::bail!("max_pool2d (cpu): expected a float32 CPU tensor")
     }
-    let (_, _, h, w) = x.dims4()?;
-    if kernel == 0
-        || stride == 0
-        || padding > kernel / 2
-        || h + 2 * padding < kernel
-        || w + 2 * padding < kernel
-    {
-        candle_core::bail!(
-            "max_pool2d (cpu): kernel {kernel}, stride {stride}, padding {padding} do not fit an input of {h}x{w}"
-        )
-    }
+    super::check_window(x, kernel, stride, padding, "max_pool2d (cpu)")?;
     x.contiguous()?.apply_op1(MaxPool2d {
         kernel,
         stride,
         padding,
     })
-}
-
-/// torchvision's stem pooling, `MaxPool2d(3, stride=2, padding=1)`, on a post-ReLU input
-/// (N, C, H, W): [`max_pool2d`] on float32 CPU tensors (as `settings` allow), else candle's ops
-/// recomputed in the backward pass (`max_pool_3x3_s2_p1`), so that the graph keeps only the
-/// input, as the CPU kernel does.
-pub fn stem_max_pool(x: &Tensor, settings: &Settings) -> Result<Tensor> {
-    if settings.fused(&[x]) {
-        max_pool2d(x, 3, 2, 1)
-    } else {
-        recomputed(x, max_pool_3x3_s2_p1)
-    }
-}
-
-/// torchvision's stem pooling, `MaxPool2d(3, stride=2, padding=1)`, on a post-ReLU input, with
-/// candle's ops (other devices than the CPU, other dtypes; [`max_pool2d`] on the CPU).
-///
-/// Candle's `max_pool2d` has no padding and no backward for overlapping windows, so this is a
-/// separable max (rows, then columns) over strided views, which autograd differentiates. Zero
-/// padding gives the same maxima as PyTorch's -inf padding because the input is >= 0; a gradient
-/// that reaches a tied zero is stopped by the ReLU before it, as in PyTorch.
-fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    // Along `dim` of size n: out[i] = max(x[2i-1], x[2i], x[2i+1]), out size (n - 1) / 2 + 1.
-    fn pool(x: &Tensor, dim: usize) -> Result<Tensor> {
-        let n = x.dim(dim)?;
-        let out = (n - 1) / 2 + 1;
-        // Padded by 1 on the left and to 2 * (out + 1) positions, viewed as (out + 1, 2) pairs:
-        // padded position 2i + k (original 2i + k - 1) is pair i, element k. The three taps are
-        // views of the one padded copy, so the graph keeps that copy and the two maxima only.
-        let xp = x.pad_with_zeros(dim, 1, 2 * out + 1 - n)?;
-        let mut shape = xp.dims().to_vec();
-        shape[dim] = out + 1;
-        shape.insert(dim + 1, 2);
-        let pairs = xp.reshape(shape)?;
-        let tap = |start: usize, k: usize| -> Result<Tensor> {
-            pairs
-                .narrow(dim, start, out)?
-                .narrow(dim + 1, k, 1)?
-                .squeeze(dim + 1)
-        };
-        tap(0, 0)?.maximum(&tap(0, 1)?)?.maximum(&tap(1, 0)?)
-    }
-    pool(&pool(x, 2)?, 3)
 }
 
 #[cfg(test)]

@@ -121,18 +121,21 @@ impl CustomOp3 for LayerNormOp {
         _y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = w.elem_count();
-        let n = x.elem_count();
-        // One packed result: the input's gradient, then the weight's and the bias's.
-        let packed = x.apply_op3_no_bwd(w, &gy.contiguous()?, &LayerNormGrad { eps: self.eps })?;
-        let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let gw = packed.narrow(0, n, d)?.reshape(w.shape())?;
-        let gb = packed.narrow(0, n + d, d)?.reshape(b.shape())?;
-        Ok((
-            x.track_op().then_some(gx),
-            w.track_op().then_some(gw),
-            b.track_op().then_some(gb),
-        ))
+        moco_core::profile::timed("layer norm backward", gy.device(), || {
+            let d = w.elem_count();
+            let n = x.elem_count();
+            // One packed result: the input's gradient, then the weight's and the bias's.
+            let packed =
+                x.apply_op3_no_bwd(w, &gy.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+            let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+            let gw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+            let gb = packed.narrow(0, n + d, d)?.reshape(b.shape())?;
+            Ok((
+                x.track_op().then_some(gx),
+                w.track_op().then_some(gw),
+                b.track_op().then_some(gb),
+            ))
+        })
     }
 }
 
@@ -418,14 +421,16 @@ impl CustomOp1 for AttentionOp {
     }
 
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let grad = qkv.apply_op2_no_bwd(
-            &g.contiguous()?,
-            &AttentionGrad {
-                heads: self.heads,
-                scale: self.scale,
-            },
-        )?;
-        Ok(Some(grad))
+        moco_core::profile::timed("attention backward", g.device(), || {
+            let grad = qkv.apply_op2_no_bwd(
+                &g.contiguous()?,
+                &AttentionGrad {
+                    heads: self.heads,
+                    scale: self.scale,
+                },
+            )?;
+            Ok(Some(grad))
+        })
     }
 }
 
@@ -575,7 +580,9 @@ impl CustomOp1 for GeluOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gy.contiguous()?.apply_op2_no_bwd(x, &GeluGrad)?))
+        moco_core::profile::timed("gelu backward", gy.device(), || {
+            Ok(Some(gy.contiguous()?.apply_op2_no_bwd(x, &GeluGrad)?))
+        })
     }
 }
 

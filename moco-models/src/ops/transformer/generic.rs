@@ -29,6 +29,10 @@ impl Backward3 for LayerNormGrad {
         "layer-norm-generic"
     }
 
+    fn class(&self) -> &'static str {
+        "layer norm backward"
+    }
+
     fn backward(
         &self,
         [x, w, b]: [&Tensor; 3],
@@ -109,6 +113,10 @@ struct AttentionGrad {
 impl Backward1 for AttentionGrad {
     fn name(&self) -> &'static str {
         "attention-generic"
+    }
+
+    fn class(&self) -> &'static str {
+        "attention backward"
     }
 
     fn backward(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -25,42 +25,48 @@ pub fn layer_norm(
     eps: f64,
     settings: &Settings,
 ) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    if weight.elem_count() != d || bias.elem_count() != d {
-        candle_core::bail!(
-            "layer_norm: input rows of {d}, weight {:?}, bias {:?}",
-            weight.dims(),
-            bias.dims()
-        )
-    }
-    if settings.fused(&[x, weight, bias]) {
-        return cpu::layer_norm(x, weight, bias, eps);
-    }
-    generic::layer_norm(x, weight, bias, eps)
+    moco_core::profile::timed("layer norm forward", x.device(), || {
+        let d = x.dim(D::Minus1)?;
+        if weight.elem_count() != d || bias.elem_count() != d {
+            candle_core::bail!(
+                "layer_norm: input rows of {d}, weight {:?}, bias {:?}",
+                weight.dims(),
+                bias.dims()
+            )
+        }
+        if settings.fused(&[x, weight, bias]) {
+            return cpu::layer_norm(x, weight, bias, eps);
+        }
+        generic::layer_norm(x, weight, bias, eps)
+    })
 }
 
 /// Multi-head self-attention from the qkv projection's output (N x T x 3D, channels (q|k|v,
 /// head, j) as timm reshapes them) to the heads' outputs side by side (N x T x D):
 /// `softmax(q k^T / sqrt(hd)) v` per head.
 pub fn attention(qkv: &Tensor, heads: usize, settings: &Settings) -> Result<Tensor> {
-    let (_, _, c) = qkv.dims3()?;
-    if heads == 0 || c % (3 * heads) != 0 {
-        candle_core::bail!("attention: {c} channels are not 3 x {heads} heads")
-    }
-    let scale = ((c / (3 * heads)) as f64).powf(-0.5);
-    if settings.fused(&[qkv]) {
-        return cpu::attention(qkv, heads, scale);
-    }
-    generic::attention(qkv, heads, scale)
+    moco_core::profile::timed("attention forward", qkv.device(), || {
+        let (_, _, c) = qkv.dims3()?;
+        if heads == 0 || c % (3 * heads) != 0 {
+            candle_core::bail!("attention: {c} channels are not 3 x {heads} heads")
+        }
+        let scale = ((c / (3 * heads)) as f64).powf(-0.5);
+        if settings.fused(&[qkv]) {
+            return cpu::attention(qkv, heads, scale);
+        }
+        generic::attention(qkv, heads, scale)
+    })
 }
 
 /// The exact GELU, `x Phi(x)` (`torch.nn.GELU()`).
 pub fn gelu_erf(x: &Tensor, settings: &Settings) -> Result<Tensor> {
-    if settings.fused(&[x]) {
-        cpu::gelu_erf(x)
-    } else {
-        x.gelu_erf()
-    }
+    moco_core::profile::timed("gelu forward", x.device(), || {
+        if settings.fused(&[x]) {
+            cpu::gelu_erf(x)
+        } else {
+            x.gelu_erf()
+        }
+    })
 }
 
 #[cfg(test)]
@@ -76,6 +82,7 @@ mod tests {
         kernels: moco_core::Kernels::Fused,
         conv_engine: crate::ops::ConvEngine::Gemm,
         cudnn_batch_norm: false,
+        cuda_kernels: false,
     };
 
     /// Forward values and the gradients of sum(f(..) * mix) against candle's generic ops.
