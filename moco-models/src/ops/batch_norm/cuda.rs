@@ -19,7 +19,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{End, Params};
+use super::params::{End, Params};
 use crate::ops::attached::{attach3, Backward3};
 use crate::ops::cuda_host::{
     bn_parts, END_ADD_RELU, END_NONE, END_PAIR_ADD_RELU, END_RELU, SECOND_NONE, SECOND_PAIR,

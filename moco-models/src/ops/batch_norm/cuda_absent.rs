@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{End, Params};
+use super::params::{End, Params};
 
 /// Never: this build has no CUDA.
 pub(super) fn applies(_p: &Params, _x: &Tensor, _end: &End, _train: bool) -> Result<bool> {

@@ -96,7 +96,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         candle_core::bail!("max_pool2d (cpu): expected a float32 CPU tensor")
     }
-    super::check_window(x, kernel, stride, padding, "max_pool2d (cpu)")?;
+    super::window::check_window(x, kernel, stride, padding, "max_pool2d (cpu)")?;
     x.contiguous()?.apply_op1(MaxPool2d {
         kernel,
         stride,

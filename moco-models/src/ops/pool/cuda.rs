@@ -62,7 +62,7 @@ pub(super) fn max_pool2d(
     if !x.device().is_cuda() || x.dtype() != DType::F32 {
         candle_core::bail!("max_pool2d (cuda): expected a float32 CUDA tensor")
     }
-    super::check_window(x, kernel, stride, padding, "max_pool2d (cuda)")?;
+    super::window::check_window(x, kernel, stride, padding, "max_pool2d (cuda)")?;
     let x = x.contiguous()?;
     let g = Geometry::of(&x, kernel, stride, padding)?;
     let dev = device_of(&x)?;

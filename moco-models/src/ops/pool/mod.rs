@@ -15,6 +15,7 @@ mod cpu;
 #[cfg_attr(not(feature = "cuda"), path = "cuda_absent.rs")]
 mod cuda;
 mod generic;
+mod window;
 
 use candle_core::{Result, Tensor};
 
@@ -36,21 +37,4 @@ pub fn stem_max_pool(x: &Tensor, settings: &Settings) -> Result<Tensor> {
             recomputed(x, generic::max_pool_3x3_s2_p1, "max pool backward")
         }
     })
-}
-
-/// The checks both kernels make: an (N, C, H, W) input that a `kernel` window with `stride`
-/// and `padding` (at most half the kernel, as in PyTorch) fits. `who` names the op in errors.
-fn check_window(x: &Tensor, kernel: usize, stride: usize, padding: usize, who: &str) -> Result<()> {
-    let (_, _, h, w) = x.dims4()?;
-    if kernel == 0
-        || stride == 0
-        || padding > kernel / 2
-        || h + 2 * padding < kernel
-        || w + 2 * padding < kernel
-    {
-        candle_core::bail!(
-            "{who}: kernel {kernel}, stride {stride}, padding {padding} do not fit an input of {h}x{w}"
-        )
-    }
-    Ok(())
 }
