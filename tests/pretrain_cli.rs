@@ -894,3 +894,68 @@ fn a_nan_loss_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoint() {
         assert!(w.iter().all(|v| v.is_finite()));
     }
 }
+
+/// Two processes on one run folder: while a run trains, a second `moco pretrain` on its
+/// folder (fresh or `--resume`) is refused at once, the resume naming the running process;
+/// the first finishes unharmed, and its folder can be taken again afterwards.
+#[test]
+fn a_second_process_on_a_running_folder_is_refused_and_the_first_finishes_unharmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let mut first = moco()
+        .args(["pretrain", "--epochs", "12", "--workers", "2"])
+        .args(TINY_RUN)
+        .args(["--out", out_s])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once its first checkpoint is there, the run is well under way (12 epochs of 16 steps).
+    let ckpt = out.join("checkpoint-last.safetensors");
+    let t0 = Instant::now();
+    while !ckpt.exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ckpt.exists(), "the first run wrote no checkpoint");
+    let fresh = moco()
+        .args(TINY)
+        .args(TINY_RUN)
+        .args(["--out", out_s])
+        .output()
+        .unwrap();
+    let resume = moco()
+        .args(["pretrain", "--resume", "--quiet", "--out", out_s])
+        .output()
+        .unwrap();
+    let still_running = first.try_wait().unwrap().is_none();
+    let status = first.wait().unwrap();
+    assert!(status.success(), "the first run failed: {status}");
+    assert!(
+        still_running,
+        "the first run ended before the second processes ran: make it longer"
+    );
+    for (what, o) in [("fresh", &fresh), ("--resume", &resume)] {
+        assert_eq!(o.status.code(), Some(1), "{what}: {o:?}");
+    }
+    let fresh_err = String::from_utf8_lossy(&fresh.stderr);
+    assert!(
+        fresh_err.contains("a run is already there") || fresh_err.contains("another moco process"),
+        "{fresh_err}"
+    );
+    let resume_err = String::from_utf8_lossy(&resume.stderr);
+    let pid = first.id().to_string();
+    assert!(
+        resume_err.contains("another moco process") && resume_err.contains(&pid),
+        "{resume_err}"
+    );
+    // The first run is whole: all 192 steps logged, its own configuration kept.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 192, "{metrics}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["moco"]["epochs"], 12);
+    // Released at exit: a resume of the finished run may take the folder.
+    run_ok(moco().args(["pretrain", "--resume", "--quiet", "--out", out_s]));
+}

@@ -40,6 +40,7 @@ use serde_json::Value;
 use crate::error::{Context, Error, Result};
 use crate::run_config::{augmentation_name, RunConfig};
 use crate::run_dir::{MetricsLog, RunDir};
+use crate::run_lock::RunLock;
 
 /// Where a run stands, as the hooks see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +102,8 @@ pub struct Summary {
 pub struct Pretrainer {
     config: RunConfig,
     dir: RunDir,
+    /// The run folder's lock, held by rank 0 for the run's life.
+    _lock: Option<RunLock>,
     device: Device,
     settings: Settings,
     moco: Moco<Encoder>,
@@ -167,6 +170,11 @@ impl Pretrainer {
             config
         };
         dir.create()?;
+        // One process per run folder (rank 0 of a data-parallel run holds it for all).
+        let lock = match lead {
+            true => Some(RunLock::acquire(dir.path())?),
+            false => None,
+        };
 
         let open = |split| {
             named::open(&c.dataset, c.data_dir.as_deref(), split, BadFiles::Fail).map(Arc::new)
@@ -266,6 +274,7 @@ impl Pretrainer {
             metrics,
             meta,
             other_flags_ignored,
+            _lock: lock,
         })
     }
 

@@ -376,7 +376,9 @@ impl PretrainArgs {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            PathBuf::from("runs").join(format!("{}-{}-{secs}", config.dataset, config.arch))
+            // The process id too: two runs started in the same second get folders of their own.
+            let pid = std::process::id();
+            PathBuf::from("runs").join(format!("{}-{}-{secs}-{pid}", config.dataset, config.arch))
         });
         let dir = RunDir::new(&out);
         let mut run = Pretrainer::new(config, dir, self.resume, &device, settings, comm)?;
