@@ -2,8 +2,8 @@
 """Lists import circles between the files of each crate of the workspace.
 
 A file depends on another when it names an item defined there: through `use crate::...`,
-`use super::...`, `use self::...` or a path such as `crate::ops::conv::conv2d(...)` in its
-code. Paths are resolved through the module tree (`mod x;` with `#[path]` and
+`use super::...`, `use self::...` or a path such as `crate::ops::conv::conv2d(...)` or
+`cuda::forward(...)` (through a child module) in its code. Paths are resolved through the module tree (`mod x;` with `#[path]` and
 `#[cfg_attr(..., path = "...")]`) and through `pub use` re-exports, to the file that defines
 the item. A circle is a cycle of such dependencies between two or more files (a file naming
 its own items does not count). Prints every circle found and exits 1 if there is one.
@@ -232,6 +232,11 @@ def main():
                     refs.append(segs)
                 for r in re.finditer(r"\b((?:crate|super|self)(?:::" + IDENT + r")+)", outer):
                     refs.append(r.group(1).split("::"))
+                # Paths through a child module written in the code (`cuda::forward(..)`).
+                for r in re.finditer(r"(?<![:\w])(" + IDENT + r"(?:::" + IDENT + r")+)", outer):
+                    segs = r.group(1).split("::")
+                    if segs[0] in m.children:
+                        refs.append(segs)
                 # Inside an inline `mod tests { ... }`, `super` is this file's module.
                 for block in inline_modules(text):
                     for _, p in use_trees(block):
