@@ -45,7 +45,7 @@ pub struct StepArgs {
     /// Width of the first stage.
     #[arg(long, default_value_t = 64)]
     pub width: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = super::positive)]
     pub image_size: usize,
     #[arg(long, default_value_t = 3)]
     pub channels: usize,
@@ -58,7 +58,7 @@ pub struct StepArgs {
     #[arg(long)]
     pub mlp: bool,
     /// Timed steps (after 2 warm-up steps).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::positive)]
     pub steps: usize,
     #[command(flatten)]
     pub device: DeviceArgs,

@@ -32,7 +32,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Evaluation size: shorter side to S*256/224, center crop S (default: native size).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     pub image_size: Option<usize>,
     /// Batch size.
     #[arg(long, default_value_t = 256)]

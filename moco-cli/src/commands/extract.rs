@@ -30,7 +30,7 @@ pub struct ExtractArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Crop size of the evaluation transform (the shorter side is first resized to size*256/224).
-    #[arg(long, default_value_t = 224)]
+    #[arg(long, default_value_t = 224, value_parser = super::positive)]
     pub image_size: usize,
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]

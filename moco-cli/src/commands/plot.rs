@@ -105,9 +105,13 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
+/// The axis range of `values`, padded by 5%. Values beyond +-1e300 are clipped (drawn at the
+/// edge) so that the range and the tick arithmetic stay finite: a diverged run logs losses
+/// near f64::MAX, and a range of twice that overflows.
 fn range(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
-    let lo = values.clone().fold(f64::INFINITY, f64::min);
-    let hi = values.fold(f64::NEG_INFINITY, f64::max);
+    const LIMIT: f64 = 1e300;
+    let lo = values.clone().fold(f64::INFINITY, f64::min).max(-LIMIT);
+    let hi = values.fold(f64::NEG_INFINITY, f64::max).min(LIMIT);
     // A flat curve (or a single point) gets a range around its value.
     let pad = if hi > lo {
         (hi - lo) * 0.05
@@ -294,6 +298,11 @@ mod tests {
             px.iter().any(|p| p.0.iter().all(|&v| v < 60)),
             "no text drawn"
         );
+        // Losses near f64::MAX (a diverged run) draw too, and do not hang the tick arithmetic.
+        let huge = METRICS.replacen("\"loss\":", "\"loss\":1.7e308,\"was\":", 1);
+        assert!(huge.contains("1.7e308"), "{huge}");
+        std::fs::write(dir.path().join("metrics.jsonl"), huge).unwrap();
+        assert_eq!(run(dir.path(), None).unwrap().len(), 5);
         assert!(run(&dir.path().join("missing"), None)
             .unwrap_err()
             .to_string()

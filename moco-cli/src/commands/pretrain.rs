@@ -109,7 +109,7 @@ pub struct PretrainArgs {
     #[arg(long)]
     knn_every: Option<usize>,
     /// Crop size of the augmentations.
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     image_size: Option<usize>,
     /// Pretrain on a random subset of this many training images.
     #[arg(long)]

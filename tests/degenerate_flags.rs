@@ -1,0 +1,132 @@
+//! No panic from the command line: each subcommand run with degenerate values (0, NaN, a
+//! queue smaller than the batch) exits with an error (status 1 or 2, not a panic's 101) whose
+//! message names the flag or setting at fault, before any training.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use moco_tests::{moco, run_ok, TINY_RUN};
+
+/// Runs `cmd` with a time limit (a hang is a failure too).
+fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            child.kill().unwrap();
+            panic!("{cmd:?} ran past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn degenerate_values_are_errors_naming_the_flag_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real run folder, for the commands that load weights before checking their flags.
+    let run = dir.path().join("run");
+    run_ok(
+        moco()
+            .args(["pretrain", "--epochs", "1", "--max-steps", "2"])
+            .args(TINY_RUN)
+            .args(["--out", run.to_str().unwrap()]),
+    );
+    let w = run.to_str().unwrap().to_string();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let p = [
+        "pretrain",
+        "--quiet",
+        "--knn-every",
+        "0",
+        "--max-steps",
+        "2",
+    ];
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--image-size", "0"], "--image-size"),
+        (vec!["--batch-size", "0"], "`batch_size`"),
+        (vec!["--epochs", "0"], "`epochs`"),
+        (vec!["--lr", "nan"], "`lr`"),
+        (vec!["--temperature", "0"], "`temperature`"),
+        (vec!["--temperature", "nan"], "`temperature`"),
+        (vec!["--queue-size", "0"], "queue size"),
+        (vec!["--width", "0"], "--width"),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (extra, name))| {
+        let mut a: Vec<String> = p.iter().map(|s| s.to_string()).collect();
+        a.extend(["--out".to_string(), out(&format!("p{i}"))]);
+        a.extend(extra.into_iter().map(String::from));
+        (a, name)
+    })
+    .chain(
+        [
+            (vec!["bench", "step", "--steps", "0"], "--steps"),
+            (vec!["bench", "step", "--image-size", "0"], "--image-size"),
+            (vec!["bench", "step", "--batch-size", "0"], "`batch_size`"),
+            (vec!["bench", "step", "--queue-size", "0"], "queue size"),
+            (vec!["bench", "step", "--width", "0"], "width"),
+            (
+                vec!["knn", "--weights", &w, "--image-size", "0"],
+                "--image-size",
+            ),
+            (vec!["knn", "--weights", &w, "--k", "0"], "`k`"),
+            (
+                vec!["knn", "--weights", &w, "--batch-size", "0"],
+                "batch_size",
+            ),
+            (
+                vec!["linear-eval", "--weights", &w, "--epochs", "0"],
+                "--epochs",
+            ),
+            (
+                vec!["linear-eval", "--weights", &w, "--image-size", "0"],
+                "--image-size",
+            ),
+            (
+                vec!["linear-eval", "--weights", &w, "--batch-size", "0"],
+                "batch_size",
+            ),
+            (
+                vec![
+                    "extract",
+                    "--weights",
+                    &w,
+                    "--input",
+                    &w,
+                    "--out",
+                    &out("f.safetensors"),
+                    "--image-size",
+                    "0",
+                ],
+                "--image-size",
+            ),
+        ]
+        .into_iter()
+        .map(|(a, name)| (a.into_iter().map(String::from).collect(), name)),
+    )
+    .collect();
+    for (args, name) in &cases {
+        let o = output_within(moco().args(args), Duration::from_secs(120));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            matches!(o.status.code(), Some(1 | 2)),
+            "moco {}: exit {:?}\n{err}",
+            args.join(" "),
+            o.status.code()
+        );
+        assert!(!err.contains("panicked"), "moco {}: {err}", args.join(" "));
+        assert!(
+            err.contains(name),
+            "moco {}: the message does not name `{name}`:\n{err}",
+            args.join(" ")
+        );
+    }
+}
