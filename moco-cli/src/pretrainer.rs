@@ -376,6 +376,16 @@ impl Pretrainer {
         )
     }
 
+    /// Where a stopped run can be taken up again: its checkpoint, when one was written (every
+    /// checkpoint is finite), else that there is none.
+    fn last_good(&self) -> String {
+        let ckpt = self.dir.checkpoint_path();
+        match ckpt.exists() {
+            true => format!("the last good checkpoint is {}", ckpt.display()),
+            false => "no checkpoint was written before it".into(),
+        }
+    }
+
     /// Writes the checkpoint (rank 0; every rank first checks that all hold the same weights);
     /// a diverged run is an error naming the last good checkpoint.
     fn save(&self, epoch: usize) -> Result<()> {
@@ -387,10 +397,9 @@ impl Pretrainer {
         let mut m = self.meta.clone();
         m.insert("epoch".into(), epoch.to_string());
         match self.moco.save_checkpoint(&ckpt, m) {
-            Err(e @ moco_core::Error::NonFiniteWeights { .. }) => Err(Error::run(format!(
-                "{e}; the last good checkpoint is {}",
-                ckpt.display()
-            ))),
+            Err(e @ moco_core::Error::NonFiniteWeights { .. }) => {
+                Err(Error::run(format!("{e}; {}", self.last_good())))
+            }
             r => r.context(format!("writing {}", ckpt.display())),
         }
     }
@@ -441,10 +450,7 @@ impl Pretrainer {
                 let o = match self.moco.train_step(&x1, &x2, lr, m) {
                     Ok(o) => o,
                     Err(e @ moco_core::Error::NonFiniteLoss { .. }) => {
-                        return Err(Error::run(format!(
-                            "{e}; the last good checkpoint is {}",
-                            self.dir.checkpoint_path().display()
-                        )))
+                        return Err(Error::run(format!("{e}; {}", self.last_good())))
                     }
                     Err(e) => return Err(e.into()),
                 };

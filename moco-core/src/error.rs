@@ -62,12 +62,15 @@ pub enum Error {
         value: f32,
     },
 
-    /// A parameter became NaN or infinite; training stops there.
-    #[error("parameter `{name}` is not finite after step {step}: training diverged (lower the learning rate)")]
+    /// A tensor of the training state (a weight, a running statistic, the queue, an optimizer
+    /// buffer) became NaN or infinite; training stops there.
+    #[error(
+        "`{name}` is not finite after step {step}: training diverged (lower the learning rate)"
+    )]
     NonFiniteWeights {
         /// The step after which it was found.
         step: u64,
-        /// The parameter.
+        /// The tensor, by its checkpoint name.
         name: String,
     },
 

@@ -548,18 +548,22 @@ impl<E: ModuleT> Moco<E> {
         checkpoint::state_tensors(&self.encoders, self.queue.as_ref(), &self.optimizer)
     }
 
-    /// An error naming the first query parameter holding a NaN or an infinity (a run that
-    /// diverged). Checked before every checkpoint, so a saved checkpoint is always finite.
+    /// An error naming the first tensor of the training state ([`state_tensors`](Self::state_tensors):
+    /// both encoders with their BatchNorm running statistics, the queue, the optimizer's state)
+    /// holding a NaN or an infinity (a run that diverged). Checked before every checkpoint, so
+    /// a saved checkpoint is always finite.
     pub fn check_finite(&self) -> Result<()> {
-        checkpoint::check_finite(&self.encoders, self.step)
+        checkpoint::check_finite(&self.state_tensors()?, self.step)
     }
 
     /// Writes [`state_tensors`](Self::state_tensors) atomically to `path`, with the step counter
     /// and resolved configuration in the metadata, plus `extra` metadata.
-    /// Refuses (see [`check_finite`](Self::check_finite)) when the weights are not finite.
+    /// Refuses, writing nothing (see [`check_finite`](Self::check_finite)), when any of them is
+    /// not finite.
     pub fn save_checkpoint(&self, path: &Path, extra: HashMap<String, String>) -> Result<()> {
-        self.check_finite()?;
-        checkpoint::save(path, &self.state_tensors()?, self.step, &self.config, extra)
+        let tensors = self.state_tensors()?;
+        checkpoint::check_finite(&tensors, self.step)?;
+        checkpoint::save(path, &tensors, self.step, &self.config, extra)
     }
 
     /// Restores the state saved by [`save_checkpoint`](Self::save_checkpoint) into this model
