@@ -1,6 +1,7 @@
 //! No panic from the command line: each subcommand run with degenerate values (0, NaN, a
 //! queue smaller than the batch) exits with an error (status 1 or 2, not a panic's 101) whose
-//! message names the flag or setting at fault, before any training.
+//! message names the flag or setting at fault, before any training; and no output written over
+//! a command's own input or a run folder's files.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -129,4 +130,60 @@ fn degenerate_values_are_errors_naming_the_flag_never_panics() {
             args.join(" ")
         );
     }
+}
+
+/// `--out` over an input or a run folder's own files is refused before anything is written,
+/// and the run folder is left exactly as it was.
+#[test]
+fn outputs_never_overwrite_inputs_or_run_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    run_ok(
+        moco()
+            .args(["pretrain", "--epochs", "1", "--max-steps", "2"])
+            .args(TINY_RUN)
+            .args(["--out", run.to_str().unwrap()]),
+    );
+    let files = |d: &std::path::Path| {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&run);
+    let r = run.to_str().unwrap();
+    let ck = run.join("checkpoint-last.safetensors");
+    let ck = ck.to_str().unwrap();
+    let cfg = run.join("config.json");
+    let cfg = cfg.to_str().unwrap();
+    for (args, name) in [
+        (vec!["export", "--run", r, "--out", r], "same path as --run"),
+        (vec!["export", "--weights", ck, "--out", r], "run folder"),
+        (
+            vec!["extract", "--weights", r, "--input", r, "--out", ck],
+            "same path as --weights",
+        ),
+        (
+            vec!["extract", "--weights", ck, "--input", r, "--out", cfg],
+            "run folder",
+        ),
+        (
+            vec!["convert", "--input", ck, "--out", ck],
+            "same path as --input",
+        ),
+    ] {
+        let o = output_within(moco().args(&args), Duration::from_secs(120));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "moco {}: {err}", args.join(" "));
+        assert!(err.contains(name), "moco {}: {err}", args.join(" "));
+    }
+    assert!(files(&run) == before, "the run folder changed");
 }

@@ -14,6 +14,7 @@ use moco_models::Settings;
 /// metadata. `arch` names the architecture when the weights cannot (a ViT of a non-standard
 /// width: `vit-DxNhH`) and is checked against them.
 pub fn run(input: &Path, out: &Path, arch: Option<&str>) -> Result<()> {
+    super::outputs::check_file("--out", out, &[("--input", input)])?;
     let ckpt = import_official_as(input, arch).context("--input / --arch")?;
     // Build the encoder from the tensors: every variable must be there with its shape.
     let (_, vars, unused) = moco_models::encoder_from_tensors(

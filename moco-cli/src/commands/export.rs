@@ -26,9 +26,36 @@ fn run_info(run: &Path) -> (Option<serde_json::Value>, Option<serde_json::Value>
     (config, knn)
 }
 
+/// Whether `dir` holds an earlier export (its model.safetensors carries the export's
+/// `pretraining_head` metadata), which a new export may replace.
+fn exported_before(dir: &Path) -> bool {
+    let header = || -> Option<serde_json::Value> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(dir.join("model.safetensors")).ok()?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).ok()?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 {
+            return None;
+        }
+        let mut json = vec![0u8; n as usize];
+        f.read_exact(&mut json).ok()?;
+        serde_json::from_slice(&json).ok()
+    };
+    header().is_some_and(|h| h["__metadata__"]["pretraining_head"].is_string())
+}
+
 /// Writes `out/model.safetensors` (backbone only), `out/config.json` and `out/README.md`.
 pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
     let w = Weights::read(source)?;
+    let from = if is_run { "--run" } else { "--weights" };
+    super::outputs::check_folder(
+        "--out",
+        out,
+        &[(from, Path::new(source)), (from, &w.source)],
+        &["model.safetensors", "config.json", "README.md"],
+        exported_before,
+    )?;
     // Check that the tensors build the encoder before writing anything.
     w.frozen(&candle_core::Device::Cpu, moco_models::Settings::default())?;
     let head = format!("{}.", w.spec.backbone.head_prefix());

@@ -47,6 +47,11 @@ impl ExtractArgs {
         // The same weights sources as every other command (safetensors, run folder, .pth.tar,
         // hf://); the architecture comes from the metadata or the tensors.
         let w = Weights::read(&o.weights)?;
+        super::outputs::check_file(
+            "--out",
+            &o.out,
+            &[("--weights", &w.source), ("--input", &o.input)],
+        )?;
         if let Some(arch) = o.arch.as_deref() {
             let want = moco_models::BackboneConfig::from_arch(arch).context("--arch")?;
             let same = match (want, w.spec.backbone) {

@@ -1,7 +1,8 @@
 //! The commands of the `moco` binary, one file each, each owning its flags
 //! (`#[derive(clap::Args)]`); the helpers they share: `device` (`--device`, `--tf32`),
 //! `weights` (`--weights`), `progress` (the progress bars), `hub` (Hugging Face references),
-//! [`positive`] (the parser of counts and sizes that must be at least 1).
+//! `outputs` (where `--out` may write), [`positive`] (the parser of counts and sizes that must
+//! be at least 1).
 
 pub mod bench;
 pub mod check;
@@ -13,6 +14,7 @@ pub mod export;
 pub mod extract;
 pub mod hub;
 pub mod launch;
+pub mod outputs;
 pub mod plot;
 pub mod pretrain;
 pub mod progress;
