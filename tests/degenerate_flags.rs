@@ -187,3 +187,50 @@ fn outputs_never_overwrite_inputs_or_run_files() {
     }
     assert!(files(&run) == before, "the run folder changed");
 }
+
+/// Weights holding a NaN (a diverged run's) are refused by the evaluation commands, naming
+/// the tensor, instead of giving chance-level features without a word.
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    run_ok(
+        moco()
+            .args(["pretrain", "--epochs", "1", "--max-steps", "2"])
+            .args(TINY_RUN)
+            .args(["--out", run.to_str().unwrap()]),
+    );
+    let f = moco_core::io::load(
+        &run.join("checkpoint-last.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let name = "encoder_q.layer1.0.bn1.running_var";
+    let mut tensors: std::collections::BTreeMap<String, candle_core::Tensor> =
+        f.tensors.into_iter().collect();
+    let t = tensors[name].affine(0.0, f64::NAN).unwrap();
+    tensors.insert(name.to_string(), t);
+    let bad = dir.path().join("diverged.safetensors");
+    moco_core::io::save_atomic(&bad, &tensors, Some(f.metadata)).unwrap();
+    let b = bad.to_str().unwrap();
+    for args in [
+        vec!["knn", "--weights", b],
+        vec!["linear-eval", "--weights", b, "--epochs", "1"],
+        vec![
+            "export",
+            "--weights",
+            b,
+            "--out",
+            &dir.path().join("e").to_string_lossy(),
+        ],
+    ] {
+        let o = output_within(moco().args(&args), Duration::from_secs(120));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "moco {}: {err}", args.join(" "));
+        assert!(
+            err.contains("layer1.0.bn1.running_var") && err.contains("not finite"),
+            "moco {}: {err}",
+            args.join(" ")
+        );
+    }
+}

@@ -100,3 +100,30 @@ pub fn load(path: &Path, device: &Device) -> Result<TensorFile> {
         path: path.to_path_buf(),
     })
 }
+
+/// The name of the first floating-point tensor of `tensors`, in the order given, that holds a
+/// NaN or an infinity, or `None`. One read-back for all of them: `sum(t * 0)` is 0 for a finite
+/// tensor and NaN otherwise.
+pub fn first_non_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+) -> Result<Option<String>> {
+    let floats: Vec<(&str, &Tensor)> = tensors
+        .into_iter()
+        .filter(|(_, t)| t.dtype().is_float())
+        .collect();
+    if floats.is_empty() {
+        return Ok(None);
+    }
+    let probes = floats
+        .iter()
+        .map(|(_, t)| Ok((*t * 0.0)?.sum_all()?.to_dtype(candle_core::DType::F32)?))
+        .collect::<Result<Vec<_>>>()?;
+    let sums = Tensor::stack(&probes, 0)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
+    Ok(floats
+        .iter()
+        .zip(sums)
+        .find(|(_, s)| !s.is_finite())
+        .map(|((name, _), _)| name.to_string()))
+}

@@ -37,11 +37,13 @@ impl Weights {
         let name = path.to_string_lossy();
         if name.ends_with(".pth") || name.ends_with(".pth.tar") || name.ends_with(".tar") {
             let ck = moco_models::weights::official::import_official(&path).context("--weights")?;
-            return Ok(Self {
+            let w = Self {
                 spec: ck.spec,
                 tensors: ck.encoder_q,
                 source: path,
-            });
+            };
+            w.check_finite()?;
+            return Ok(w);
         }
         let file = moco_core::io::load(&path, &Device::Cpu).context("--weights")?;
         let mut tensors = file.tensors;
@@ -62,11 +64,28 @@ impl Weights {
                 )
             })?,
         };
-        Ok(Self {
+        let w = Self {
             spec,
             tensors,
             source: path,
-        })
+        };
+        w.check_finite()?;
+        Ok(w)
+    }
+
+    /// An error naming the first tensor holding a NaN or an infinity (weights of a run that
+    /// diverged would give chance-level features without a word).
+    fn check_finite(&self) -> Result<()> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        let named = names.into_iter().map(|n| (n.as_str(), &self.tensors[n]));
+        if let Some(name) = moco_core::io::first_non_finite(named)? {
+            anyhow::bail!(
+                "--weights {}: tensor `{name}` is not finite (NaN or infinity): the weights come from a run that diverged",
+                self.source.display()
+            )
+        }
+        Ok(())
     }
 
     /// SHA-256 of the weights (names, shapes and float32 values, in name order), as hex: tells

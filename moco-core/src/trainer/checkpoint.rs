@@ -36,28 +36,10 @@ pub(crate) fn state_tensors(
 
 /// An error naming the first floating-point tensor of `tensors` (a training state, as
 /// [`state_tensors`] gives it: both encoders with their BatchNorm running statistics, the
-/// queue, the optimizer's state) that holds a NaN or an infinity after `step`. One read-back
-/// for all of them: `sum(t * 0)` is 0 for a finite tensor and NaN otherwise.
+/// queue, the optimizer's state) that holds a NaN or an infinity after `step`.
 pub(crate) fn check_finite(tensors: &BTreeMap<String, Tensor>, step: u64) -> Result<()> {
-    let floats: Vec<(&String, &Tensor)> = tensors
-        .iter()
-        .filter(|(_, t)| t.dtype().is_float())
-        .collect();
-    if floats.is_empty() {
-        return Ok(());
-    }
-    let probes = floats
-        .iter()
-        .map(|(_, t)| Ok((*t * 0.0)?.sum_all()?.to_dtype(DType::F32)?))
-        .collect::<Result<Vec<_>>>()?;
-    let sums = Tensor::stack(&probes, 0)?
-        .to_device(&Device::Cpu)?
-        .to_vec1::<f32>()?;
-    match floats.iter().zip(sums).find(|(_, s)| !s.is_finite()) {
-        Some(((name, _), _)) => Err(Error::NonFiniteWeights {
-            step,
-            name: name.to_string(),
-        }),
+    match io::first_non_finite(tensors.iter().map(|(n, t)| (n.as_str(), t)))? {
+        Some(name) => Err(Error::NonFiniteWeights { step, name }),
         None => Ok(()),
     }
 }
