@@ -258,7 +258,8 @@ fn step(o: &StepArgs, settings: Settings) -> Result<()> {
             o.steps
         );
     }
-    let median = median_of(&mut || {
+    // One timed unit: the frozen backbone's forward, or a training step.
+    let mut run_once = || -> Result<()> {
         match &frozen {
             Some(enc) => {
                 use moco_models::Backbone;
@@ -269,21 +270,14 @@ fn step(o: &StepArgs, settings: Settings) -> Result<()> {
             }
         }
         Ok(())
-    })?;
+    };
+    let median = median_of(&mut run_once)?;
     let profile = match o.profile {
         false => None,
         true => {
             let ((), p) = moco_core::profile::scope(&device, || -> Result<()> {
                 for _ in 0..o.steps {
-                    match &frozen {
-                        Some(enc) => {
-                            use moco_models::Backbone;
-                            enc.features(&x1, false)?;
-                        }
-                        None => {
-                            moco.train_step(&x1, &x2, 0.03, 0.999)?;
-                        }
-                    }
+                    run_once()?;
                 }
                 Ok(())
             })?;

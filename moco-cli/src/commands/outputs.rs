@@ -36,9 +36,8 @@ fn resolved(p: &Path) -> PathBuf {
     }
 }
 
-/// Checks the output file `out` of `flag` against the command's `inputs` (`(flag, path)`):
-/// an error naming both when `out` is one of them, or one of a run folder's own files.
-pub fn check_file(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+/// `out` resolved, or an error naming `flag` and the input when `out` is one of `inputs`.
+fn not_an_input(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<PathBuf> {
     let target = resolved(out);
     for (input_flag, input) in inputs {
         if resolved(input) == target {
@@ -48,6 +47,13 @@ pub fn check_file(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<()
             );
         }
     }
+    Ok(target)
+}
+
+/// Checks the output file `out` of `flag` against the command's `inputs` (`(flag, path)`):
+/// an error naming both when `out` is one of them, or one of a run folder's own files.
+pub fn check_file(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let target = not_an_input(flag, out, inputs)?;
     if let (Some(dir), Some(name)) = (target.parent(), target.file_name()) {
         if is_run_folder(dir) && is_run_file(&name.to_string_lossy()) {
             bail!(
@@ -70,15 +76,7 @@ pub fn check_folder(
     writes: &[&str],
     written_by_us: impl Fn(&Path) -> bool,
 ) -> Result<()> {
-    let target = resolved(out);
-    for (input_flag, input) in inputs {
-        if resolved(input) == target {
-            bail!(
-                "{flag} {}: the same path as {input_flag}; write the output elsewhere",
-                out.display()
-            );
-        }
-    }
+    let target = not_an_input(flag, out, inputs)?;
     if is_run_folder(&target) {
         bail!(
             "{flag} {}: a pretraining run folder (its config.json is what a resume reads); choose another folder",

@@ -161,29 +161,32 @@ pub(crate) const SECOND_NONE: c_int = 0;
 pub(crate) const SECOND_RESIDUAL: c_int = 1;
 pub(crate) const SECOND_PAIR: c_int = 2;
 
-/// An (N, C, L) input in `splits` groups, as the kernels take it.
-#[cfg(test)]
+/// An (N, C, L) input in `splits` groups, as the BatchNorm kernels take it (the launches in
+/// `ops/batch_norm/cuda.rs` and the host emulation here).
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: u32,
-    c: u32,
-    l: u32,
-    splits: u32,
+pub(crate) struct BnGeometry {
+    pub(crate) n: u32,
+    pub(crate) c: u32,
+    pub(crate) l: u32,
+    pub(crate) splits: u32,
 }
 
-#[cfg(test)]
-impl Geometry {
-    fn groups_channels(&self) -> usize {
+impl BnGeometry {
+    /// (group, channel) pairs.
+    pub(crate) fn groups_channels(&self) -> usize {
         (self.splits * self.c) as usize
     }
-    fn count(&self) -> u32 {
+    /// Values per (group, channel).
+    pub(crate) fn count(&self) -> u32 {
         self.n / self.splits * self.l
     }
-    fn parts(&self) -> u32 {
+    /// Blocks per (group, channel) of the reductions.
+    pub(crate) fn parts(&self) -> u32 {
         bn_parts(self.splits * self.c, self.count())
     }
-    fn len(&self) -> usize {
-        (self.n * self.c * self.l) as usize
+    /// Values of the input.
+    pub(crate) fn len(&self) -> usize {
+        self.n as usize * self.c as usize * self.l as usize
     }
 }
 
@@ -198,7 +201,7 @@ fn ptr_or_null(v: Option<&[f32]>) -> *const f32 {
 #[cfg(test)]
 fn bn_statistics(
     x: &[f32],
-    g: Geometry,
+    g: BnGeometry,
     wb: Option<(&[f32], &[f32])>,
     eps: f32,
     momentum: f32,
@@ -242,7 +245,7 @@ fn bn_statistics(
 #[cfg(test)]
 fn bn_apply(
     x: &[f32],
-    g: Geometry,
+    g: BnGeometry,
     scale_shift: (&[f32], &[f32]),
     end: c_int,
     other: Option<&[f32]>,
@@ -277,7 +280,7 @@ fn bn_backward_coefficients(
     x: &[f32],
     grad: &[f32],
     out: Option<&[f32]>,
-    g: Geometry,
+    g: BnGeometry,
     weight: Option<&[f32]>,
     stats: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
@@ -322,7 +325,7 @@ fn bn_backward_input(
     x: &[f32],
     grad: &[f32],
     out: Option<&[f32]>,
-    g: Geometry,
+    g: BnGeometry,
     stats: &[f32],
     coef: &[f32],
     second: c_int,
@@ -527,7 +530,7 @@ mod tests {
     /// The case on the host-compiled kernels, in `cuda.rs`'s launch order.
     fn kernels(case: Case, a: &Layer, second: &Layer, gy: &[f32], splits: u32) -> Outcome {
         let dims = a.x.dims4().unwrap();
-        let g = Geometry {
+        let g = BnGeometry {
             n: dims.0 as u32,
             c: dims.1 as u32,
             l: (dims.2 * dims.3) as u32,
@@ -672,7 +675,7 @@ mod tests {
         let x = a.x.as_tensor().detach();
         let want = values(&forward(&p, &x, End::Relu, false, &Settings::default()).unwrap());
         let (scale, shift) = p.eval_scale_shift_f32().unwrap();
-        let g = Geometry {
+        let g = BnGeometry {
             n: 3,
             c: 4,
             l: 30,

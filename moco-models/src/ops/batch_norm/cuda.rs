@@ -22,8 +22,8 @@ use candle_core::{DType, Result, Tensor};
 use super::params::{End, Params};
 use crate::ops::attached::{attach3, Backward3};
 use crate::ops::cuda_host::{
-    bn_parts, END_ADD_RELU, END_NONE, END_PAIR_ADD_RELU, END_RELU, SECOND_NONE, SECOND_PAIR,
-    SECOND_RESIDUAL, SUM2_FLOATS, WELFORD_FLOATS,
+    BnGeometry as Geometry, END_ADD_RELU, END_NONE, END_PAIR_ADD_RELU, END_RELU, SECOND_NONE,
+    SECOND_PAIR, SECOND_RESIDUAL, SUM2_FLOATS, WELFORD_FLOATS,
 };
 use crate::ops::cuda_launch::{
     blocks, device_of, function, grid_stride, output, per_item, read, tensor, u32_of, BATCH_NORM,
@@ -31,38 +31,16 @@ use crate::ops::cuda_launch::{
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::CudaDevice;
 
-/// An (N, C, L) input in `splits` groups, as the kernels take it.
-#[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: u32,
-    c: u32,
-    l: u32,
-    splits: u32,
-}
-
-impl Geometry {
-    fn of(x: &Tensor, splits: usize) -> Result<Self> {
-        let dims = x.dims();
-        let l: usize = dims[2..].iter().product();
-        Ok(Self {
-            n: u32_of(dims[0], "batch size")?,
-            c: u32_of(dims[1], "channels")?,
-            l: u32_of(l, "values per plane")?,
-            splits: u32_of(splits, "splits")?,
-        })
-    }
-    fn groups_channels(&self) -> usize {
-        (self.splits * self.c) as usize
-    }
-    fn count(&self) -> u32 {
-        self.n / self.splits * self.l
-    }
-    fn parts(&self) -> u32 {
-        bn_parts(self.splits * self.c, self.count())
-    }
-    fn len(&self) -> usize {
-        self.n as usize * self.c as usize * self.l as usize
-    }
+/// The kernels' geometry of `x` (N, C, ...) in `splits` groups.
+fn geometry(x: &Tensor, splits: usize) -> Result<Geometry> {
+    let dims = x.dims();
+    let l: usize = dims[2..].iter().product();
+    Ok(Geometry {
+        n: u32_of(dims[0], "batch size")?,
+        c: u32_of(dims[1], "channels")?,
+        l: u32_of(l, "values per plane")?,
+        splits: u32_of(splits, "splits")?,
+    })
 }
 
 /// Whether the kernels take this call: float32 CUDA tensors (the input, the end's operand, the
@@ -252,7 +230,7 @@ fn scale_shift(stats: &Tensor, gcs: usize) -> Result<(Tensor, Tensor)> {
 fn train_forward(p: &Params, x: &Tensor, end: End) -> Result<Tensor> {
     let dev = device_of(x)?;
     let x = x.contiguous()?;
-    let g = Geometry::of(&x, p.splits)?;
+    let g = geometry(&x, p.splits)?;
     let gcs = g.groups_channels();
     let (code, other) = end_operand(&end)?;
     let first = statistics(&dev, p, &x, g)?;
@@ -311,7 +289,7 @@ fn train_forward(p: &Params, x: &Tensor, end: End) -> Result<Tensor> {
 fn eval_forward(p: &Params, x: &Tensor, end: End) -> Result<Tensor> {
     let dev = device_of(x)?;
     let x = x.contiguous()?;
-    let g = Geometry::of(&x, 1)?;
+    let g = geometry(&x, 1)?;
     let (code, other) = end_operand(&end)?;
     let (a, d) = p.eval_scale_shift()?;
     let (a, d) = (a.contiguous()?, d.contiguous()?);
