@@ -28,17 +28,22 @@ fn output_within(cmd: &mut Command, limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
-#[test]
-fn degenerate_values_are_errors_naming_the_flag_never_panics() {
-    let dir = tempfile::tempdir().unwrap();
-    // A real run folder, for the commands that load weights before checking their flags.
-    let run = dir.path().join("run");
+/// A finished two-step run in `run`: a real run folder and checkpoint for the commands to read.
+fn two_step_run(run: &std::path::Path) {
     run_ok(
         moco()
             .args(["pretrain", "--epochs", "1", "--max-steps", "2"])
             .args(TINY_RUN)
             .args(["--out", run.to_str().unwrap()]),
     );
+}
+
+#[test]
+fn degenerate_values_are_errors_naming_the_flag_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real run folder, for the commands that load weights before checking their flags.
+    let run = dir.path().join("run");
+    two_step_run(&run);
     let w = run.to_str().unwrap().to_string();
     let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let p = [
@@ -138,12 +143,7 @@ fn degenerate_values_are_errors_naming_the_flag_never_panics() {
 fn outputs_never_overwrite_inputs_or_run_files() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    run_ok(
-        moco()
-            .args(["pretrain", "--epochs", "1", "--max-steps", "2"])
-            .args(TINY_RUN)
-            .args(["--out", run.to_str().unwrap()]),
-    );
+    two_step_run(&run);
     let files = |d: &std::path::Path| {
         let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(d)
             .unwrap()
@@ -194,12 +194,7 @@ fn outputs_never_overwrite_inputs_or_run_files() {
 fn non_finite_weights_are_refused_naming_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    run_ok(
-        moco()
-            .args(["pretrain", "--epochs", "1", "--max-steps", "2"])
-            .args(TINY_RUN)
-            .args(["--out", run.to_str().unwrap()]),
-    );
+    two_step_run(&run);
     let f = moco_core::io::load(
         &run.join("checkpoint-last.safetensors"),
         &candle_core::Device::Cpu,
