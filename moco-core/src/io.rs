@@ -50,6 +50,59 @@ pub fn save_atomic(
     write_atomic(path, &bytes)
 }
 
+/// What names a temporary file of [`write_atomic`]: `.NAME.tmp-PID` next to `NAME`.
+const TEMP_MARK: &str = ".tmp-";
+
+/// Whether `name` is that of a temporary file [`write_atomic`] writes (`.NAME.tmp-PID`): one
+/// left behind by a process killed during a write. Only a process that owns the folder (a run's
+/// lock) may remove them.
+pub fn is_temp_file_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name.rsplit_once(TEMP_MARK).is_some_and(|(stem, pid)| {
+            stem.len() > 1 && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+        })
+}
+
+/// The `__metadata__` table of a safetensors file, read from its header alone (the tensors are
+/// not read). The error names the file: missing, empty, truncated or not a safetensors file.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let bad = |msg: String| Error::file(path, msg);
+    let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| {
+        bad(format!(
+            "not a safetensors file: {size} bytes, shorter than its 8-byte header length"
+        ))
+    })?;
+    let n = u64::from_le_bytes(n);
+    if n > size.saturating_sub(8) || n > 100_000_000 {
+        return Err(bad(format!(
+            "not a safetensors file (or truncated): its header claims {n} bytes, the file has {size}"
+        )));
+    }
+    let mut json = vec![0u8; n as usize];
+    f.read_exact(&mut json)
+        .map_err(|e| bad(format!("cannot read the header: {e}")))?;
+    let header: serde_json::Value = serde_json::from_slice(&json).map_err(|e| {
+        bad(format!(
+            "not a safetensors file: its header is not JSON ({e})"
+        ))
+    })?;
+    Ok(header["__metadata__"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename (see [`save_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| Error::Io {
@@ -64,7 +117,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .ok_or_else(|| Error::file(path, "not a file path"))?
         .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}{TEMP_MARK}{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -126,4 +179,54 @@ pub fn first_non_finite<'a>(
         .zip(sums)
         .find(|(_, s)| !s.is_finite())
         .map(|((name, _), _)| name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_file_names_are_those_write_atomic_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(&dir.path().join("a.json"), b"{}").unwrap();
+        let written = format!(".a.json{TEMP_MARK}{}", std::process::id());
+        assert!(is_temp_file_name(&written));
+        for name in [
+            "a.json",
+            ".a.json",
+            ".tmp-12",
+            ".a.json.tmp-",
+            ".a.json.tmp-12x",
+            "a.json.tmp-12",
+        ] {
+            assert!(!is_temp_file_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn metadata_is_read_from_the_header_and_bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ck.safetensors");
+        let t = Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let meta = HashMap::from([("config".to_string(), "{\"a\":1}".to_string())]);
+        save_atomic(
+            &path,
+            &BTreeMap::from([("w".to_string(), t)]),
+            Some(meta.clone()),
+        )
+        .unwrap();
+        assert_eq!(read_metadata(&path).unwrap(), meta);
+        let whole = std::fs::read(&path).unwrap();
+        for (bytes, says) in [
+            (&b""[..], "shorter than its 8-byte header"),
+            (&whole[..20], "truncated"),
+            (&b"\x04\0\0\0\0\0\0\0nope"[..], "not JSON"),
+        ] {
+            std::fs::write(&path, bytes).unwrap();
+            let e = read_metadata(&path).unwrap_err().to_string();
+            assert!(e.contains("ck.safetensors") && e.contains(says), "{e}");
+        }
+        let e = read_metadata(&dir.path().join("missing")).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
 }

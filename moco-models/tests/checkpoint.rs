@@ -122,6 +122,14 @@ fn corrupt_and_foreign_files_give_errors_naming_the_file() {
         err.contains("junk.pth.tar") && err.contains("not a PyTorch checkpoint"),
         "{err}"
     );
+    // An empty file (an interrupted download).
+    let empty = dir.path().join("empty.pth.tar");
+    std::fs::write(&empty, b"").unwrap();
+    let err = import_official(&empty).unwrap_err().to_string();
+    assert!(
+        err.contains("empty.pth.tar") && err.contains("0 bytes"),
+        "{err}"
+    );
     // A missing file.
     let err = import_official(&dir.path().join("missing.pth.tar"))
         .unwrap_err()

@@ -29,20 +29,8 @@ fn run_info(run: &Path) -> (Option<serde_json::Value>, Option<serde_json::Value>
 /// Whether `dir` holds an earlier export (its model.safetensors carries the export's
 /// `pretraining_head` metadata), which a new export may replace.
 fn exported_before(dir: &Path) -> bool {
-    let header = || -> Option<serde_json::Value> {
-        use std::io::Read;
-        let mut f = std::fs::File::open(dir.join("model.safetensors")).ok()?;
-        let mut n = [0u8; 8];
-        f.read_exact(&mut n).ok()?;
-        let n = u64::from_le_bytes(n);
-        if n > 100_000_000 {
-            return None;
-        }
-        let mut json = vec![0u8; n as usize];
-        f.read_exact(&mut json).ok()?;
-        serde_json::from_slice(&json).ok()
-    };
-    header().is_some_and(|h| h["__metadata__"]["pretraining_head"].is_string())
+    moco_core::io::read_metadata(&dir.join("model.safetensors"))
+        .is_ok_and(|m| m.contains_key("pretraining_head"))
 }
 
 /// Writes `out/model.safetensors` (backbone only), `out/config.json` and `out/README.md`.

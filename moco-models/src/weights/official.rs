@@ -38,9 +38,14 @@ pub struct OfficialCheckpoint {
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let io = |e: std::io::Error| Error::file(path, e.to_string());
     let mut head = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .map_err(io)?;
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    if file.read_exact(&mut head).is_err() {
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        return Err(Error::file(
+            path,
+            format!("not a PyTorch checkpoint: {size} bytes (empty or cut short by an interrupted download or copy)"),
+        ));
+    }
     if &head == b"PK\x03\x04" {
         let bad = |e: candle_core::Error| {
             Error::file(path, format!("cannot read the PyTorch zip archive: {e}"))
