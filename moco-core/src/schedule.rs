@@ -8,7 +8,7 @@ use crate::{Error, Result};
 
 /// How the learning rate decays from its base value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", from = "LrDecayFields")]
 pub enum LrDecay {
     /// The base rate throughout.
     Constant,
@@ -27,8 +27,30 @@ pub enum LrDecay {
     },
 }
 
+/// [`LrDecay`] as read from a file. serde ignores extra keys beside the tag of a unit variant
+/// even with `deny_unknown_fields`, so `Constant` is read as an empty struct variant here: a
+/// misspelt key next to `kind = "constant"` is an error like anywhere else in the config.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum LrDecayFields {
+    Constant {},
+    Step { milestones: Vec<usize>, gamma: f64 },
+    Cosine { per_iteration: bool },
+}
+
+impl From<LrDecayFields> for LrDecay {
+    fn from(f: LrDecayFields) -> Self {
+        match f {
+            LrDecayFields::Constant {} => LrDecay::Constant,
+            LrDecayFields::Step { milestones, gamma } => LrDecay::Step { milestones, gamma },
+            LrDecayFields::Cosine { per_iteration } => LrDecay::Cosine { per_iteration },
+        }
+    }
+}
+
 /// A learning-rate schedule: optional linear warm-up, then a decay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LrSchedule {
     /// The decay after warm-up.
     pub decay: LrDecay,
@@ -115,12 +137,34 @@ impl LrSchedule {
 
 /// How the key encoder's momentum evolves.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    from = "MomentumScheduleFields"
+)]
 pub enum MomentumSchedule {
     /// The same `m` throughout (MoCo v1/v2).
     Constant,
     /// From `m` to 1 along a half cosine over the run, per iteration (MoCo v3, BYOL).
     Cosine,
+}
+
+/// [`MomentumSchedule`] as read from a file, with empty struct variants so that an extra key
+/// beside `kind` is an error (as [`LrDecayFields`]).
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum MomentumScheduleFields {
+    Constant {},
+    Cosine {},
+}
+
+impl From<MomentumScheduleFields> for MomentumSchedule {
+    fn from(f: MomentumScheduleFields) -> Self {
+        match f {
+            MomentumScheduleFields::Constant {} => MomentumSchedule::Constant,
+            MomentumScheduleFields::Cosine {} => MomentumSchedule::Cosine,
+        }
+    }
 }
 
 impl MomentumSchedule {
@@ -157,6 +201,58 @@ mod tests {
             MomentumSchedule::Constant.momentum(0.999, 7, 3, 10, 100),
             0.999
         );
+    }
+
+    #[test]
+    fn an_unknown_key_beside_the_kind_is_an_error_naming_it() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)] // read only through Debug
+        struct Both {
+            momentum_schedule: MomentumSchedule,
+            lr_schedule: LrSchedule,
+        }
+        let read = |m: &str, d: &str| {
+            serde_json::from_str::<Both>(&format!(
+                r#"{{"momentum_schedule": {m}, "lr_schedule": {{"decay": {d}}}}}"#
+            ))
+        };
+        let ok = read(r#"{"kind": "cosine"}"#, r#"{"kind": "constant"}"#).unwrap();
+        assert_eq!(ok.momentum_schedule, MomentumSchedule::Cosine);
+        assert_eq!(ok.lr_schedule.decay, LrDecay::Constant);
+        let ok = read(
+            r#"{"kind": "constant"}"#,
+            r#"{"kind": "step", "milestones": [3], "gamma": 0.5}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.lr_schedule.decay,
+            LrDecay::Step {
+                milestones: vec![3],
+                gamma: 0.5
+            }
+        );
+        for (m, d) in [
+            (
+                r#"{"kind": "constant", "foo": 1}"#,
+                r#"{"kind": "constant"}"#,
+            ),
+            (r#"{"kind": "cosine", "foo": 1}"#, r#"{"kind": "constant"}"#),
+            (
+                r#"{"kind": "constant"}"#,
+                r#"{"kind": "constant", "foo": 1}"#,
+            ),
+            (
+                r#"{"kind": "constant"}"#,
+                r#"{"kind": "cosine", "per_iteration": true, "foo": 1}"#,
+            ),
+        ] {
+            let e = read(m, d).unwrap_err().to_string();
+            assert!(e.contains("foo"), "{m} {d}: {e}");
+        }
+        let e = read(r#"{"kind": "linear"}"#, r#"{"kind": "constant"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("linear"), "{e}");
     }
 
     #[test]
