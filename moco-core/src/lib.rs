@@ -15,6 +15,7 @@
 //! - [`Sgd`]: `torch.optim.SGD` with momentum, Nesterov and weight decay;
 //! - [`schedule`]: step, cosine and warm-up learning rates, cosine momentum;
 //! - [`MocoConfig`]: every setting, with the official presets;
+//! - [`CollapseWatch`]: notices a loss pinned where every logit is equal (collapsed features);
 //! - [`Moco`]: the training step, in order: forward, loss, backward, SGD step, momentum update,
 //!   enqueue ([`trainer`]; its data-parallel side and checkpoint format in files of their own).
 //!
@@ -39,6 +40,7 @@
 
 #![warn(missing_docs)]
 
+pub mod collapse;
 pub mod config;
 mod cross_entropy;
 pub mod dist;
@@ -56,6 +58,7 @@ pub mod schedule;
 pub mod shuffle;
 pub mod trainer;
 
+pub use collapse::CollapseWatch;
 pub use config::{AugmentationPreset, LossKind, MocoConfig, OptimizerKind};
 pub use dist::{Collective, DistConfig, SingleProcess, TcpGroup};
 pub use error::{Error, Result};
