@@ -10,6 +10,7 @@
 //! - [`batch_norm`]: BatchNorm honouring `train`, with the official demo's split mode;
 //! - [`head`]: v1 linear, v2 MLP and v3 projector/predictor heads;
 //! - [`encoder`]: a backbone with its head ([`Encoder`]), built from an [`EncoderSpec`];
+//! - [`footprint`]: an encoder's parameters and activations from its spec, before building it;
 //! - [`weights`]: safetensors weight files with the architecture in the metadata, and the
 //!   official MoCo (v1, v2, v3) checkpoints ([`weights::official`]);
 //! - [`ops`]: the ops the layers compute with, one folder per op (convolution, BatchNorm,
@@ -22,6 +23,7 @@
 pub mod batch_norm;
 pub mod encoder;
 mod error;
+pub mod footprint;
 pub mod head;
 pub mod ops;
 pub mod resnet;
@@ -31,6 +33,7 @@ pub mod zoo;
 
 pub use encoder::{encoder, Backbone, BackboneConfig, Encoder, EncoderSpec, Net};
 pub use error::{Error, Result};
+pub use footprint::Footprint;
 pub use head::{Head, HeadKind};
 pub use ops::Settings;
 pub use resnet::{Depth, ResNet, ResNetConfig};
