@@ -63,6 +63,24 @@ fn degenerate_values_are_errors_naming_the_flag_never_panics() {
         (vec!["--temperature", "nan"], "`temperature`"),
         (vec!["--queue-size", "0"], "queue size"),
         (vec!["--width", "0"], "--width"),
+        (vec!["--subset", "0"], "--subset"),
+        (vec!["--log-every", "0"], "log_every"),
+        // Flags the configuration would ignore.
+        (
+            vec!["--preset", "v3", "--queue-size", "1024"],
+            "--queue-size",
+        ),
+        (vec!["--preset", "v3", "--mlp"], "--mlp"),
+        (vec!["--arch", "vit-64x4h4", "--width", "8"], "--width"),
+        (vec!["--bn-splits", "2", "--sync-bn", "true"], "--bn-splits"),
+        (vec!["--data-dir", "/nonexistent"], "--data-dir"),
+        // A process group that cannot exist.
+        (vec!["--rank", "1"], "--rank"),
+        (vec!["--world-size", "0"], "--world-size"),
+        // Settings that cannot fit in memory are refused before anything is allocated.
+        (vec!["--queue-size", "1000000000"], "memory"),
+        (vec!["--width", "100000"], "memory"),
+        (vec!["--image-size", "100000"], "memory"),
     ]
     .into_iter()
     .enumerate()
@@ -84,6 +102,10 @@ fn degenerate_values_are_errors_naming_the_flag_never_panics() {
                 "--image-size",
             ),
             (vec!["knn", "--weights", &w, "--k", "0"], "`k`"),
+            (
+                vec!["knn", "--weights", &w, "--image-size", "100000"],
+                "memory",
+            ),
             (
                 vec!["knn", "--weights", &w, "--batch-size", "0"],
                 "batch_size",
@@ -119,7 +141,7 @@ fn degenerate_values_are_errors_naming_the_flag_never_panics() {
         .map(|(a, name)| (a.into_iter().map(String::from).collect(), name)),
     )
     .collect();
-    for (args, name) in &cases {
+    for (i, (args, name)) in cases.iter().enumerate() {
         let o = output_within(moco().args(args), Duration::from_secs(120));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
@@ -132,6 +154,12 @@ fn degenerate_values_are_errors_naming_the_flag_never_panics() {
         assert!(
             err.contains(name),
             "moco {}: the message does not name `{name}`:\n{err}",
+            args.join(" ")
+        );
+        // Refused before any work: not even the run folder was made.
+        assert!(
+            !std::path::Path::new(&out(&format!("p{i}"))).exists(),
+            "moco {}: made its run folder",
             args.join(" ")
         );
     }
@@ -225,6 +253,108 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
         assert!(
             err.contains("layer1.0.bn1.running_var") && err.contains("not finite"),
             "moco {}: {err}",
+            args.join(" ")
+        );
+    }
+}
+
+/// A config file with a misspelt nested key or an impossible value, and image folders laid out
+/// wrongly (a capitalised split, different classes in train and val, an unreadable val image,
+/// val without train) are refused with the key or path at fault, before any run folder is made.
+#[test]
+fn bad_config_files_and_image_folders_are_errors_naming_the_key_or_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = run_ok(moco().arg("config-run")).stdout;
+    let base = String::from_utf8(base).unwrap();
+    let edit = |from: &str, to: &str| {
+        assert!(base.contains(from), "`moco config-run` has no `{from}`");
+        base.replacen(from, to, 1)
+    };
+    let configs = [
+        (
+            edit("per_iteration = false", "per_iteration = false\nfoo = 1"),
+            "foo",
+        ),
+        (
+            edit("kind = \"constant\"", "kind = \"constant\"\nfoo = 1"),
+            "foo",
+        ),
+        (
+            edit("preset = \"default\"", "preset = \"v9\""),
+            "moco.preset",
+        ),
+        (edit("knn_k = 200", "knn_k = 0"), "knn_k"),
+        (edit("knn_t = 0.1", "knn_t = -1.0"), "knn_t"),
+    ];
+    let mut refused: Vec<(Vec<String>, String, std::path::PathBuf)> = Vec::new();
+    for (i, (text, name)) in configs.into_iter().enumerate() {
+        let file = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let out = dir.path().join(format!("c{i}"));
+        let args = ["pretrain", "--quiet", "--config", file.to_str().unwrap()];
+        refused.push((
+            args.iter().map(|s| s.to_string()).collect(),
+            name.to_string(),
+            out,
+        ));
+    }
+
+    // Image folders: two classes of two photos in each split, then one thing wrong.
+    let folder =
+        |name: &str, splits: &[&str]| moco_tests::photo_folder(&dir.path().join(name), splits);
+    let capital = folder("capital", &["Train", "val"]);
+    let classes = folder("classes", &["train", "val"]);
+    std::fs::rename(classes.join("val/b"), classes.join("val/c")).unwrap();
+    let broken = folder("broken", &["train", "val"]);
+    std::fs::write(broken.join("val/a/coffee.png"), b"not a png").unwrap();
+    let no_train = folder("no_train", &["val"]);
+    for (i, (root, name)) in [
+        (&capital, "lower case".to_string()),
+        (&classes, "only in the test split: c".to_string()),
+        (
+            &broken,
+            broken.join("val/a/coffee.png").display().to_string(),
+        ),
+        (&no_train, "no `train/`".to_string()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("f{i}"));
+        let args = [
+            "pretrain",
+            "--quiet",
+            "--dataset",
+            "folder",
+            "--data-dir",
+            root.to_str().unwrap(),
+            "--image-size",
+            "32",
+            "--width",
+            "4",
+            "--batch-size",
+            "4",
+            "--queue-size",
+            "8",
+        ];
+        refused.push((args.iter().map(|s| s.to_string()).collect(), name, out));
+    }
+
+    for (args, name, out) in &refused {
+        let o = output_within(
+            moco().args(args).arg("--out").arg(out),
+            Duration::from_secs(120),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "moco {}: {err}", args.join(" "));
+        assert!(
+            err.contains(name.as_str()),
+            "moco {}: the message does not name `{name}`:\n{err}",
+            args.join(" ")
+        );
+        assert!(
+            !out.exists(),
+            "moco {}: made its run folder",
             args.join(" ")
         );
     }

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use moco_tests::{file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_RUN};
+use moco_tests::{file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_RUN, TINY_V3_RUN};
 
 /// [`TINY_RUN`] with one data worker and a metrics line every step.
 const TINY: &[&str] = &["--workers", "1", "--log-every", "1"];
@@ -88,7 +88,7 @@ fn bad_launches_are_clear_errors() {
     let o = moco()
         .args(["launch", "--nproc-per-node", "2", "--"])
         .args(TINY)
-        .args(TINY_RUN)
+        .args(TINY_V3_RUN)
         .args(["--preset", "v3", "--out", out.to_str().unwrap()])
         .output()
         .unwrap();

@@ -24,12 +24,8 @@ pub fn moco() -> Command {
 /// The `moco pretrain` flags of a tiny, fast run on the embedded data (a width-4 network, 256
 /// images, batches of 16, K 64, no kNN monitor before the end, no progress bar).
 pub const TINY_RUN: &[&str] = &[
-    "--width",
-    "4",
     "--batch-size",
     "16",
-    "--queue-size",
-    "64",
     "--bn-splits",
     "2",
     "--subset",
@@ -37,7 +33,37 @@ pub const TINY_RUN: &[&str] = &[
     "--knn-every",
     "0",
     "--quiet",
+    // Not in TINY_V3_RUN from here on.
+    "--width",
+    "4",
+    "--queue-size",
+    "64",
 ];
+
+/// [`TINY_RUN`] for MoCo v3's in-batch loss, which has no queue (and refuses `--queue-size`),
+/// without `--width` (which ViTs refuse): add `--width 4` for a ResNet.
+pub const TINY_V3_RUN: &[&str] = TINY_RUN.split_at(9).0;
+
+/// A tiny ImageFolder under `root`: the split folders `splits` (e.g. `["train", "val"]`), each
+/// with the same two classes of two reference photos, `a` (coffee.png, rocket.jpg) and `b`
+/// (chelsea_gray.png, astronaut_rgba.png). Returns `root`.
+pub fn photo_folder(root: &Path, splits: &[&str]) -> PathBuf {
+    let photos = reference("images");
+    for (class, files) in [
+        ("a", ["coffee.png", "rocket.jpg"]),
+        ("b", ["chelsea_gray.png", "astronaut_rgba.png"]),
+    ] {
+        for split in splits {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+            for f in files {
+                std::fs::copy(photos.join(f), d.join(f))
+                    .unwrap_or_else(|e| panic!("{}: {e}", d.join(f).display()));
+            }
+        }
+    }
+    root.to_path_buf()
+}
 
 /// MoCo v3 heads sized for [`TINY_RUN`]-like runs (projector and predictor hidden 32, output
 /// 16) and half an epoch of warm-up, for `--preset v3` / `v3-vit` runs of a few steps.

@@ -9,17 +9,22 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use moco_core::init::seeded_randn;
-use moco_tests::{file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_RUN};
+use moco_tests::{file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_RUN, TINY_V3_RUN};
 
 /// A tiny, fast configuration on the embedded data: `moco pretrain` with [`TINY_RUN`], 2
 /// epochs, 2 data workers.
 const TINY: &[&str] = &["pretrain", "--epochs", "2", "--workers", "2"];
 
 fn pretrain(out: &Path, extra: &[&str]) -> std::process::Output {
+    pretrain_on(TINY_RUN, out, extra)
+}
+
+/// [`pretrain`] with `base` in place of [`TINY_RUN`] (e.g. [`TINY_V3_RUN`]).
+fn pretrain_on(base: &[&str], out: &Path, extra: &[&str]) -> std::process::Output {
     run_ok(
         moco()
             .args(TINY)
-            .args(TINY_RUN)
+            .args(base)
             .args(["--out", out.to_str().unwrap()])
             .args(extra),
     )
@@ -50,18 +55,20 @@ fn assert_same_tensors(ta: &[(String, Vec<f32>)], tb: &[(String, Vec<f32>)]) {
     }
 }
 
-/// Trains run `a` for `steps` steps and run `b` for half as many, then resumes `b` to `steps`;
-/// asserts that both end with the same checkpoint and returns its tensors.
+/// Trains run `a` ([`pretrain_on`] `base` with `flags`) for `steps` steps and run `b` for half
+/// as many, then resumes `b` to `steps`; asserts that both end with the same checkpoint and
+/// returns its tensors.
 fn resumed_equals_uninterrupted(
     a: &Path,
     b: &Path,
+    base: &[&str],
     flags: &[&str],
     steps: u32,
 ) -> Vec<(String, Vec<f32>)> {
     let (all, half) = (steps.to_string(), (steps / 2).to_string());
-    pretrain(a, &[flags, &["--max-steps", &all]].concat());
-    pretrain(b, &[flags, &["--max-steps", &half]].concat());
-    pretrain(b, &["--resume", "--max-steps", &all]);
+    pretrain_on(base, a, &[flags, &["--max-steps", &all]].concat());
+    pretrain_on(base, b, &[flags, &["--max-steps", &half]].concat());
+    pretrain_on(base, b, &["--resume", "--max-steps", &all]);
     let ta = file_tensors(&a.join("checkpoint-last.safetensors"));
     assert_same_tensors(&ta, &file_tensors(&b.join("checkpoint-last.safetensors")));
     ta
@@ -160,20 +167,7 @@ fn keep_every_keeps_epoch_checkpoints_that_evaluate() {
 fn the_knn_monitor_runs_every_epoch_except_on_folders_unless_asked() {
     let dir = tempfile::tempdir().unwrap();
     // A tiny ImageFolder: the reference photos, two classes, the same files in train and val.
-    let photos = moco_tests::reference("images");
-    let data = dir.path().join("data");
-    for (class, files) in [
-        ("a", ["coffee.png", "rocket.jpg"]),
-        ("b", ["chelsea_gray.png", "astronaut_rgba.png"]),
-    ] {
-        for split in ["train", "val"] {
-            let d = data.join(split).join(class);
-            std::fs::create_dir_all(&d).unwrap();
-            for f in files {
-                std::fs::copy(photos.join(f), d.join(f)).unwrap();
-            }
-        }
-    }
+    let data = moco_tests::photo_folder(&dir.path().join("data"), &["train", "val"]);
     let knn_lines = |run: &Path| {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -259,20 +253,31 @@ fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
     );
     let killed_at = moco_core::io::load(&ckpt, &Device::Cpu).unwrap().metadata["step"].clone();
     eprintln!("killed after step {killed_at}");
+    // What else a kill can leave: a half-written temporary file; and a lost config.json (the
+    // checkpoint holds the configuration too).
+    let json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let config = json(&b.join("config.json"));
+    std::fs::remove_file(b.join("config.json")).unwrap();
+    let stale = b.join(".checkpoint-last.safetensors.tmp-999999");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
     pretrain(&b, &["--resume", "--max-steps", "10"]);
 
     assert_same_tensors(
         &file_tensors(&a.join("checkpoint-last.safetensors")),
         &file_tensors(&ckpt),
     );
+    assert!(!stale.exists(), "the stale temporary file is still there");
+    assert_eq!(json(&b.join("config.json")), config, "config.json restored");
 }
 
 #[test]
 fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    let v3 = [&["--preset", "v3"], SMALL_V3_HEADS].concat();
-    let ta = resumed_equals_uninterrupted(&a, &b, &v3, 6);
+    let v3 = [&["--preset", "v3", "--width", "4"], SMALL_V3_HEADS].concat();
+    let ta = resumed_equals_uninterrupted(&a, &b, TINY_V3_RUN, &v3, 6);
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     // The predictor trains with the query encoder (and has LARS buffers); the key has none.
     assert!(names.contains(&"encoder_q.predictor.0.weight"), "{names:?}");
@@ -291,7 +296,7 @@ fn moco_v3_trains_with_lars_and_a_predictor_resumes_exactly_and_evaluates() {
     assert_eq!(config["zero_init_residual"], true);
     // As the official v3 code, the ResNet starts with the last BatchNorm of each block at zero.
     let z = dir.path().join("z");
-    pretrain(&z, &[&v3[..], &["--max-steps", "0"]].concat());
+    pretrain_on(TINY_V3_RUN, &z, &[&v3[..], &["--max-steps", "0"]].concat());
     let start = file_tensors(&z.join("checkpoint-last.safetensors"));
     let get = |name: &str| &start.iter().find(|(k, _)| k == name).unwrap().1;
     assert!(get("encoder_q.layer1.0.bn2.weight")
@@ -342,7 +347,7 @@ fn a_vit_trains_with_adamw_and_a_frozen_patch_projection_resumes_exactly_and_exp
         SMALL_V3_HEADS,
     ]
     .concat();
-    let ta = resumed_equals_uninterrupted(&a, &b, &vit, 4);
+    let ta = resumed_equals_uninterrupted(&a, &b, TINY_V3_RUN, &vit, 4);
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     for name in [
         "encoder_q.blocks.1.attn.qkv.weight",
@@ -397,7 +402,7 @@ fn a_vit_with_the_convolutional_stem_trains_it_resumes_exactly_and_exports() {
         SMALL_V3_HEADS,
     ]
     .concat();
-    let ta = resumed_equals_uninterrupted(&a, &b, &vit, 4);
+    let ta = resumed_equals_uninterrupted(&a, &b, TINY_V3_RUN, &vit, 4);
     let names: Vec<&str> = ta.iter().map(|(k, _)| k.as_str()).collect();
     for name in [
         "encoder_q.patch_embed.proj.0.weight",
@@ -913,6 +918,45 @@ fn a_nan_loss_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoint() {
             assert!(e.contains("no checkpoint was written"), "--lr {lr}: {e}");
         }
     }
+}
+
+/// A run whose logits are all equal (here a temperature of 1e6 flattens them; a collapsed
+/// encoder does the same) goes on, but says so: one warning on stderr, even with --quiet, and
+/// one `collapse` event in metrics.jsonl at the third logged loss in a row at ln(K + 1).
+#[test]
+fn a_loss_pinned_at_equal_logits_is_reported_as_a_collapse() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = pretrain(
+        &run,
+        &[
+            "--temperature",
+            "1e6",
+            "--max-steps",
+            "5",
+            "--log-every",
+            "1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("warning: step 3:").count(), 1, "{err}");
+    assert!(err.contains("no logit stands out"), "{err}");
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r.get("event").is_some())
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"], "collapse");
+    assert_eq!(events[0]["step"], 3);
+    let k_plus_1 = 65f64.ln(); // TINY_RUN's queue of 64 keys, and the positive
+    assert!((events[0]["uniform_logits_loss"].as_f64().unwrap() - k_plus_1).abs() < 1e-9);
+    // A healthy run has no event.
+    let ok = dir.path().join("ok");
+    pretrain(&ok, &["--max-steps", "5", "--log-every", "1"]);
+    let text = std::fs::read_to_string(ok.join("metrics.jsonl")).unwrap();
+    assert!(!text.contains("\"event\""), "{text}");
 }
 
 /// Two processes on one run folder: while a run trains, a second `moco pretrain` on its

@@ -13,6 +13,7 @@
 
 mod error;
 pub mod knn_monitor;
+pub mod memory_check;
 pub mod pretrainer;
 pub mod run_config;
 pub mod run_dir;
@@ -20,6 +21,7 @@ pub mod run_lock;
 
 pub use error::{Error, Result};
 pub use knn_monitor::KnnMonitor;
+pub use memory_check::MemoryNeed;
 pub use pretrainer::{Hook, Pretrainer, Progress, Summary};
 pub use run_config::RunConfig;
 pub use run_dir::{MetricsLog, RunDir};

@@ -25,19 +25,22 @@
 //! ```
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
-use moco_core::{Collective, Moco, StepOutput};
+use moco_core::{CollapseWatch, Collective, Moco, StepOutput};
 use moco_data::augment::TwoCrop;
-use moco_data::datasets::{BadFiles, Dataset, Split, Subset};
+use moco_data::datasets::{Dataset, Subset};
+use moco_data::image_folder::BadFiles;
 use moco_data::loader::{Loader, LoaderConfig, Views};
 use moco_data::named::{self, NamedDataset};
 use moco_models::{BackboneConfig, Encoder, EncoderSpec, Settings};
 use serde_json::Value;
 
 use crate::error::{Context, Error, Result};
+use crate::memory_check::MemoryNeed;
 use crate::run_config::{augmentation_name, RunConfig};
 use crate::run_dir::{MetricsLog, RunDir};
 use crate::run_lock::RunLock;
@@ -121,6 +124,10 @@ pub struct Pretrainer {
     metrics: Option<MetricsLog>,
     meta: HashMap<String, String>,
     other_flags_ignored: bool,
+    /// Temporary files of killed writes removed from the run folder at start.
+    removed_temp_files: Vec<PathBuf>,
+    /// Watches the logged losses for a collapse (reported as an `event` record).
+    collapse: CollapseWatch,
 }
 
 impl std::fmt::Debug for Pretrainer {
@@ -169,17 +176,9 @@ impl Pretrainer {
             }
             config
         };
-        dir.create()?;
-        // One process per run folder (rank 0 of a data-parallel run holds it for all).
-        let lock = match lead {
-            true => Some(RunLock::acquire(dir.path())?),
-            false => None,
-        };
-
-        let open = |split| {
-            named::open(&c.dataset, c.data_dir.as_deref(), split, BadFiles::Fail).map(Arc::new)
-        };
-        let (train, test) = (open(Split::Train)?, open(Split::Test)?);
+        c.validate()?;
+        let (train, test) = named::open_splits(&c.dataset, c.data_dir.as_deref(), BadFiles::Fail)?;
+        let (train, test) = (Arc::new(train), Arc::new(test));
         let native = train.native_size.unwrap_or(224);
         let eval_size = c.image_size.or(if train.native_size.is_none() {
             Some(224)
@@ -188,6 +187,34 @@ impl Pretrainer {
         });
         let crop = eval_size.unwrap_or(native);
         let spec = c.spec(train.channels(), crop)?;
+        let queue = match c.moco.loss {
+            moco_core::LossKind::InBatch => 0,
+            _ => c.moco.queue_size,
+        };
+        MemoryNeed::pretraining(
+            &spec,
+            crop,
+            train.channels(),
+            c.moco.batch_size / world.max(1),
+            queue,
+            c.moco.dim,
+        )
+        .check(
+            device,
+            "--arch/--width/--image-size/--batch-size/--queue-size",
+        )?;
+        dir.create()?;
+        // One process per run folder (rank 0 of a data-parallel run holds it for all).
+        let lock = match lead {
+            true => Some(RunLock::acquire(dir.path())?),
+            false => None,
+        };
+        // Under the lock no other process writes here: temporary files are a killed run's.
+        let removed_temp_files = match lead {
+            true => dir.remove_stale_temp_files()?,
+            false => vec![],
+        };
+
         let pretrain_set: Arc<dyn Dataset> = match c.subset {
             Some(n) => Arc::new(Subset::random(train.clone(), n, c.moco.seed)?),
             None => train.clone(),
@@ -254,6 +281,7 @@ impl Pretrainer {
             "run_config".into(),
             serde_json::to_string(&c).map_err(|e| Error::run(e.to_string()))?,
         );
+        let collapse = CollapseWatch::new(&c.moco);
         Ok(Self {
             config: c,
             dir,
@@ -274,6 +302,8 @@ impl Pretrainer {
             metrics,
             meta,
             other_flags_ignored,
+            removed_temp_files,
+            collapse,
             _lock: lock,
         })
     }
@@ -337,6 +367,12 @@ impl Pretrainer {
     /// Whether a resumed run was asked for other settings than its saved ones (which it keeps).
     pub fn other_flags_ignored(&self) -> bool {
         self.other_flags_ignored
+    }
+
+    /// The temporary files (of writes interrupted by a kill) removed from the run folder when
+    /// the run started.
+    pub fn removed_temp_files(&self) -> &[PathBuf] {
+        &self.removed_temp_files
     }
 
     /// One line on what the run trains, on what, for how long, and where.
@@ -465,6 +501,10 @@ impl Pretrainer {
                     window = (Instant::now(), 0);
                     let line = serde_json::json!({"epoch": epoch, "step": step, "loss": o.loss, "acc1": o.acc1, "acc5": o.acc5, "lr": o.lr, "momentum": o.momentum, "images_per_s": ips});
                     self.record(line, hooks)?;
+                    if let Some(c) = self.collapse.observe(o.loss as f64) {
+                        let line = serde_json::json!({"epoch": epoch, "step": step, "event": "collapse", "uniform_logits_loss": c.uniform_loss, "records_in_a_row": c.observations});
+                        self.record(line, hooks)?;
+                    }
                 }
                 if checkpoint_every > 0 && step % checkpoint_every == 0 {
                     self.save(epoch)?;

@@ -51,7 +51,8 @@ pub struct RunConfig {
     /// Also keep the checkpoint of every N-th epoch as `checkpoint-epoch-NNNN.safetensors`
     /// (0: only `checkpoint-last`; the official `main_moco.py` keeps every epoch's).
     pub keep_every: usize,
-    /// Stop after this many steps in total (a budget shorter than the epochs).
+    /// Stop after this many steps in total (a budget shorter than the epochs; 0: no training,
+    /// the initialised network is checkpointed and evaluated).
     pub max_steps: Option<u64>,
 }
 
@@ -92,7 +93,60 @@ impl Default for RunConfig {
     }
 }
 
+/// The `preset` names a configuration may carry: `default` (the first-run default) and those
+/// of [`MocoConfig::preset`].
+pub const PRESET_NAMES: [&str; 6] = ["default", "v1", "v2", "cifar", "v3", "v3-vit"];
+
 impl RunConfig {
+    /// Checks every setting before any work; the error names the first one out of range (as
+    /// the key of a config file, with its flag).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(crate::error::Error::run(format!("{key}: {msg}")));
+        self.moco
+            .validate()
+            .map_err(|e| crate::error::Error::run(e.to_string()))?;
+        if !PRESET_NAMES.contains(&self.moco.preset.as_str()) {
+            return bad(
+                "moco.preset",
+                format!(
+                    "unknown preset `{}` (expected one of: {})",
+                    self.moco.preset,
+                    PRESET_NAMES.join(", ")
+                ),
+            );
+        }
+        if self.knn_k == 0 {
+            return bad("knn_k", "the kNN monitor needs at least 1 neighbour".into());
+        }
+        if !(self.knn_t.is_finite() && self.knn_t > 0.0) {
+            return bad("knn_t", format!("must be positive, got {}", self.knn_t));
+        }
+        for (key, v) in [
+            ("width (--width)", self.width),
+            ("log_every (--log-every)", self.log_every),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        for (key, v) in [
+            ("image_size (--image-size)", self.image_size),
+            ("subset (--subset)", self.subset),
+            ("patch_size (--patch-size)", self.patch_size),
+        ] {
+            if v == Some(0) {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.dataset == "default" && self.data_dir.is_some() {
+            return bad(
+                "data_dir (--data-dir)",
+                "the default dataset is embedded in the binary and reads no folder: drop --data-dir, or name its dataset with --dataset".into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The encoder this run trains, for `channels`-channel crops of `crop` x `crop` pixels.
     pub fn spec(&self, channels: usize, crop: usize) -> Result<EncoderSpec> {
         let backbone =

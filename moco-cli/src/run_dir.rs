@@ -66,19 +66,66 @@ impl RunDir {
             .context(format!("--out {}", self.root.display()))
     }
 
-    /// The configuration saved in `config.json`.
+    /// The configuration saved in `config.json`. When that file is gone but the checkpoint is
+    /// there, the configuration is read from the checkpoint's metadata (every checkpoint holds
+    /// it) and `config.json` is written again.
     pub fn read_config(&self) -> Result<RunConfig> {
         let path = self.config_path();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::io(&path, e))
-            .context(format!(
-                "--resume: no run to resume in {}",
-                self.root.display()
-            ))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.has_checkpoint() => {
+                let ckpt = self.checkpoint_path();
+                let meta = moco_core::io::read_metadata(&ckpt)
+                    .map_err(Error::from)
+                    .context(format!("--resume: {} is missing, and its checkpoint", path.display()))?;
+                let text = meta.get("run_config").ok_or_else(|| Error::File {
+                    path: ckpt.clone(),
+                    msg: format!(
+                        "holds no run configuration (`run_config` metadata), and {} is missing: not a checkpoint of `moco pretrain`?",
+                        path.display()
+                    ),
+                })?;
+                let config: RunConfig = serde_json::from_str(text).map_err(|e| Error::File {
+                    path: ckpt.clone(),
+                    msg: format!("its `run_config` metadata: {e}"),
+                })?;
+                self.write_config(&config)?;
+                return Ok(config);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::run(format!(
+                    "--resume: no run to resume in {}: neither config.json nor checkpoint-last.safetensors is there",
+                    self.root.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(&path, e)).context("--resume".to_string()),
+        };
         serde_json::from_str(&text).map_err(|e| Error::File {
             path,
             msg: e.to_string(),
         })
+    }
+
+    /// Removes the temporary files that processes killed while writing left in the folder
+    /// (`.NAME.tmp-PID`, see [`moco_core::io::write_atomic`]); returns them. Only for the
+    /// holder of the run's lock, which no other process writes under.
+    pub fn remove_stale_temp_files(&self) -> Result<Vec<PathBuf>> {
+        let listing = match std::fs::read_dir(&self.root) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(Error::io(&self.root, e)),
+        };
+        let mut removed = vec![];
+        for entry in listing.filter_map(|e| e.ok()) {
+            let name = entry.file_name();
+            if moco_core::io::is_temp_file_name(&name.to_string_lossy()) && entry.path().is_file() {
+                let p = entry.path();
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+                removed.push(p);
+            }
+        }
+        removed.sort();
+        Ok(removed)
     }
 
     /// Writes `config` to `config.json`, atomically.

@@ -1,5 +1,6 @@
-//! Datasets: MNIST-style idx files (raw or gzipped), CIFAR-10/100 and STL-10 binaries,
-//! ImageFolder (the ImageNet layout of `main_lincls.py`), and the embedded Fashion-MNIST default.
+//! Datasets: MNIST-style idx files (raw or gzipped), CIFAR-10/100 and STL-10 binaries, the
+//! embedded Fashion-MNIST default, and subsets of any of them (folders of images:
+//! [`crate::image_folder`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use crate::image::Image;
 use crate::{Error, Result};
 
 /// A labelled image dataset. `get` is cheap for in-memory datasets and decodes a file for
-/// ImageFolder; it is called from several threads at once by the loader.
+/// an image folder; it is called from several threads at once by the loader.
 pub trait Dataset: Send + Sync {
     /// Number of samples.
     fn len(&self) -> usize;
@@ -68,6 +69,7 @@ pub struct InMemory {
 
 impl InMemory {
     /// A dataset from raw HWC pixels (`labels.len()` images of `height x width x channels`).
+    /// Every label is below `classes.len()` or `u32::MAX` (unlabeled), or it is an error.
     pub fn new(
         name: impl Into<String>,
         (height, width, channels): (usize, usize, usize),
@@ -86,8 +88,23 @@ impl InMemory {
                 ),
             ));
         }
+        let name = name.into();
+        if let Some(i) = labels
+            .iter()
+            .position(|&l| l != u32::MAX && l as usize >= classes.len())
+        {
+            return Err(Error::config(
+                "dataset",
+                format!(
+                    "{name}: image {i} has label {}, outside 0..{} ({} classes)",
+                    labels[i],
+                    classes.len().saturating_sub(1),
+                    classes.len()
+                ),
+            ));
+        }
         Ok(Self {
-            name: name.into(),
+            name,
             width,
             height,
             channels,
@@ -345,8 +362,16 @@ pub fn cifar(dir: &Path, split: Split, hundred: bool) -> Result<InMemory> {
         if bytes.is_empty() || bytes.len() % rec != 0 {
             return Err(Error::file(&path, format!("size {} is not a multiple of the {rec}-byte CIFAR record (truncated or not a CIFAR binary)", bytes.len())));
         }
-        for r in bytes.chunks_exact(rec) {
-            labels.push(r[label_bytes - 1] as u32); // CIFAR-100: [coarse, fine]
+        let classes = if hundred { 100 } else { 10 };
+        for (i, r) in bytes.chunks_exact(rec).enumerate() {
+            let label = r[label_bytes - 1] as u32; // CIFAR-100: [coarse, fine]
+            if label >= classes {
+                return Err(Error::file(
+                    &path,
+                    format!("record {i} has label {label}, outside 0..{} (not a CIFAR-{classes} binary?)", classes - 1),
+                ));
+            }
+            labels.push(label);
             let planes = &r[label_bytes..];
             // CHW planes -> HWC
             for p in 0..1024 {
@@ -438,124 +463,6 @@ pub fn stl10(dir: &Path, split: Split) -> Result<InMemory> {
         labels,
         classes,
     )
-}
-
-/// What to do with an image file that cannot be decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BadFiles {
-    /// Stop with an error naming the file.
-    Fail,
-    /// Leave the file out (checked when the folder is indexed) and count it.
-    Skip,
-}
-
-/// `ImageFolder` as torchvision reads it: `root/CLASS/**/image`, classes sorted by name,
-/// files sorted within a class, images converted to RGB.
-#[derive(Debug, Clone)]
-pub struct ImageFolder {
-    name: String,
-    files: Vec<(PathBuf, u32)>,
-    classes: Vec<String>,
-    /// Files left out because they could not be decoded (with `BadFiles::Skip`).
-    pub skipped: Vec<PathBuf>,
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list folder: {e}")))?;
-    for e in entries {
-        let p = e.map_err(|e| Error::file(dir, e.to_string()))?.path();
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else if crate::is_image_file(&p) {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
-impl ImageFolder {
-    /// Indexes `root`. An empty class folder is an error naming it. With `BadFiles::Skip` every
-    /// file is decoded once here and the undecodable ones are left out (see `skipped`).
-    pub fn new(root: &Path, bad: BadFiles) -> Result<Self> {
-        if !root.is_dir() {
-            return Err(Error::file(root, "not a folder"));
-        }
-        let mut classes: Vec<String> = std::fs::read_dir(root)
-            .map_err(|e| Error::file(root, format!("cannot list folder: {e}")))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        classes.sort();
-        if classes.is_empty() {
-            return Err(Error::file(
-                root,
-                "no class folders (expected ROOT/CLASS/image files)",
-            ));
-        }
-        let mut files = vec![];
-        for (label, class) in classes.iter().enumerate() {
-            let mut found = vec![];
-            walk(&root.join(class), &mut found)?;
-            if found.is_empty() {
-                return Err(Error::file(
-                    &root.join(class),
-                    "class folder holds no image files",
-                ));
-            }
-            found.sort();
-            files.extend(found.into_iter().map(|p| (p, label as u32)));
-        }
-        let mut skipped = vec![];
-        if bad == BadFiles::Skip {
-            files.retain(|(p, _)| {
-                let ok = Image::open_rgb(p).is_ok();
-                if !ok {
-                    skipped.push(p.clone());
-                }
-                ok
-            });
-        }
-        Ok(Self {
-            name: root.display().to_string(),
-            files,
-            classes,
-            skipped,
-        })
-    }
-
-    /// The file of sample `i`.
-    pub fn path(&self, i: usize) -> &Path {
-        &self.files[i].0
-    }
-}
-
-impl Dataset for ImageFolder {
-    fn len(&self) -> usize {
-        self.files.len()
-    }
-    fn get(&self, i: usize) -> Result<(Image, u32)> {
-        let (p, l) = &self.files[i];
-        Ok((Image::open_rgb(p)?, *l))
-    }
-    fn label(&self, i: usize) -> u32 {
-        self.files[i].1
-    }
-    fn classes(&self) -> &[String] {
-        &self.classes
-    }
-    fn channels(&self) -> usize {
-        3
-    }
-    fn describe(&self) -> String {
-        format!(
-            "folder {} ({} images, {} classes)",
-            self.name,
-            self.len(),
-            self.classes.len()
-        )
-    }
 }
 
 /// A view of some samples of another dataset.
@@ -740,6 +647,28 @@ mod tests {
             err.contains("test_batch.bin") && err.contains("3073"),
             "{err}"
         );
+        // An out-of-range label is found when the file is opened, not at the first step.
+        let mut two = rec.clone();
+        two.push(10);
+        two.extend_from_slice(&rec[1..]);
+        std::fs::write(dir.path().join("test_batch.bin"), &two).unwrap();
+        let err = cifar(dir.path(), Split::Test, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test_batch.bin") && err.contains("record 1 has label 10"),
+            "{err}"
+        );
+        let err = InMemory::new(
+            "x",
+            (1, 1, 1),
+            vec![0, 0],
+            vec![0, 2],
+            vec!["a".into(), "b".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("image 1 has label 2"), "{err}");
     }
 
     #[test]
@@ -753,39 +682,6 @@ mod tests {
         let (im, l) = ds.get(0).unwrap();
         assert_eq!(l, 9);
         assert_eq!(im.data[(2 * 96 + 5) * 3], 200);
-    }
-
-    #[test]
-    fn image_folder_sorts_classes_and_reports_bad_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        for (class, n) in [("b_cat", 2), ("a_dog", 1)] {
-            std::fs::create_dir(root.join(class)).unwrap();
-            for i in 0..n {
-                let img = image::RgbImage::from_pixel(4, 3, image::Rgb([i as u8, 0, 0]));
-                img.save(root.join(class).join(format!("{i}.png"))).unwrap();
-            }
-        }
-        let ds = ImageFolder::new(root, BadFiles::Fail).unwrap();
-        assert_eq!(ds.classes(), ["a_dog", "b_cat"]);
-        assert_eq!((ds.len(), ds.label(0), ds.label(2)), (3, 0, 1));
-        std::fs::write(root.join("b_cat").join("broken.jpg"), b"not a jpeg").unwrap();
-        let ds = ImageFolder::new(root, BadFiles::Fail).unwrap();
-        let err = (0..ds.len())
-            .find_map(|i| ds.get(i).err())
-            .unwrap()
-            .to_string();
-        assert!(err.contains("broken.jpg"), "{err}");
-        let ds = ImageFolder::new(root, BadFiles::Skip).unwrap();
-        assert_eq!((ds.len(), ds.skipped.len()), (3, 1));
-        std::fs::create_dir(root.join("c_empty")).unwrap();
-        let err = ImageFolder::new(root, BadFiles::Fail)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("c_empty") && err.contains("no image files"),
-            "{err}"
-        );
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! - [`transforms`]: the evaluation transform (`Resize`, `CenterCrop`, `ToTensor`, `Normalize`);
 //! - [`augment`]: MoCo's training augmentations and presets (`v1`, `v2`, `cifar`, `v3`), matching
 //!   torchvision + PIL down to Pillow's integer arithmetic;
-//! - [`datasets`]: idx (MNIST, Fashion-MNIST), CIFAR-10/100, STL-10, ImageFolder, subsets, and a
+//! - [`datasets`]: idx (MNIST, Fashion-MNIST), CIFAR-10/100, STL-10, subsets, and a
 //!   Fashion-MNIST subset embedded in the library;
+//! - [`image_folder`]: folders of class folders of images (the ImageNet layout);
 //! - [`named`]: the datasets by name, with their native size and normalisation;
 //! - [`loader`]: multi-threaded batches with prefetching, deterministic for a seed.
 
@@ -19,6 +20,7 @@ pub mod augment;
 pub mod datasets;
 mod error;
 pub mod image;
+pub mod image_folder;
 #[cfg_attr(not(feature = "libjpeg"), path = "jpeg_absent.rs")]
 mod jpeg;
 pub mod loader;

@@ -329,7 +329,7 @@ mod tests {
                 (28, 28, 1),
                 pixels,
                 (0..n as u32).map(|i| i % 10).collect(),
-                vec![],
+                (0..10).map(|c| c.to_string()).collect(),
             )
             .unwrap(),
         )

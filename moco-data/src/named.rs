@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::augment::Normalize;
-use crate::datasets::{self, BadFiles, Dataset, Split, FASHION_MNIST_CLASSES};
+use crate::datasets::{self, Dataset, Split, FASHION_MNIST_CLASSES};
+use crate::image_folder::{BadFiles, ImageFolder};
 use crate::{Error, Image, Result};
 
 /// The names [`open`] takes.
@@ -57,7 +58,8 @@ impl Dataset for NamedDataset {
 /// the embedded Fashion-MNIST subset (no folder); `fashion-mnist` and `mnist` idx files, raw or
 /// gzipped; `cifar10`, `cifar100`, `stl10` their binary versions; `folder` reads `DIR/train`
 /// (or `DIR/val` for the test split), falling back to `DIR` itself for training when there is
-/// no `train/`. `bad` says what an undecodable image in a folder does.
+/// neither `train/` nor `val/` (see [`folder_split`]). `bad` says what an undecodable image in
+/// a folder does. Most callers want both splits checked against each other: [`open_splits`].
 pub fn open(name: &str, dir: Option<&Path>, split: Split, bad: BadFiles) -> Result<NamedDataset> {
     let need_dir = || {
         dir.ok_or_else(|| {
@@ -110,28 +112,7 @@ pub fn open(name: &str, dir: Option<&Path>, split: Split, bad: BadFiles) -> Resu
             Normalize::imagenet(),
         ),
         "folder" => {
-            let root = need_dir()?;
-            let sub = match split {
-                Split::Train => "train",
-                Split::Test => "val",
-                Split::Unlabeled => {
-                    return Err(Error::config(
-                        "dataset",
-                        "--dataset folder has no unlabeled split",
-                    ))
-                }
-            };
-            let path = if root.join(sub).is_dir() {
-                root.join(sub)
-            } else if split == Split::Train {
-                root.to_path_buf()
-            } else {
-                return Err(Error::file(
-                    root,
-                    "no `val` folder (expected DIR/train and DIR/val)",
-                ));
-            };
-            let ds = datasets::ImageFolder::new(&path, bad)?;
+            let ds = folder_split(need_dir()?, split, bad)?;
             let skipped = ds.skipped.clone();
             NamedDataset {
                 dataset: Arc::new(ds),
@@ -147,4 +128,163 @@ pub fn open(name: &str, dir: Option<&Path>, split: Split, bad: BadFiles) -> Resu
             ))
         }
     })
+}
+
+/// The folder of split `split` under `root`: `root/train` and `root/val`, or `root` itself for
+/// training when it has neither (a single folder of class folders). Split folders named in
+/// another case (`Train/`, `VAL/`) are an error rather than class folders, as is a `val/`
+/// without a `train/`. The evaluation split's files have their headers checked here (with
+/// [`BadFiles::Fail`]), so that a broken one stops the run before training, not after.
+pub fn folder_split(root: &Path, split: Split, bad: BadFiles) -> Result<ImageFolder> {
+    if split == Split::Unlabeled {
+        return Err(Error::config(
+            "dataset",
+            "--dataset folder has no unlabeled split",
+        ));
+    }
+    if !root.is_dir() {
+        return Err(Error::file(root, "not a folder (--data-dir)"));
+    }
+    let listing = std::fs::read_dir(root)
+        .map_err(|e| Error::file(root, format!("cannot list folder: {e}")))?;
+    for entry in listing.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let lower = name.to_ascii_lowercase();
+        if (lower == "train" || lower == "val") && name != lower && entry.path().is_dir() {
+            return Err(Error::file(
+                &entry.path(),
+                format!("split folders are named `{lower}` (lower case, as torchvision's ImageNet layout); rename `{name}`"),
+            ));
+        }
+    }
+    let (train, val) = (root.join("train"), root.join("val"));
+    let path = match (split, train.is_dir(), val.is_dir()) {
+        (Split::Train, true, _) => train,
+        (Split::Train, false, true) => {
+            return Err(Error::file(
+                root,
+                "has `val/` but no `train/`: put the training images in DIR/train/CLASS/ (DIR itself is read as the training set only when it has neither)",
+            ))
+        }
+        (Split::Train, false, false) => root.to_path_buf(),
+        (_, _, true) => val,
+        (_, _, false) => {
+            return Err(Error::file(
+                root,
+                "no `val` folder (expected DIR/train and DIR/val)",
+            ))
+        }
+    };
+    let ds = ImageFolder::new(&path, bad)?;
+    if split == Split::Test && bad == BadFiles::Fail {
+        ds.check_headers()?;
+    }
+    Ok(ds)
+}
+
+/// The training and test splits of dataset `name` (see [`open`]), checked against each other:
+/// the same class names in the same order (labels are compared by index), and the same number
+/// of channels. A difference is an error naming the classes found in one split only.
+pub fn open_splits(
+    name: &str,
+    dir: Option<&Path>,
+    bad: BadFiles,
+) -> Result<(NamedDataset, NamedDataset)> {
+    let train = open(name, dir, Split::Train, bad)?;
+    let test = open(name, dir, Split::Test, bad)?;
+    let (a, b) = (train.classes(), test.classes());
+    if a != b {
+        let only = |x: &[String], y: &[String]| -> String {
+            let v: Vec<&str> = x
+                .iter()
+                .filter(|c| !y.contains(c))
+                .map(String::as_str)
+                .collect();
+            match v.len() {
+                0 => "none".into(),
+                n if n > 8 => format!("{} ... ({n} in all)", v[..8].join(", ")),
+                _ => v.join(", "),
+            }
+        };
+        let detail = if a.len() == b.len() && only(a, b) == "none" {
+            "the same names in another order".to_string()
+        } else {
+            format!(
+                "only in the training split: {}; only in the test split: {}",
+                only(a, b),
+                only(b, a)
+            )
+        };
+        return Err(Error::config(
+            "dataset",
+            format!(
+                "--dataset {name}: the training split ({}) and the test split ({}) have different classes ({detail}); labels are compared by index, so both need the same class folders",
+                train.describe(),
+                test.describe()
+            ),
+        ));
+    }
+    if train.channels() != test.channels() {
+        return Err(Error::config(
+            "dataset",
+            format!(
+                "--dataset {name}: {}-channel training images but {}-channel test images",
+                train.channels(),
+                test.channels()
+            ),
+        ));
+    }
+    Ok((train, test))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(dir: &Path, name: &str) {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        image::RgbImage::from_pixel(3, 3, image::Rgb([9, 9, 9]))
+            .save(dir.join(name).join("0.png"))
+            .unwrap();
+    }
+
+    fn err(dir: &Path) -> String {
+        open_splits("folder", Some(dir), BadFiles::Fail)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn folder_layout_and_class_lists_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        class(&root.join("Train"), "cat");
+        class(&root.join("val"), "cat");
+        let e = err(root);
+        assert!(e.contains("Train") && e.contains("lower case"), "{e}");
+        std::fs::rename(root.join("Train"), root.join("elsewhere")).unwrap();
+        let e = err(root);
+        assert!(e.contains("no `train/`"), "{e}");
+        class(&root.join("train"), "cat");
+        class(&root.join("train"), "dog");
+        class(&root.join("val"), "cow");
+        let e = err(root);
+        assert!(
+            e.contains("only in the training split: dog")
+                && e.contains("only in the test split: cow"),
+            "{e}"
+        );
+        std::fs::rename(root.join("val/cow"), root.join("val/dog")).unwrap();
+        let (train, test) = open_splits("folder", Some(root), BadFiles::Fail).unwrap();
+        assert_eq!((train.len(), test.len()), (2, 2));
+        // A broken evaluation image is found when the split is opened.
+        std::fs::write(root.join("val/dog/1.png"), b"\x89PNG broken").unwrap();
+        let e = err(root);
+        assert!(e.contains("1.png"), "{e}");
+        // A single folder of class folders is the training set.
+        let single = tempfile::tempdir().unwrap();
+        class(single.path(), "a");
+        let train = open("folder", Some(single.path()), Split::Train, BadFiles::Fail).unwrap();
+        assert_eq!(train.len(), 1);
+    }
 }

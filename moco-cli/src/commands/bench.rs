@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use moco_data::augment::TwoCrop;
-use moco_data::datasets::{BadFiles, Dataset, Split, Subset};
+use moco_data::datasets::{Dataset, Split, Subset};
+use moco_data::image_folder::BadFiles;
 use moco_data::loader::{Loader, LoaderConfig, Views};
 use moco_data::named;
 use moco_models::Settings;
@@ -208,6 +209,19 @@ fn step(o: &StepArgs, settings: Settings) -> Result<()> {
             moco_core::MocoConfig::v1()
         }
     };
+    config.validate()?;
+    moco_cli::MemoryNeed::pretraining(
+        &spec,
+        o.image_size,
+        o.channels,
+        o.batch_size,
+        o.queue_size,
+        128,
+    )
+    .check(
+        &device,
+        "--arch/--width/--image-size/--batch-size/--queue-size",
+    )?;
     let mut moco = moco_core::Moco::new(config, &device, |vb| {
         moco_models::encoder(spec, settings, vb)
     })?

@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use moco_cli::MemoryNeed;
 use moco_data::augment;
-use moco_data::datasets::{BadFiles, Dataset, Split};
+use moco_data::datasets::Dataset;
+use moco_data::image_folder::BadFiles;
 use moco_data::named::{self, NamedDataset};
 use moco_eval::features::{self, FeatureSet};
 use moco_eval::knn::{self, KnnConfig};
@@ -103,11 +105,8 @@ fn check_channels(enc: &Encoder, d: &NamedDataset, dataset: &str) -> Result<()> 
 
 /// The training and test splits of `--dataset`, checked against the model's input channels.
 fn open_splits(enc: &Encoder, c: &EvalArgs) -> Result<(Arc<NamedDataset>, Arc<NamedDataset>)> {
-    let open = |split| -> Result<Arc<NamedDataset>> {
-        let d = named::open(&c.dataset, c.data_dir.as_deref(), split, BadFiles::Fail)?;
-        Ok(Arc::new(d))
-    };
-    let (train, test) = (open(Split::Train)?, open(Split::Test)?);
+    let (train, test) = named::open_splits(&c.dataset, c.data_dir.as_deref(), BadFiles::Fail)?;
+    let (train, test) = (Arc::new(train), Arc::new(test));
     check_channels(enc, &train, &c.dataset)?;
     Ok((train, test))
 }
@@ -124,6 +123,9 @@ fn split_features(
     let size = c
         .image_size
         .or(if native.is_none() { Some(224) } else { None });
+    let crop = size.unwrap_or(native.unwrap_or(224));
+    MemoryNeed::encoding(enc.spec(), crop, d.channels(), c.batch_size)
+        .check(device, "--image-size/--batch-size")?;
     let pipeline = augment::eval(size, native.unwrap_or(224), d.normalize.clone());
     let pb = bar(d.len() as u64, name, c.json);
     let f = features::extract(

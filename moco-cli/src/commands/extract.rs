@@ -90,6 +90,11 @@ impl ExtractArgs {
                 );
             }
         }
+        if o.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        moco_cli::MemoryNeed::encoding(&spec, o.image_size, 3, o.batch_size)
+            .check(&device, "--image-size/--batch-size")?;
         let enc = w.frozen(&device, settings)?;
         let files = image_files(&o.input).context("--input")?;
         if files.is_empty() {
@@ -97,9 +102,6 @@ impl ExtractArgs {
                 "--input {}: no image files (jpg, png, bmp, gif, webp, tif) in this folder",
                 o.input.display()
             );
-        }
-        if o.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
         }
         let transform = EvalTransform::imagenet(o.image_size);
         let mut feats = vec![];

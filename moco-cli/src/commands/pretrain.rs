@@ -114,10 +114,11 @@ pub struct PretrainArgs {
     /// Pretrain on a random subset of this many training images.
     #[arg(long)]
     subset: Option<usize>,
-    /// Stop after this many steps in total.
+    /// Stop after this many steps in total (0: none; the initialised network is saved and
+    /// evaluated, a random-init baseline).
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Checkpoint every N steps (and at every epoch end).
+    /// Checkpoint every N steps (and at every epoch end; 0: at epoch ends only).
     #[arg(long)]
     checkpoint_every: Option<usize>,
     /// Also keep the checkpoint of every N-th epoch, as checkpoint-epoch-NNNN.safetensors (an
@@ -181,6 +182,21 @@ impl DistArgs {
     /// Joins the process group. World size 1 without --dist-backend: plain single-process
     /// training; with it, a group of one (which checks the backend: the run must not change).
     pub fn join(&self, device: &Device) -> Result<Box<dyn Collective>> {
+        if self.world_size == 0 {
+            bail!("--world-size must be at least 1");
+        }
+        if self.rank >= self.world_size {
+            bail!(
+                "--rank {}: ranks run from 0 to --world-size - 1 ({})",
+                self.rank,
+                self.world_size - 1
+            );
+        }
+        if let Some(l) = self.local_rank {
+            if self.world_size == 1 && l != 0 {
+                bail!("--local-rank {l} with --world-size 1: a single process uses --device cuda:N to pick its GPU");
+            }
+        }
         if self.world_size == 1 && self.dist_backend.is_none() {
             return Ok(Box::new(moco_core::SingleProcess));
         }
@@ -251,7 +267,16 @@ impl PretrainArgs {
         set!(m.sync_bn, o.sync_bn);
         set!(m.seed, o.seed);
         if o.mlp {
+            if m.mlp_dim.is_some() {
+                bail!("--mlp: this configuration has MoCo v3's projection head already (--moco-mlp-dim {}); the MoCo v2 head would be ignored", m.mlp_dim.unwrap_or(0));
+            }
             m.mlp = true;
+        }
+        if m.loss == LossKind::InBatch && o.queue_size.is_some() {
+            bail!("--queue-size: this configuration (--preset {}) trains with MoCo v3's in-batch loss, which has no queue; the negatives are the other images of the batch", m.preset);
+        }
+        if m.bn_splits > 1 && o.bn_splits.is_some() && o.sync_bn == Some(true) {
+            bail!("--bn-splits {} --sync-bn true: split BatchNorm emulates several devices' statistics on one, synchronised BatchNorm shares them over all processes; choose one", m.bn_splits);
         }
         if o.aug_plus {
             m.augmentation = moco_core::AugmentationPreset::V2;
@@ -285,7 +310,8 @@ impl PretrainArgs {
             }
             Some(other) => bail!("--optimizer {other}: expected `sgd`, `lars` or `adamw`"),
         }
-        if o.dataset.is_some() && o.data_dir.is_none() && o.dataset.as_deref() != Some("default") {
+        if o.dataset.as_deref().is_some_and(|d| d != c.dataset) && o.data_dir.is_none() {
+            // The config file's folder belongs to the config file's dataset.
             c.data_dir = None;
         }
         set!(c.dataset, o.dataset);
@@ -310,11 +336,13 @@ impl PretrainArgs {
         if o.max_steps.is_some() {
             c.max_steps = o.max_steps;
         }
-        c.moco.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let (is_vit, conv_stem) = match BackboneConfig::from_arch(&c.arch).context("--arch")? {
             BackboneConfig::Vit(v) => (true, v.conv_stem),
             BackboneConfig::ResNet(_) => (false, false),
         };
+        if is_vit && o.width.is_some() {
+            bail!("--width sets a ResNet's first-stage width; {} is a ViT (its width is in the name: vit-DxNhH, e.g. vit-64x4h4)", c.arch);
+        }
         if o.patch_size.is_some() {
             c.patch_size = o.patch_size;
         }
@@ -346,9 +374,7 @@ impl PretrainArgs {
             c.arch
         );
         }
-        if c.width == 0 || c.log_every == 0 {
-            bail!("--width and the logging interval must be positive");
-        }
+        c.validate()?;
         Ok(c)
     }
 }
@@ -389,6 +415,13 @@ impl PretrainArgs {
                 eprintln!(
                     "note: --resume continues with the configuration saved in {} (other flags are ignored)",
                     run.dir().config_path().display()
+                );
+            }
+            if let Some(first) = run.removed_temp_files().first() {
+                eprintln!(
+                    "note: removed {} temporary file(s) that a killed run left while writing (e.g. {})",
+                    run.removed_temp_files().len(),
+                    first.display()
                 );
             }
             eprintln!("{}", run.describe());
@@ -467,7 +500,17 @@ impl Hook for ProgressHook {
 
     fn on_record(&mut self, r: &serde_json::Value) -> moco_cli::Result<()> {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-        if r.get("knn_top1").is_some() {
+        if r["event"] == "collapse" {
+            // Printed even with --quiet: the run goes on, but it has stopped learning.
+            self.bar.suspend(|| {
+                eprintln!(
+                    "warning: step {}: the loss has sat at {:.4}, the value of equal logits, for {} records in a row: no logit stands out, so nothing is learnt (embeddings collapsed to one point, often from a learning rate too high; or a temperature far too high). The run goes on; see metrics.jsonl",
+                    r["step"],
+                    f("uniform_logits_loss"),
+                    r["records_in_a_row"]
+                )
+            });
+        } else if r.get("knn_top1").is_some() {
             self.bar.println(format!(
                 "epoch {}: kNN top-1 {:.2}%",
                 r["epoch"],
