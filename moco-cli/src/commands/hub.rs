@@ -98,12 +98,13 @@ pub fn push(dir: &Path, repo: &str, private: bool, revision: Option<String>) -> 
         .commit_message("Upload MoCo encoder exported by moco-rs")
         .send()
         .with_context(|| {
-            format!("--repo {repo}: upload failed; the hub applies a commit whole or not at all")
+            format!("--repo {repo}: upload failed (after hf-hub's retries of transient errors); the Hub applies a commit whole or not at all, so no commit was made: run the same push again")
         })?;
-    println!(
-        "pushed {} to https://huggingface.co/{repo} ({info:?})",
-        dir.display()
-    );
+    // The commit's own address: the endpoint is HF_ENDPOINT's when that is set.
+    let at = info
+        .commit_url
+        .unwrap_or_else(|| format!("https://huggingface.co/{repo}"));
+    println!("pushed {} to {repo} in one commit: {at}", dir.display());
     Ok(())
 }
 
