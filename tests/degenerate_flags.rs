@@ -64,6 +64,7 @@ fn degenerate_values_are_errors_naming_the_flag_never_panics() {
         (vec!["--queue-size", "0"], "queue size"),
         (vec!["--width", "0"], "--width"),
         (vec!["--subset", "0"], "--subset"),
+        (vec!["--subset", "100000000"], "--subset"),
         (vec!["--log-every", "0"], "log_every"),
         // Flags the configuration would ignore.
         (
@@ -102,6 +103,13 @@ fn degenerate_values_are_errors_naming_the_flag_never_panics() {
                 "--image-size",
             ),
             (vec!["knn", "--weights", &w, "--k", "0"], "`k`"),
+            (vec!["knn", "--weights", &w, "--k", "100000"], "--k 100000"),
+            (
+                vec!["export", "--run", &out("nope"), "--out", &out("ex")],
+                "--run",
+            ),
+            (vec!["knn", "--weights", &w, "--t", "0"], "`t`"),
+            (vec!["knn", "--weights", &w, "--t", "nan"], "`t`"),
             (
                 vec!["knn", "--weights", &w, "--image-size", "100000"],
                 "memory",

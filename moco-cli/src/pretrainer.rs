@@ -178,6 +178,13 @@ impl Pretrainer {
         };
         c.validate()?;
         let (train, test) = named::open_splits(&c.dataset, c.data_dir.as_deref(), BadFiles::Fail)?;
+        if let Some(n) = c.subset.filter(|&n| n > train.len()) {
+            return Err(Error::run(format!(
+                "subset (--subset): {n} images asked, and the training split ({}) has {}",
+                train.describe(),
+                train.len()
+            )));
+        }
         let (train, test) = (Arc::new(train), Arc::new(test));
         let native = train.native_size.unwrap_or(224);
         let eval_size = c.image_size.or(if train.native_size.is_none() {

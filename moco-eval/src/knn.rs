@@ -85,10 +85,13 @@ pub fn predict(
             format!("bank label {bad} outside 0..{classes}"),
         ));
     }
-    if cfg.k == 0 || cfg.t.is_nan() || cfg.t <= 0.0 {
+    if cfg.k == 0 {
+        return Err(Error::config("k", "need at least 1 neighbour, got 0"));
+    }
+    if !(cfg.t.is_finite() && cfg.t > 0.0) {
         return Err(Error::config(
-            "k",
-            format!("need k >= 1 and t > 0, got k={} t={}", cfg.k, cfg.t),
+            "t",
+            format!("the temperature must be positive and finite, got {}", cfg.t),
         ));
     }
     let k = cfg.k.min(n);

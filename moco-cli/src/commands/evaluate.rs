@@ -152,6 +152,13 @@ impl KnnArgs {
         let w = Weights::read(&c.weights)?;
         let enc = w.frozen(&device, settings)?;
         let (train_data, test_data) = open_splits(&enc, c)?;
+        if k > train_data.len() {
+            bail!(
+                "--k {k}: the kNN bank (the training split, {}) has only {} images",
+                train_data.describe(),
+                train_data.len()
+            );
+        }
         let native = train_data.native_size;
         let train = split_features(&enc, c, &device, &train_data, "train", native)?;
         let test = split_features(&enc, c, &device, &test_data, "test", native)?;

@@ -35,8 +35,8 @@ fn exported_before(dir: &Path) -> bool {
 
 /// Writes `out/model.safetensors` (backbone only), `out/config.json` and `out/README.md`.
 pub fn run(source: &str, is_run: bool, out: &Path) -> Result<()> {
-    let w = Weights::read(source)?;
     let from = if is_run { "--run" } else { "--weights" };
+    let w = Weights::read_as(from, source)?;
     super::outputs::check_folder(
         "--out",
         out,

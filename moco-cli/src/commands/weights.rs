@@ -20,6 +20,12 @@ impl Weights {
     /// run (`checkpoint-last.safetensors`: the query encoder is taken), an official
     /// `checkpoint_*.pth.tar`, a run directory, or `hf://OWNER/NAME[@REV]`.
     pub fn read(arg: &str) -> Result<Self> {
+        Self::read_as("--weights", arg)
+    }
+
+    /// [`Self::read`] for weights given by another flag (`flag`, e.g. `--run`), which the
+    /// errors name.
+    pub fn read_as(flag: &str, arg: &str) -> Result<Self> {
         let path = super::hub::resolve_weights(arg)?;
         let path = if path.is_dir() {
             let last = path.join("checkpoint-last.safetensors");
@@ -29,23 +35,27 @@ impl Weights {
             } else if export.is_file() {
                 export
             } else {
-                anyhow::bail!("--weights {}: a folder without checkpoint-last.safetensors or model.safetensors", path.display())
+                anyhow::bail!(
+                    "{flag} {}: a folder without checkpoint-last.safetensors or model.safetensors",
+                    path.display()
+                )
             }
         } else {
             path
         };
         let name = path.to_string_lossy();
         if name.ends_with(".pth") || name.ends_with(".pth.tar") || name.ends_with(".tar") {
-            let ck = moco_models::weights::official::import_official(&path).context("--weights")?;
+            let ck =
+                moco_models::weights::official::import_official(&path).context(flag.to_string())?;
             let w = Self {
                 spec: ck.spec,
                 tensors: ck.encoder_q,
                 source: path,
             };
-            w.check_finite()?;
+            w.check_finite(flag)?;
             return Ok(w);
         }
-        let file = moco_core::io::load(&path, &Device::Cpu).context("--weights")?;
+        let file = moco_core::io::load(&path, &Device::Cpu).context(flag.to_string())?;
         let mut tensors = file.tensors;
         if tensors.keys().any(|k| k.starts_with("encoder_q.")) {
             tensors = tensors
@@ -59,7 +69,7 @@ impl Weights {
             Ok(s) => s,
             Err(_) => moco_models::weights::official::detect_spec(&tensors).map_err(|m| {
                 anyhow!(
-                    "--weights {}: no architecture in the metadata and none detected: {m}",
+                    "{flag} {}: no architecture in the metadata and none detected: {m}",
                     path.display()
                 )
             })?,
@@ -69,19 +79,19 @@ impl Weights {
             tensors,
             source: path,
         };
-        w.check_finite()?;
+        w.check_finite(flag)?;
         Ok(w)
     }
 
     /// An error naming the first tensor holding a NaN or an infinity (weights of a run that
     /// diverged would give chance-level features without a word).
-    fn check_finite(&self) -> Result<()> {
+    fn check_finite(&self, flag: &str) -> Result<()> {
         let mut names: Vec<&String> = self.tensors.keys().collect();
         names.sort();
         let named = names.into_iter().map(|n| (n.as_str(), &self.tensors[n]));
         if let Some(name) = moco_core::io::first_non_finite(named)? {
             anyhow::bail!(
-                "--weights {}: tensor `{name}` is not finite (NaN or infinity): the weights come from a run that diverged",
+                "{flag} {}: tensor `{name}` is not finite (NaN or infinity): the weights come from a run that diverged",
                 self.source.display()
             )
         }
