@@ -55,6 +55,19 @@ impl Launch {
                 self.node_rank
             );
         }
+        // Each process is a whole training process (threads, data workers, a model copy):
+        // far more of them than cores only thrashes, and a mistyped count would fork thousands.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let most = (4 * cores).max(8);
+        if self.nproc_per_node > most {
+            bail!(
+                "--nproc-per-node {}: this machine has {cores} CPU cores, and more than {most} processes (4 per core, at least 8) on one machine would only compete for them",
+                self.nproc_per_node
+            );
+        }
+        if self.nproc_per_node.checked_mul(self.nnodes).is_none() {
+            bail!("--nnodes {}: too many machines", self.nnodes);
+        }
         for own in ["world-size", "rank", "local-rank", "dist-init"] {
             if flag_value(&self.args, own).is_some()
                 || self.args.iter().any(|a| a == &format!("--{own}"))
@@ -248,5 +261,14 @@ mod tests {
         l.dist_init = None;
         let e = l.commands().unwrap_err().to_string();
         assert!(e.contains("--dist-init"), "{e}");
+        // A mistyped count is refused before any process starts.
+        let mut many = launch(&["--out", "x"]);
+        many.nproc_per_node = 100_000;
+        let e = many.commands().unwrap_err().to_string();
+        assert!(e.contains("--nproc-per-node 100000"), "{e}");
+        let mut nodes = launch(&["--out", "x"]);
+        nodes.nnodes = usize::MAX;
+        let e = nodes.commands().unwrap_err().to_string();
+        assert!(e.contains("--nnodes"), "{e}");
     }
 }
