@@ -180,17 +180,21 @@ fn outputs_never_overwrite_inputs_or_run_files() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     two_step_run(&run);
+    // Every file under the folder (tb/ included), by relative path, with its bytes.
+    fn files_under(d: &std::path::Path, v: &mut Vec<(String, Vec<u8>)>, prefix: &str) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+            if e.path().is_dir() {
+                files_under(&e.path(), v, &format!("{name}/"));
+            } else {
+                v.push((name, std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
     let files = |d: &std::path::Path| {
-        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(d)
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(e.path()).unwrap(),
-                )
-            })
-            .collect();
+        let mut v = vec![];
+        files_under(d, &mut v, "");
         v.sort();
         v
     };

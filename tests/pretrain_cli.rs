@@ -270,6 +270,44 @@ fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
     );
     assert!(!stale.exists(), "the stale temporary file is still there");
     assert_eq!(json(&b.join("config.json")), config, "config.json restored");
+    // TensorBoard's files hold the same curves as metrics.jsonl, each step once, although the
+    // killed process had logged steps past its checkpoint.
+    assert_tensorboard_matches_metrics(&b);
+}
+
+/// `run/tb` holds exactly the numbers of `run/metrics.jsonl` (but `epoch`, `step` and `event`
+/// records), each at its step, once, as float32.
+fn assert_tensorboard_matches_metrics(run: &Path) {
+    use moco_cli::tensorboard::{event_files, read_events};
+    let mut want: Vec<(String, i64, f32)> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("event").is_none())
+        .flat_map(|r| {
+            let step = r["step"].as_i64().unwrap();
+            r.as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "epoch" | "step"))
+                .filter_map(|(k, v)| Some((k.clone(), step, v.as_f64()? as f32)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut got = vec![];
+    for f in event_files(&run.join("tb")).unwrap() {
+        let bytes = std::fs::read(&f).unwrap();
+        for e in read_events(&f, &bytes).unwrap().0 {
+            for v in e.summary.iter().flat_map(|s| &s.value) {
+                got.push((v.tag.clone(), e.step, v.simple_value.unwrap()));
+            }
+        }
+    }
+    let key = |x: &(String, i64, f32)| (x.0.clone(), x.1);
+    want.sort_by_key(key);
+    got.sort_by_key(key);
+    assert!(!want.is_empty());
+    assert_eq!(got, want, "tb/ and metrics.jsonl differ");
 }
 
 #[test]

@@ -18,6 +18,7 @@ pub mod pretrainer;
 pub mod run_config;
 pub mod run_dir;
 pub mod run_lock;
+pub mod tensorboard;
 
 pub use error::{Error, Result};
 pub use knn_monitor::KnnMonitor;

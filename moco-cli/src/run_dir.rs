@@ -7,13 +7,16 @@
 //!   queue, the optimizer's state, the step counter and configuration in the metadata), written
 //!   atomically (temporary file + rename), so a kill at any moment leaves the previous complete
 //!   checkpoint;
-//! - `checkpoint-epoch-NNNN.safetensors`: a copy kept every `keep_every` epochs.
+//! - `checkpoint-epoch-NNNN.safetensors`: a copy kept every `keep_every` epochs;
+//! - `tb/`: the records' numbers as TensorBoard scalars ([`crate::tensorboard`]; trimmed on a
+//!   resume as `metrics.jsonl` is).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Error, Result};
 use crate::run_config::RunConfig;
+use crate::tensorboard::EventLog;
 
 /// A run folder.
 #[derive(Debug, Clone)]
@@ -148,7 +151,7 @@ impl RunDir {
     }
 
     /// Opens `metrics.jsonl` for appending, first dropping the lines of steps past `step` (left
-    /// by a killed run after its last checkpoint).
+    /// by a killed run after its last checkpoint), and `tb/` likewise.
     pub fn open_metrics(&self, step: u64) -> Result<MetricsLog> {
         let path = self.metrics_path();
         let kept: Vec<String> = match std::fs::read_to_string(&path) {
@@ -173,20 +176,33 @@ impl RunDir {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(MetricsLog { file, path })
+        let tensorboard = EventLog::open(&self.tensorboard_path(), step)?;
+        Ok(MetricsLog {
+            file,
+            path,
+            tensorboard,
+        })
+    }
+
+    /// `tb/`: the TensorBoard event files of the run (`tensorboard --logdir` this folder, or
+    /// a folder of runs).
+    pub fn tensorboard_path(&self) -> PathBuf {
+        self.root.join("tb")
     }
 }
 
-/// `metrics.jsonl`, open for appending.
+/// `metrics.jsonl`, open for appending, and its scalars in TensorBoard's `tb/`.
 #[derive(Debug)]
 pub struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
+    tensorboard: EventLog,
 }
 
 impl MetricsLog {
-    /// Appends `record` as one line.
+    /// Appends `record` as one line, and its numbers as TensorBoard scalars at its step.
     pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{record}").map_err(|e| Error::io(&self.path, e))
+        writeln!(self.file, "{record}").map_err(|e| Error::io(&self.path, e))?;
+        self.tensorboard.record(record)
     }
 }

@@ -23,6 +23,10 @@ pub enum Error {
         /// What is wrong with it.
         msg: String,
     },
+    /// An error of the caller's per-epoch callback (`on_epoch` of the linear protocol), as its
+    /// message.
+    #[error("{0}")]
+    Callback(String),
     /// The linear protocol's sanity check: a backbone weight changed during training.
     #[error("sanity check failed: backbone tensor `{name}` changed during linear evaluation (max difference {diff:e}); the backbone must stay frozen")]
     BackboneChanged {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use moco_cli::tensorboard::EventLog;
 use moco_cli::MemoryNeed;
 use moco_data::augment;
 use moco_data::datasets::Dataset;
@@ -343,9 +344,24 @@ fn linear_eval(
     let classes = train_data.classes().to_vec();
     let test = split_features(&enc, c, device, &test_data, "test", native)?;
     let pb = bar(cfg.epochs as u64, "linear", c.json);
+    // TensorBoard curves per epoch in --out/tb (past the resumed epoch dropped, as a fresh
+    // evaluation drops all).
+    let done = resumed.as_ref().map_or(0, |s| s.epochs_done());
+    let mut tensorboard = EventLog::open(&out_dir.join("tb"), done as u64)?;
     let on_epoch = |s: &LinearState| -> moco_eval::Result<()> {
         s.save(&ckpt, &cfg, &context)?;
         if let Some(r) = s.history.last() {
+            let curves = [
+                ("lr", r.lr),
+                ("train_loss", r.train_loss as f64),
+                ("test_top1", r.test_top1),
+                ("test_top5", r.test_top5),
+            ];
+            let curves: Vec<(String, f64)> =
+                curves.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            tensorboard
+                .scalars(r.epoch as u64, &curves)
+                .map_err(|e| moco_eval::Error::Callback(e.to_string()))?;
             pb.set_position(r.epoch as u64);
             pb.set_message(format!(
                 "loss {:.4} test top-1 {:.2}%",
