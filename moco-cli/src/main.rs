@@ -25,9 +25,20 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// `moco --version`: the crate's version, the git commit it was built from, and the optional
+/// features built in (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("MOCO_GIT_COMMIT"),
+    "; features: ",
+    env!("MOCO_FEATURES"),
+    ")"
+);
+
 /// Momentum Contrast (MoCo) self-supervised pretraining on Candle.
 #[derive(Debug, Parser)]
-#[command(name = "moco", version, about)]
+#[command(name = "moco", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,6 +80,12 @@ enum Command {
     /// on this machine with its rank, and stops them all if one fails.
     /// Example: `moco launch --nproc-per-node 8 -- --preset v2 --device cuda --out runs/v2`.
     Launch(launch::Launch),
+    /// Print a shell completion script: `moco completions bash > ~/.local/share/bash-completion/completions/moco`
+    /// (zsh: a file `_moco` on $fpath; fish: ~/.config/fish/completions/moco.fish).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Candle's CPU thread pool spins 25000 times before parking a waiting worker; on a machine
@@ -103,5 +120,17 @@ fn main() -> Result<()> {
         Command::Push(a) => a.run(),
         Command::Bench(b) => b.run(settings),
         Command::Launch(l) => launch::run(&l),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            // Generated into memory first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "moco", &mut script);
+            match std::io::stdout().write_all(&script) {
+                // A reader that stopped early (`| head`) is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => Ok(r?),
+            }
+        }
     }
 }

@@ -92,3 +92,70 @@ fn a_bad_or_unbuilt_cudnn_batch_norm_switch_is_an_error_naming_it() {
         .unwrap();
     assert!(res.status.success());
 }
+
+#[test]
+fn version_names_the_commit_and_the_features() {
+    let out = Command::cargo_bin("moco")
+        .unwrap()
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        v.starts_with(&format!("moco {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
+    // The features of this build (the tests build the default ones).
+    for (on, name) in [
+        (cfg!(feature = "onednn"), "onednn"),
+        (cfg!(feature = "libjpeg"), "libjpeg"),
+        (cfg!(feature = "cuda"), "cuda"),
+    ] {
+        assert_eq!(v.contains(name), on, "{name}: {v}");
+    }
+}
+
+#[test]
+fn completions_are_scripts_that_know_the_subcommands_and_flags() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = Command::cargo_bin("moco")
+            .unwrap()
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["pretrain", "linear-eval", "queue-size"] {
+            assert!(script.contains(word), "{shell}: no `{word}`");
+        }
+        // bash itself parses its script, where bash is installed.
+        if shell == "bash"
+            && std::process::Command::new("bash")
+                .arg("--version")
+                .output()
+                .is_ok()
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("moco.bash");
+            std::fs::write(&file, script.as_bytes()).unwrap();
+            let check = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "{}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+    let out = Command::cargo_bin("moco")
+        .unwrap()
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tcsh"));
+}
