@@ -26,19 +26,48 @@ fn keep_freed_memory() {
 }
 
 /// `moco --version`: the crate's version, the git commit it was built from, and the optional
-/// features built in (see build.rs).
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("MOCO_GIT_COMMIT"),
-    "; features: ",
-    env!("MOCO_FEATURES"),
-    ")"
-);
+/// features built in (see build.rs); a library a feature asked for but the build did not find
+/// is named as such.
+fn version() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        let features: Vec<String> = env!("MOCO_FEATURES")
+            .split(", ")
+            .map(|f| {
+                let missing = match f {
+                    "onednn" => moco_models::ops::ONEDNN_MISSING.is_some(),
+                    "libjpeg" => moco_data::LIBJPEG_MISSING.is_some(),
+                    _ => false,
+                };
+                match missing {
+                    true => format!("{f} (not found at build time, left out)"),
+                    false => f.to_string(),
+                }
+            })
+            .collect();
+        format!(
+            "{} (commit {}; features: {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("MOCO_GIT_COMMIT"),
+            features.join(", ")
+        )
+    })
+}
+
+/// Says once, at the start of a command that computes, which engines a library missing at
+/// build time left this binary with, and what installing it brings.
+fn note_missing_libraries() {
+    if let Some(why) = moco_models::ops::ONEDNN_MISSING {
+        eprintln!("note: this moco was built without oneDNN ({why}): CPU convolutions run on the gemm crate, about 1.35x fewer training images/s (README benchmark); `apt-get install libdnnl-dev` and rebuild for oneDNN");
+    }
+    if let Some(why) = moco_data::LIBJPEG_MISSING {
+        eprintln!("note: this moco was built without libjpeg ({why}): JPEGs are decoded by the `image` crate, within a few levels of PIL rather than bit for bit; `apt-get install libjpeg-dev` and rebuild for libjpeg");
+    }
+}
 
 /// Momentum Contrast (MoCo) self-supervised pretraining on Candle.
 #[derive(Debug, Parser)]
-#[command(name = "moco", version = VERSION, about)]
+#[command(name = "moco", version = version(), about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,6 +135,17 @@ fn main() -> Result<()> {
     // The kernel settings, read once: a bad MOCO_CPU_CONV, MOCO_CPU_KERNELS or MOCO_CUDNN_BN is
     // an error before any work.
     let settings = moco_models::Settings::from_env()?;
+    if matches!(
+        cli.command,
+        Command::Pretrain(_)
+            | Command::Knn(_)
+            | Command::LinearEval(_)
+            | Command::Extract(_)
+            | Command::Bench(_)
+            | Command::CheckDevice(_)
+    ) {
+        note_missing_libraries();
+    }
     match cli.command {
         Command::Config(a) => a.run(),
         Command::ConfigRun => config::print_run_config(),

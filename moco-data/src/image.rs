@@ -690,7 +690,7 @@ mod tests {
     }
 
     /// Through `Image::decode_rgb`, libjpeg's error for a truncated file names it.
-    #[cfg(feature = "libjpeg")]
+    #[cfg(moco_libjpeg)]
     #[test]
     fn a_truncated_jpeg_is_an_error_naming_the_file() {
         let pixels: Vec<u8> = (0..64 * 48 * 3).map(|i| (i * 31 % 256) as u8).collect();

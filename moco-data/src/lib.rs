@@ -21,7 +21,7 @@ pub mod datasets;
 mod error;
 pub mod image;
 pub mod image_folder;
-#[cfg_attr(not(feature = "libjpeg"), path = "jpeg_absent.rs")]
+#[cfg_attr(not(moco_libjpeg), path = "jpeg_absent.rs")]
 mod jpeg;
 pub mod loader;
 pub mod named;
@@ -69,3 +69,8 @@ pub fn is_image_file(path: &Path) -> bool {
         Some("jpg" | "jpeg" | "png" | "bmp" | "gif" | "webp" | "tif" | "tiff")
     )
 }
+
+/// Why libjpeg is missing from a build that asked for it (feature `libjpeg`, but its headers
+/// were not found: build.rs went on without it and JPEGs are decoded by the `image` crate),
+/// for the binary to say at start; `None` when libjpeg is built in or was not asked for.
+pub const LIBJPEG_MISSING: Option<&str> = option_env!("MOCO_LIBJPEG_MISSING");

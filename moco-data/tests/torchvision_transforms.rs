@@ -92,7 +92,7 @@ fn jpeg_decoding_matches_pil() {
     eprintln!("JPEG vs PIL: max {max} levels, mean {mean:.3}");
     // libjpeg(-turbo) is PIL's decoder: the same bytes. The `image` crate's decoder rounds its
     // inverse DCT and upsampling differently.
-    let (max_levels, max_mean) = if cfg!(feature = "libjpeg") {
+    let (max_levels, max_mean) = if cfg!(moco_libjpeg) {
         (0, 0.0)
     } else {
         (4, 0.5)

@@ -36,4 +36,4 @@ pub mod settings;
 pub mod transformer;
 
 pub use cuda_memory::retain_freed_memory;
-pub use settings::{ConvEngine, Settings};
+pub use settings::{ConvEngine, Settings, ONEDNN_MISSING};

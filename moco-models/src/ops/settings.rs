@@ -13,6 +13,11 @@ use moco_core::Kernels;
 
 use crate::{Error, Result};
 
+/// Why the oneDNN engine is missing from a build that asked for it (feature `onednn`, but
+/// oneDNN's headers were not found: build.rs went on without them), for the binary to say at
+/// start; `None` when oneDNN is built in or was not asked for.
+pub const ONEDNN_MISSING: Option<&str> = option_env!("MOCO_ONEDNN_MISSING");
+
 /// The kernels behind the fused CPU convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvEngine {
@@ -49,7 +54,7 @@ impl ConvEngine {
     pub fn is_available(self) -> bool {
         match self {
             Self::Gemm => true,
-            Self::OneDnn | Self::OneDnnDirect => cfg!(feature = "onednn"),
+            Self::OneDnn | Self::OneDnnDirect => cfg!(moco_onednn),
         }
     }
 }
@@ -103,8 +108,12 @@ impl Settings {
             return Err(Error::config(
                 "conv_engine",
                 format!(
-                    "the {} convolution engine is not in this build (cargo feature `onednn`)",
-                    engine.name()
+                    "the {} convolution engine is not in this build ({})",
+                    engine.name(),
+                    match ONEDNN_MISSING {
+                        Some(why) => format!("oneDNN was not found when it was built: {why}"),
+                        None => "cargo feature `onednn`".into(),
+                    }
                 ),
             ));
         }
@@ -224,7 +233,7 @@ mod tests {
     }
 
     /// An engine this build lacks is an error naming the feature, and the default is gemm.
-    #[cfg(not(feature = "onednn"))]
+    #[cfg(not(moco_onednn))]
     #[test]
     fn an_engine_not_built_is_an_error() {
         let e = Settings::default()

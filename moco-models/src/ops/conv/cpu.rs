@@ -813,7 +813,7 @@ mod tests {
     /// split over threads or not; and the kernels really are Winograd's where the CPU has
     /// AVX-512 and oneDNN is 2.x (the builds known to have them; others may not and then run
     /// direct), direct ones for the layers the rule leaves out.
-    #[cfg(feature = "onednn")]
+    #[cfg(moco_onednn)]
     #[test]
     fn winograd_layers_match_the_direct_loop() {
         use onednn::{plan_algorithm, Algorithm};
@@ -884,7 +884,7 @@ mod tests {
     /// primitive for the thread count of its creation: plans made before the calling thread's
     /// count was set ran 16-thread teams inside each rayon thread.) Runs itself again in a
     /// child process, since OpenMP reads the variable when it loads.
-    #[cfg(all(feature = "onednn", target_os = "linux"))]
+    #[cfg(all(moco_onednn, target_os = "linux"))]
     #[test]
     fn onednn_calls_run_on_one_openmp_thread() {
         const CHILD: &str = "MOCO_TEST_OPENMP_CHILD";
@@ -925,7 +925,7 @@ mod tests {
     /// small ResNet's layers: within float32 rounding of each other. oneDNN must have a kernel
     /// for all of them except the ones whose last stride stops short of the padded edge (it
     /// may fall back there; `check` covers those through `conv2d`).
-    #[cfg(feature = "onednn")]
+    #[cfg(moco_onednn)]
     #[test]
     fn onednn_and_gemm_engines_agree() {
         let dev = Device::Cpu;
@@ -988,7 +988,7 @@ mod tests {
     }
 
     /// One oneDNN call over the whole batch (no split over threads).
-    #[cfg(feature = "onednn")]
+    #[cfg(moco_onednn)]
     fn onednn_alone(pass: Pass, g: &Geometry, a: &[f32], b: &[f32]) -> Result<Option<Vec<f32>>> {
         let len = g.lens(pass)[2];
         let mut out = Vec::with_capacity(len);
@@ -1009,7 +1009,7 @@ mod tests {
     }
 
     /// Several threads running the same oneDNN plans at once get what one thread gets.
-    #[cfg(feature = "onednn")]
+    #[cfg(moco_onednn)]
     #[test]
     fn onednn_engine_is_safe_to_call_from_several_threads() {
         let g = Geometry::new(&[4, 8, 9, 9], &[8, 8, 3, 3], 1, 1, 1).unwrap();

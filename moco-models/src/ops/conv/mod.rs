@@ -17,7 +17,7 @@ mod cpu;
 mod cudnn;
 mod generic;
 mod geometry;
-#[cfg_attr(not(feature = "onednn"), path = "onednn_absent.rs")]
+#[cfg_attr(not(moco_onednn), path = "onednn_absent.rs")]
 mod onednn;
 
 use candle_core::{Result, Tensor};
@@ -101,7 +101,7 @@ mod tests {
     }
 
     /// An engine this build lacks is an error (the settings refuse it too).
-    #[cfg(not(feature = "onednn"))]
+    #[cfg(not(moco_onednn))]
     #[test]
     fn an_engine_not_built_is_an_error() {
         let x = Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
