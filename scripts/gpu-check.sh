@@ -136,7 +136,7 @@ small=(--arch resnet18-small --width 16 --image-size 32 --batch-size 32)
   echo "== 1d. SyncBN: one MoCo v3 step as two ranks sharing the GPU (TCP) vs one CPU process"
   within 60 "$b" check-device --device cuda --sync-bn --width 4 --image-size 16 --batch-size 8 ||
     echo "SyncBN check failed"
-  # At this size two CPU ranks differ from one CPU process by 3.75e-3 too (README, "On a GPU").
+  # At this size two CPU ranks differ from one CPU process by 3.75e-3 too (docs/gpu.md).
   within 60 "$b" check-device --device cuda --sync-bn "${small[@]}" || echo "SyncBN check failed (16 wide)"
 done
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)

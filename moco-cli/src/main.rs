@@ -10,7 +10,7 @@ use commands::{
 
 // Candle allocates fresh buffers for every op; with the system allocator a large share of the
 // time goes to the kernel zeroing new pages. mimalloc reuses them (measured +12% on a training
-// step, see the README's benchmark section).
+// step, see docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -58,7 +58,7 @@ fn version() -> &'static str {
 /// build time left this binary with, and what installing it brings.
 fn note_missing_libraries() {
     if let Some(why) = moco_models::ops::ONEDNN_MISSING {
-        eprintln!("note: this moco was built without oneDNN ({why}): CPU convolutions run on the gemm crate, about 1.35x fewer training images/s (README benchmark); `apt-get install libdnnl-dev` and rebuild for oneDNN");
+        eprintln!("note: this moco was built without oneDNN ({why}): CPU convolutions run on the gemm crate, about 1.35x fewer training images/s (docs/benchmarks.md); `apt-get install libdnnl-dev` and rebuild for oneDNN");
     }
     if let Some(why) = moco_data::LIBJPEG_MISSING {
         eprintln!("note: this moco was built without libjpeg ({why}): JPEGs are decoded by the `image` crate, within a few levels of PIL rather than bit for bit; `apt-get install libjpeg-dev` and rebuild for libjpeg");

@@ -1,5 +1,5 @@
 """How sensitive the `small` case of resnet_golden.py is: why only kernels that round as torch's
-do can meet its 1e-4 bound on the gradients (README, "Winograd").
+do can meet its 1e-4 bound on the gradients (docs/benchmarks.md, "Winograd").
 
 Run from the repository root:  python3 tests/reference/small_resnet_conditioning.py
 Prints, for the golden input (float64 throughout): the ReLU inputs nearest zero, relative to the
