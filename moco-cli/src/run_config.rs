@@ -93,10 +93,6 @@ impl Default for RunConfig {
     }
 }
 
-/// The `preset` names a configuration may carry: `default` (the first-run default) and those
-/// of [`MocoConfig::preset`].
-pub const PRESET_NAMES: [&str; 6] = ["default", "v1", "v2", "cifar", "v3", "v3-vit"];
-
 impl RunConfig {
     /// Checks every setting before any work; the error names the first one out of range (as
     /// the key of a config file, with its flag).
@@ -105,13 +101,14 @@ impl RunConfig {
         self.moco
             .validate()
             .map_err(|e| crate::error::Error::run(e.to_string()))?;
-        if !PRESET_NAMES.contains(&self.moco.preset.as_str()) {
+        // `default` is the first-run default's name; the others are MocoConfig's presets.
+        let preset = self.moco.preset.as_str();
+        if preset != "default" && !MocoConfig::PRESETS.contains(&preset) {
             return bad(
                 "moco.preset",
                 format!(
-                    "unknown preset `{}` (expected one of: {})",
-                    self.moco.preset,
-                    PRESET_NAMES.join(", ")
+                    "unknown preset `{preset}` (expected one of: default, {})",
+                    MocoConfig::PRESETS.join(", ")
                 ),
             );
         }

@@ -240,6 +240,9 @@ impl MocoConfig {
         }
     }
 
+    /// The names [`MocoConfig::preset`] knows.
+    pub const PRESETS: [&'static str; 5] = ["v1", "v2", "cifar", "v3", "v3-vit"];
+
     /// A preset by name: `v1`, `v2`, `cifar`, `v3` or `v3-vit`.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
@@ -250,7 +253,10 @@ impl MocoConfig {
             "v3-vit" => Ok(Self::v3_vit()),
             other => Err(Error::config(
                 "preset",
-                format!("unknown preset `{other}` (expected one of: v1, v2, cifar, v3, v3-vit)"),
+                format!(
+                    "unknown preset `{other}` (expected one of: {})",
+                    Self::PRESETS.join(", ")
+                ),
             )),
         }
     }
