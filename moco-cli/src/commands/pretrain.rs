@@ -182,16 +182,10 @@ impl DistArgs {
     /// Joins the process group. World size 1 without --dist-backend: plain single-process
     /// training; with it, a group of one (which checks the backend: the run must not change).
     pub fn join(&self, device: &Device) -> Result<Box<dyn Collective>> {
-        if self.world_size == 0 {
-            bail!("--world-size must be at least 1");
-        }
-        if self.rank >= self.world_size {
-            bail!(
-                "--rank {}: ranks run from 0 to --world-size - 1 ({})",
-                self.rank,
-                self.world_size - 1
-            );
-        }
+        // Checked here too: a world of one below takes no process group, which would check it.
+        moco_core::dist::check_rank(self.world_size, self.rank).map_err(|e| {
+            anyhow::anyhow!("--world-size {} --rank {}: {e}", self.world_size, self.rank)
+        })?;
         if let Some(l) = self.local_rank {
             if self.world_size == 1 && l != 0 {
                 bail!("--local-rank {l} with --world-size 1: a single process uses --device cuda:N to pick its GPU");
@@ -267,8 +261,8 @@ impl PretrainArgs {
         set!(m.sync_bn, o.sync_bn);
         set!(m.seed, o.seed);
         if o.mlp {
-            if m.mlp_dim.is_some() {
-                bail!("--mlp: this configuration has MoCo v3's projection head already (--moco-mlp-dim {}); the MoCo v2 head would be ignored", m.mlp_dim.unwrap_or(0));
+            if let Some(d) = m.mlp_dim {
+                bail!("--mlp: this configuration has MoCo v3's projection head already (--moco-mlp-dim {d}); the MoCo v2 head would be ignored");
             }
             m.mlp = true;
         }

@@ -34,7 +34,7 @@ pub mod tcp;
 use candle_core::Device;
 
 pub use collective::{Collective, SingleProcess};
-pub use rendezvous::{fresh_init_file, Backend, DistConfig};
+pub use rendezvous::{check_rank, fresh_init_file, Backend, DistConfig};
 pub use tcp::{on_threads, TcpGroup};
 
 use crate::Result;

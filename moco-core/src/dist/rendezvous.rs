@@ -74,17 +74,19 @@ impl DistConfig {
 
     /// An error unless the rank lies inside the world.
     pub(crate) fn check(&self) -> Result<()> {
-        if self.world_size == 0 || self.rank >= self.world_size {
-            return Err(Error::config(
-                "rank",
-                format!(
-                    "rank {} is outside 0..{} (the world size)",
-                    self.rank, self.world_size
-                ),
-            ));
-        }
-        Ok(())
+        check_rank(self.world_size, self.rank)
     }
+}
+
+/// An error unless `rank` lies inside a world of `world_size` processes (at least one).
+pub fn check_rank(world_size: usize, rank: usize) -> Result<()> {
+    if world_size == 0 || rank >= world_size {
+        return Err(Error::config(
+            "rank",
+            format!("rank {rank} is outside 0..{world_size} (the world size)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Rank 0's side of the rendezvous: `backend payload` written atomically to the file.
