@@ -204,7 +204,7 @@ impl EventLog {
     }
 
     /// Writes `scalars` (tag, value) at `step`, now; nothing when there are none.
-    pub fn scalars(&mut self, step: u64, scalars: &[(String, f64)]) -> Result<()> {
+    pub fn scalars(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
         if scalars.is_empty() {
             return Ok(());
         }
@@ -220,7 +220,7 @@ impl EventLog {
                 value: scalars
                     .iter()
                     .map(|(tag, v)| SummaryValue {
-                        tag: tag.clone(),
+                        tag: tag.to_string(),
                         simple_value: Some(*v as f32),
                     })
                     .collect(),
@@ -238,10 +238,10 @@ impl EventLog {
         if obj.contains_key("event") {
             return Ok(());
         }
-        let scalars: Vec<(String, f64)> = obj
+        let scalars: Vec<(&str, f64)> = obj
             .iter()
             .filter(|(k, _)| !matches!(k.as_str(), "epoch" | "step"))
-            .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+            .filter_map(|(k, v)| Some((k.as_str(), v.as_f64()?)))
             .collect();
         self.scalars(step, &scalars)
     }

@@ -357,8 +357,6 @@ fn linear_eval(
                 ("test_top1", r.test_top1),
                 ("test_top5", r.test_top5),
             ];
-            let curves: Vec<(String, f64)> =
-                curves.iter().map(|(k, v)| (k.to_string(), *v)).collect();
             tensorboard
                 .scalars(r.epoch as u64, &curves)
                 .map_err(|e| moco_eval::Error::Callback(e.to_string()))?;
