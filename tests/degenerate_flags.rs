@@ -8,7 +8,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use moco_tests::{moco, run_ok, TINY_RUN};
+use moco_tests::{moco, run_ok, TINY_FOLDER_RUN, TINY_RUN};
 
 /// Runs `cmd` with a time limit (a hang is a failure too).
 fn output_within(cmd: &mut Command, limit: Duration) -> Output {
@@ -334,21 +334,10 @@ fn bad_config_files_and_image_folders_are_errors_naming_the_key_or_path() {
     {
         let out = dir.path().join(format!("f{i}"));
         let args = [
-            "pretrain",
-            "--quiet",
-            "--dataset",
-            "folder",
-            "--data-dir",
-            root.to_str().unwrap(),
-            "--image-size",
-            "32",
-            "--width",
-            "4",
-            "--batch-size",
-            "4",
-            "--queue-size",
-            "8",
-        ];
+            &["pretrain", "--quiet", "--data-dir", root.to_str().unwrap()],
+            TINY_FOLDER_RUN,
+        ]
+        .concat();
         refused.push((args.iter().map(|s| s.to_string()).collect(), name, out));
     }
 

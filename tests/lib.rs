@@ -44,6 +44,23 @@ pub const TINY_RUN: &[&str] = &[
 /// without `--width` (which ViTs refuse): add `--width 4` for a ResNet.
 pub const TINY_V3_RUN: &[&str] = TINY_RUN.split_at(9).0;
 
+/// The `moco pretrain` flags of a tiny run on a [`photo_folder`] (pass `--data-dir` too): 32x32
+/// crops, a width-4 network, batches of 4, K 8.
+pub const TINY_FOLDER_RUN: &[&str] = &[
+    "--dataset",
+    "folder",
+    "--image-size",
+    "32",
+    "--width",
+    "4",
+    "--batch-size",
+    "4",
+    "--queue-size",
+    "8",
+    "--bn-splits",
+    "2",
+];
+
 /// A tiny ImageFolder under `root`: the split folders `splits` (e.g. `["train", "val"]`), each
 /// with the same two classes of two reference photos, `a` (coffee.png, rocket.jpg) and `b`
 /// (chelsea_gray.png, astronaut_rgba.png). Returns `root`.

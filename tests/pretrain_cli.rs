@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use moco_core::init::seeded_randn;
-use moco_tests::{file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_RUN, TINY_V3_RUN};
+use moco_tests::{
+    file_tensors, moco, run_ok, SMALL_V3_HEADS, TINY_FOLDER_RUN, TINY_RUN, TINY_V3_RUN,
+};
 
 /// A tiny, fast configuration on the embedded data: `moco pretrain` with [`TINY_RUN`], 2
 /// epochs, 2 data workers.
@@ -178,24 +180,9 @@ fn the_knn_monitor_runs_every_epoch_except_on_folders_unless_asked() {
     let folder = |run: &Path, extra: &[&str]| {
         run_ok(
             moco()
-                .args([
-                    "pretrain",
-                    "--dataset",
-                    "folder",
-                    "--data-dir",
-                    data.to_str().unwrap(),
-                ])
-                .args([
-                    "--epochs",
-                    "2",
-                    "--image-size",
-                    "32",
-                    "--width",
-                    "4",
-                    "--batch-size",
-                    "4",
-                ])
-                .args(["--queue-size", "8", "--bn-splits", "2", "--workers", "1"])
+                .args(["pretrain", "--data-dir", data.to_str().unwrap()])
+                .args(TINY_FOLDER_RUN)
+                .args(["--epochs", "2", "--workers", "1"])
                 .args(["--out", run.to_str().unwrap()])
                 .args(extra),
         )
